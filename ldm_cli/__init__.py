@@ -1,0 +1,18 @@
+"""ldm: text-to-image latent diffusion from the terminal.
+
+import ldm_cli
+pipe = ldm_cli.load("v1-5-pruned-emaonly.safetensors")   # or load() for the embedded model
+images = pipe.generate("a red circle on a blue background", seed=1)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["load", "__version__"]
+
+
+def load(path=None, device=None, dtype=None):
+    """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline)."""
+    from .pipeline import load as _load
+
+    return _load(path, device=device, dtype=dtype)

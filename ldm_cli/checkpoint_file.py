@@ -1,0 +1,142 @@
+"""Reading single-file checkpoints: header inspection and memory-mapped tensors.
+
+Only `.safetensors` files are opened here: they hold no code and their tensors are
+memory-mapped, so a 2 GB checkpoint is never copied into RAM when its dtype matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+# A header larger than this is not a checkpoint header (real ones are well under 1 MiB;
+# SDXL with ~2500 tensors is ~250 KiB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# Tensors that real checkpoints carry besides the parameters: the training schedule,
+# EMA bookkeeping and the CLIP position-id buffer. They are skipped, nothing else is.
+KNOWN_EXTRAS = re.compile(
+    r"^(model_ema\..*"
+    r"|betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod"
+    r"|sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod"
+    r"|sqrt_recipm1_alphas_cumprod|posterior_variance|posterior_log_variance_clipped"
+    r"|posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights"
+    r"|.*\.position_ids)$"
+)
+
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        info = self.tensors.get(key)
+        return info.shape if info else None
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.tensors)
+
+
+def read_header(path: str | os.PathLike) -> CheckpointHeader:
+    """Parse and validate a safetensors header before anything is allocated."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise UserError(f"checkpoint path is a directory, expected a .safetensors file: {path}")
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(
+            f"{path.name} is a pickled checkpoint, which can run code when loaded; "
+            "convert it to .safetensors first"
+        )
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path} is not a safetensors file (too short: {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise UserError(f"{path} is not a safetensors file (header size {n} is invalid)")
+            raw = f.read(n)
+    except PermissionError as e:
+        raise UserError(f"cannot read checkpoint {path}: permission denied") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a safetensors file (header is not JSON)") from e
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: safetensors metadata is not a JSON object")
+    data_size = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _validate_entry(path, key, entry, data_size)
+    if not tensors:
+        raise UserError(f"{path} holds no tensors")
+    return CheckpointHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _validate_entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: malformed header entry for tensor {key!r}") from e
+    if dtype not in DTYPE_SIZES:
+        raise UserError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+    if any(d < 0 for d in shape):
+        raise UserError(f"{path}: tensor {key!r} has a negative dimension {shape}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= begin <= end <= data_size:
+        raise UserError(
+            f"{path} is truncated or corrupt: tensor {key!r} lies outside the file "
+            f"(bytes {begin}..{end} of {data_size})"
+        )
+    if end - begin != numel * DTYPE_SIZES[dtype]:
+        raise UserError(f"{path}: tensor {key!r} byte size does not match its shape {shape}")
+    return TensorInfo(dtype, shape)
+
+
+def open_tensors(path: Path):
+    """Memory-mapped tensors of a (validated) safetensors file, as a context manager."""
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt", device="cpu")

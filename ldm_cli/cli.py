@@ -1,0 +1,63 @@
+"""`ldm` command line. Heavy modules (torch, transformers) are imported inside commands only,
+so `ldm --help` stays fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="ldm",
+    help="Text-to-image latent diffusion from the terminal (Stable Diffusion 1.x checkpoints "
+    "and an embedded default model).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _DEBUG["on"] = debug or bool(os.environ.get("LDM_DEBUG"))
+
+
+def _register() -> None:
+    from .cli_generate import generate
+    from .cli_info import info
+
+    app.command(no_args_is_help=False)(generate)
+    app.command()(info)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        if _DEBUG["on"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except MemoryError:
+        if _DEBUG["on"]:
+            raise
+        print("error: out of memory; try a smaller size or --batch-size 1", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""`ldm generate`: a thin layer over `Pipeline.render`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from .errors import UserError
+
+# Kept here (not imported from ldm_cli.samplers) so `ldm --help` never imports torch;
+# tests/test_cli.py checks that it matches the sampler table.
+SAMPLER_HELP = {
+    "euler": "Euler (first-order ODE)",
+    "euler_a": "Euler ancestral (stochastic) - A1111 'Euler a'",
+    "heun": "Heun (second-order ODE, 2 calls per step)",
+    "dpm2": "DPM2 (second-order, 2 calls per step)",
+    "lms": "linear multistep, order 4",
+    "ddim": "DDIM (eta 0), timesteps as diffusers/A1111",
+    "ddpm": "DDPM ancestral posterior sampling",
+    "dpmpp_2m": "DPM++ 2M (second-order multistep)",
+    "dpmpp_2m_sde": "DPM++ 2M SDE (stochastic)",
+    "dpmpp_sde": "DPM++ SDE (stochastic, 2 calls per step)",
+    "unipc": "UniPC (bh2 predictor-corrector)",
+}
+SCHEDULER_NAMES = ("auto", "normal", "karras", "exponential", "simple", "sgm_uniform", "leading")
+SCHEDULER_HELP = (
+    "auto (the sampler's usual one), normal (evenly spaced timesteps), karras, exponential, "
+    "simple, sgm_uniform, leading (DDIM's timesteps k*(1000//steps)+1)"
+)
+
+
+def generate(
+    prompt: str | None = typer.Argument(
+        None, help="The prompt (or use --prompts-file / --from-png)."
+    ),
+    negative_prompt: str = typer.Option(
+        "", "--negative-prompt", "-n", help="What to steer away from."
+    ),
+    steps: int = typer.Option(30, "--steps", "-s", help="Sampling steps."),
+    cfg: float = typer.Option(
+        7.5, "--cfg", help="Classifier-free guidance scale; 1 skips the unconditional pass."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of the first image; image k uses seed+k. Random if omitted."
+    ),
+    sampler: str = typer.Option(
+        "euler_a",
+        "--sampler",
+        help="One of: " + "; ".join(f"{k}: {v}" for k, v in SAMPLER_HELP.items()),
+    ),
+    scheduler: str = typer.Option("auto", "--scheduler", help="Sigma spacing: " + SCHEDULER_HELP),
+    width: int | None = typer.Option(
+        None, "--width", "-W", help="Width in pixels (default: the model's native size)."
+    ),
+    height: int | None = typer.Option(
+        None, "--height", "-H", help="Height in pixels (default: the model's native size)."
+    ),
+    batch_size: int = typer.Option(
+        1, "--batch-size", "-b", help="Images rendered together in one batch."
+    ),
+    num_images: int = typer.Option(1, "--num-images", "-N", help="Images per prompt."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Checkpoint (.safetensors); default: the embedded model."
+    ),
+    out: Path = typer.Option(
+        Path("outputs"), "--out", "-o", help="Output folder (created if missing)."
+    ),
+    prompts_file: Path | None = typer.Option(
+        None, "--prompts-file", help="One prompt per line; lines may carry A1111-style options."
+    ),
+    from_png: Path | None = typer.Option(
+        None, "--from-png", help="Re-render an image from its embedded parameters."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."
+    ),
+) -> None:
+    """Generate images from a prompt and write PNGs with their parameters embedded."""
+    _check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    jobs = _jobs(prompt, prompts_file, from_png)
+
+    from .pipeline import Request, load, random_seed
+
+    pipe = load(model or _model_from_png(from_png), device=device, dtype=dtype)
+    base_seed = random_seed() if seed is None else seed
+    size = pipe.config.default_size
+    batches = []
+    for job in jobs:
+        o = job["options"]
+        req = Request(
+            prompt=job["prompt"],
+            negative_prompt=o.get("negative_prompt", negative_prompt),
+            steps=o.get("steps", steps),
+            cfg=o.get("cfg", cfg),
+            seed=o.get("seed", base_seed),
+            sampler=o.get("sampler", sampler),
+            scheduler=o.get("scheduler", scheduler),
+            width=o.get("width", width or size),
+            height=o.get("height", height or size),
+        )
+        pipe.validate(req)
+        n = o.get("num_images", num_images)
+        reqs = [replace(req, seed=req.seed + k) for k in range(n)]
+        bs = max(1, o.get("batch_size", batch_size))
+        batches += [reqs[i : i + bs] for i in range(0, n, bs)]
+    _run(pipe, batches, out)
+
+
+def _check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype) -> None:
+    if sampler not in SAMPLER_HELP:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_HELP)}")
+    if scheduler not in SCHEDULER_NAMES:
+        names = ", ".join(SCHEDULER_NAMES)
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {names}")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if batch_size < 1 or num_images < 1:
+        raise UserError("--batch-size and --num-images must be at least 1")
+    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or mps")
+    if dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise UserError(f"unknown --dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+
+
+def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) -> list[dict]:
+    given = sum(x is not None for x in (prompt, prompts_file, from_png))
+    if given != 1:
+        raise UserError("give exactly one of PROMPT, --prompts-file FILE or --from-png IMAGE")
+    if prompt is not None:
+        return [{"prompt": prompt, "options": {}}]
+    if prompts_file is not None:
+        from .prompts_file import read_prompts_file
+
+        return [
+            {"prompt": j.prompt, "options": dict(j.overrides)}
+            for j in read_prompts_file(prompts_file)
+        ]
+    from .pngmeta import params_from_png
+
+    p = params_from_png(from_png)
+    options = {
+        "negative_prompt": p.negative_prompt,
+        "steps": p.steps,
+        "cfg": p.cfg_scale,
+        "seed": p.seed,
+        "sampler": p.sampler,
+        "scheduler": p.scheduler,
+        "width": p.width,
+        "height": p.height,
+        "num_images": 1,
+        "batch_size": 1,
+    }
+    return [{"prompt": p.prompt, "options": options, "model_hash": p.model_hash}]
+
+
+def _model_from_png(from_png: Path | None) -> Path | None:
+    return None
+
+
+def _run(pipe, batches, out: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .outputs import save_png_atomic
+
+    total_images = sum(len(b) for b in batches)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as bar:
+        images_task = bar.add_task("images", total=total_images)
+        steps_task = bar.add_task("steps", total=None)
+
+        def on_step(i: int, total: int) -> None:
+            bar.update(steps_task, completed=i, total=total)
+
+        for batch in batches:
+            bar.update(steps_task, completed=0)
+            for req, image in pipe.render(batch, on_step):
+                path = save_png_atomic(image, out, req.seed, req.prompt, pipe.parameters_text(req))
+                print(path)
+                bar.advance(images_task)

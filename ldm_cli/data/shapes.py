@@ -1,0 +1,310 @@
+"""Procedural captioned scenes of coloured shapes: scene model, caption grammar and renderer.
+
+A scene is a background colour plus one or two objects, each a (size, colour, shape, place).
+Captions follow the grammar in docs/shapes-grammar.md; ``parse_caption`` inverts ``caption``.
+Every object sits in its own cell of a 3x3 grid and is drawn small enough that two objects
+never touch, so the place named in the caption is never ambiguous.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Far apart in RGB and in CIELAB (smallest Lab distance: blue/purple, ~40), so a nearest-colour
+# classifier can tell them apart even on blurry generated images.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 90, 230),
+    "yellow": (245, 215, 30),
+    "orange": (245, 135, 20),
+    "purple": (150, 40, 170),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = ("small", "large")
+# place -> (column, row) of its cell in the 3x3 grid
+PLACE_CELLS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "center": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
+}
+PLACES = tuple(PLACE_CELLS)
+PLACE_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+    "top left": "in the top left",
+    "top right": "in the top right",
+    "bottom left": "in the bottom left",
+    "bottom right": "in the bottom right",
+}
+
+# Whole colour-shape pairs that training scenes never contain (4 of the 32 pairs). Each shape
+# and each of these colours still appears in training with other partners, so a model that
+# generalises compositionally can draw them.
+HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("purple", "triangle"),
+        ("orange", "star"),
+        ("green", "square"),
+        ("white", "circle"),
+    }
+)
+
+# Half-extent of an object along x and y as a fraction of the canvas side. A large object
+# with the largest jitter reaches 0.155 of the side from its cell centre: objects in
+# neighbouring cells stay at least 0.023 of the side apart, and inside the canvas.
+SIZE_EXTENT = {"small": 0.09, "large": 0.14}
+EXTENT_JITTER = (0.9, 1.0)
+POSITION_JITTER = 0.015
+ROTATION_JITTER_DEGREES = 10.0
+# Circumradius per unit of half-extent: a square turned by up to 10 degrees spans
+# (cos + sin)(10 deg) = 1.158 half-sides, i.e. 1.158 / sqrt(2) of its circumradius.
+SHAPE_CIRCUMRADIUS = {"circle": 1.0, "square": math.sqrt(2) / 1.158, "triangle": 1.0, "star": 1.0}
+STAR_INNER_RATIO = 0.45
+SUPERSAMPLE = 4
+
+# Seed streams: training data and in-distribution evaluation scenes never share random draws.
+TRAIN_STREAM = 0x5EED
+EVAL_STREAM = 0xE7A1
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    colour: str
+    shape: str
+    size: str
+    place: str
+
+    def __post_init__(self) -> None:
+        for value, allowed, kind in (
+            (self.colour, COLOURS, "colour"),
+            (self.shape, SHAPES, "shape"),
+            (self.size, SIZES, "size"),
+            (self.place, PLACE_CELLS, "place"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {kind} {value!r}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[ShapeObject, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", tuple(self.objects))
+        if self.background not in COLOURS:
+            raise ValueError(f"unknown colour {self.background!r}")
+        if not self.objects:
+            raise ValueError("a scene needs at least one object")
+        if len({obj.place for obj in self.objects}) != len(self.objects):
+            raise ValueError("two objects share a place")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    text: str
+    scene: Scene
+    heldout: bool
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _object_phrase(obj: ShapeObject) -> str:
+    return f"{_article(obj.size)} {obj.size} {obj.colour} {obj.shape} {PLACE_PHRASES[obj.place]}"
+
+
+def caption(scene: Scene) -> str:
+    objects = " and ".join(_object_phrase(obj) for obj in scene.objects)
+    return f"{objects}, on {_article(scene.background)} {scene.background} background"
+
+
+def _alternatives(words) -> str:
+    # longest first so "top left" wins over "top"
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+_PHRASE_TO_PLACE = {phrase: place for place, phrase in PLACE_PHRASES.items()}
+_OBJECT_PATTERN = (
+    rf"an? (?P<size{{i}}>{_alternatives(SIZES)}) (?P<colour{{i}}>{_alternatives(COLOURS)}) "
+    rf"(?P<shape{{i}}>{_alternatives(SHAPES)}) (?P<place{{i}}>{_alternatives(_PHRASE_TO_PLACE)})"
+)
+_CAPTION_RE = re.compile(
+    _OBJECT_PATTERN.format(i=0)
+    + rf"(?: and {_OBJECT_PATTERN.format(i=1)})?"
+    + rf",? on an? (?P<background>{_alternatives(COLOURS)}) background"
+)
+
+
+def parse_caption(text: str) -> Scene:
+    """Inverse of ``caption``; tolerant of case, extra spaces, "centre" and a final full stop."""
+    normalised = " ".join(text.lower().replace("centre", "center").split()).rstrip(".")
+    match = _CAPTION_RE.fullmatch(normalised)
+    if match is None:
+        raise ValueError(f"not a shapes caption: {text!r}")
+    objects = []
+    for i in (0, 1):
+        if match.group(f"shape{i}") is None:
+            continue
+        objects.append(
+            ShapeObject(
+                colour=match.group(f"colour{i}"),
+                shape=match.group(f"shape{i}"),
+                size=match.group(f"size{i}"),
+                place=_PHRASE_TO_PLACE[match.group(f"place{i}")],
+            )
+        )
+    return Scene(background=match.group("background"), objects=tuple(objects))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def is_heldout(obj: ShapeObject) -> bool:
+    return (obj.colour, obj.shape) in HELDOUT_PAIRS
+
+
+def scene_is_heldout(scene: Scene) -> bool:
+    return any(is_heldout(obj) for obj in scene.objects)
+
+
+def _pick(rng: np.random.Generator, options):
+    options = list(options)
+    return options[int(rng.integers(len(options)))]
+
+
+def _random_object(rng, background, taken_colours, taken_places, allow_heldout):
+    while True:
+        obj = ShapeObject(
+            colour=_pick(rng, (c for c in COLOURS if c != background and c not in taken_colours)),
+            shape=_pick(rng, SHAPES),
+            size=_pick(rng, SIZES),
+            place=_pick(rng, (p for p in PLACES if p not in taken_places)),
+        )
+        if allow_heldout or not is_heldout(obj):
+            return obj
+
+
+def random_scene(rng: np.random.Generator, allow_heldout: bool = False) -> Scene:
+    """One or two objects (equally likely) of different colours, none the background colour."""
+    background = _pick(rng, COLOURS)
+    objects: list[ShapeObject] = []
+    for _ in range(1 + int(rng.integers(2))):
+        objects.append(
+            _random_object(
+                rng,
+                background,
+                {o.colour for o in objects},
+                {o.place for o in objects},
+                allow_heldout,
+            )
+        )
+    return Scene(background=background, objects=tuple(objects))
+
+
+def heldout_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
+    """``n`` scenes, each with at least one held-out colour-shape pair."""
+    pairs = sorted(HELDOUT_PAIRS)
+    scenes = []
+    for _ in range(n):
+        colour, shape = _pick(rng, pairs)
+        background = _pick(rng, (c for c in COLOURS if c != colour))
+        heldout = ShapeObject(colour, shape, _pick(rng, SIZES), _pick(rng, PLACES))
+        objects = [heldout]
+        if rng.integers(2):
+            objects.append(
+                _random_object(rng, background, {colour}, {heldout.place}, allow_heldout=True)
+            )
+            if rng.integers(2):
+                objects.reverse()
+        scenes.append(Scene(background=background, objects=tuple(objects)))
+    return scenes
+
+
+def sample_eval_prompts(seed: int, n: int, heldout_fraction: float = 0.5) -> list[EvalPrompt]:
+    """Deterministic evaluation prompts: in-distribution scenes drawn from a seed stream that
+    training never uses, followed by scenes with held-out pairs."""
+    rng = np.random.default_rng([EVAL_STREAM, seed])
+    num_heldout = round(n * heldout_fraction)
+    scenes = [random_scene(rng) for _ in range(n - num_heldout)] + heldout_scenes(rng, num_heldout)
+    return [EvalPrompt(caption(s), s, scene_is_heldout(s)) for s in scenes]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def polygon_outline(shape: str, cx: float, cy: float, radius: float, rotation: float):
+    """Polygon vertices (image coordinates, y down) of a non-circle shape pointing up."""
+    if shape == "square":
+        angles = [rotation + math.pi / 4 + k * math.pi / 2 for k in range(4)]
+        radii = [radius] * 4
+    elif shape == "triangle":
+        angles = [rotation - math.pi / 2 + k * 2 * math.pi / 3 for k in range(3)]
+        radii = [radius] * 3
+    elif shape == "star":
+        angles = [rotation - math.pi / 2 + k * math.pi / 5 for k in range(10)]
+        radii = [radius if k % 2 == 0 else radius * STAR_INNER_RATIO for k in range(10)]
+    else:
+        raise ValueError(f"no outline for {shape!r}")
+    return [
+        (cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii, strict=True)
+    ]
+
+
+def object_layout(
+    obj: ShapeObject, rng: np.random.Generator | None = None
+) -> tuple[float, float, float, float]:
+    """(centre x, centre y, circumradius, rotation in radians), in fractions of the canvas side.
+
+    Without ``rng`` the object sits exactly in its cell centre, unrotated, at its nominal size.
+    """
+    column, row = PLACE_CELLS[obj.place]
+    cx, cy = (column + 0.5) / 3, (row + 0.5) / 3
+    extent = SIZE_EXTENT[obj.size] * EXTENT_JITTER[1]
+    rotation = 0.0
+    if rng is not None:
+        cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+        cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+        extent = SIZE_EXTENT[obj.size] * rng.uniform(*EXTENT_JITTER)
+        rotation = math.radians(rng.uniform(-ROTATION_JITTER_DEGREES, ROTATION_JITTER_DEGREES))
+    return cx, cy, extent * SHAPE_CIRCUMRADIUS[obj.shape], rotation
+
+
+def render(scene: Scene, size: int = 128, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw at 4x and box-downsample, which anti-aliases the edges exactly by area coverage.
+
+    ``rng`` adds the seeded position/size/rotation jitter used for training data.
+    """
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), COLOURS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx, cy, radius, rotation = object_layout(obj, rng)
+        cx, cy, radius = cx * big, cy * big, radius * big
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        else:
+            draw.polygon(polygon_outline(obj.shape, cx, cy, radius, rotation), fill=fill)
+    return image.resize((size, size), Image.Resampling.BOX)

@@ -1,0 +1,78 @@
+"""Build a model on the meta device and fill it from a memory-mapped checkpoint, strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint_file import KNOWN_EXTRAS, CheckpointHeader, open_tensors, read_header
+from .config import ModelConfig
+from .detect import detect_config
+from .errors import UserError
+from .models.latent_diffusion import LatentDiffusion
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def build_empty(cfg: ModelConfig) -> LatentDiffusion:
+    with torch.device("meta"):
+        return LatentDiffusion(cfg)
+
+
+def check_keys(model: torch.nn.Module, header: CheckpointHeader) -> list[str]:
+    """The checkpoint keys to load; raises naming missing, unexpected or mis-shaped tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    present = [k for k in header.tensors if not KNOWN_EXTRAS.match(k) or k in expected]
+    missing = sorted(set(expected) - set(present))
+    unexpected = sorted(set(present) - set(expected))
+    wrong = sorted(k for k in present if k in expected and header.shape(k) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} tensors of the wrong shape ({k}: file {list(header.shape(k))}, "
+            f"model {list(expected[k])})"
+        )
+    if problems:
+        raise UserError(
+            f"{header.path.name} does not match the detected architecture: " + "; ".join(problems)
+        )
+    return present
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    cfg: ModelConfig | None = None,
+) -> tuple[LatentDiffusion, CheckpointHeader]:
+    """Load a checkpoint; tensors already in `dtype` on CPU are used in place (mmap)."""
+    header = read_header(path)
+    cfg = cfg or detect_config(header)
+    model = build_empty(cfg)
+    keys = check_keys(model, header)
+    device = torch.device(device)
+    state = {}
+    with open_tensors(header.path) as f:
+        for k in keys:
+            t = f.get_tensor(k)
+            target = dtype or (t.dtype if t.is_floating_point() else None)
+            if t.is_floating_point() and (t.dtype != target or device.type != "cpu"):
+                t = t.to(device=device, dtype=target)
+            state[k] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    model.text_encoder.materialize_buffers()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise UserError(f"internal error: {name} was not loaded from {header.path.name}")
+    model.requires_grad_(False)
+    return model.eval(), header

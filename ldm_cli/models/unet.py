@@ -1,0 +1,180 @@
+"""The latent diffusion U-Net, laid out as the original CompVis/SGM ``openaimodel.UNetModel``.
+
+``UNetModel(cfg).state_dict()`` has exactly the keys that follow ``model.diffusion_model.`` in an
+original checkpoint, so those weights load directly (``load_state_dict(sd, assign=True)`` on a
+model built under ``torch.device("meta")``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm_cli.config import UNetConfig
+from ldm_cli.models.attention import SpatialTransformer
+from ldm_cli.models.unet_blocks import (
+    RESBLOCK_GROUPNORM_EPS,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+    timestep_embedding,
+)
+
+TIME_EMBED_MULT = 4
+
+
+def _check_config(cfg: UNetConfig) -> None:
+    levels = len(cfg.channel_mult)
+    if len(cfg.transformer_depth) != levels:
+        raise ValueError(f"transformer_depth needs one entry per level ({levels})")
+    if cfg.disable_self_attentions is not None and len(cfg.disable_self_attentions) != levels:
+        raise ValueError(f"disable_self_attentions needs one entry per level ({levels})")
+    if cfg.adm_in_channels is not None and cfg.num_classes is not None:
+        raise ValueError("adm_in_channels and num_classes are mutually exclusive")
+
+
+class UNetModel(nn.Module):
+    """Predicts eps (or v) from a noisy latent, its timestep, text context and optional ``y``.
+
+    ``y`` is the SDXL micro-conditioning vector (``adm_in_channels`` wide) or, for the x4
+    upscaler, integer noise-level labels (``num_classes``).
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        _check_config(cfg)
+        self.config = cfg
+        model_channels = cfg.model_channels
+        time_embed_dim = model_channels * TIME_EMBED_MULT
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(time_embed_dim, time_embed_dim),
+        )
+        self.label_emb: nn.Module | None = None
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(cfg.adm_in_channels, time_embed_dim),
+                    nn.SiLU(),
+                    nn.Linear(time_embed_dim, time_embed_dim),
+                )
+            )
+        elif cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, time_embed_dim)
+
+        def resblock(channels: int, out_channels: int) -> ResBlock:
+            return ResBlock(channels, time_embed_dim, out_channels, cfg.norm_groups)
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, model_channels, 3, padding=1))]
+        )
+        skip_channels = [model_channels]
+        ch = model_channels
+        ds = 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if self._has_attention(level, ds):
+                    layers.append(self._transformer(ch, cfg.transformer_depth[level], level))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        middle: list[nn.Module] = [resblock(ch, ch)]
+        if cfg.transformer_depth_middle > 0:
+            middle.append(self._transformer(ch, cfg.transformer_depth_middle, level=None))
+        middle.append(resblock(ch, ch))
+        self.middle_block = TimestepEmbedSequential(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if self._has_attention(level, ds):
+                    layers.append(self._transformer(ch, cfg.transformer_depth[level], level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(cfg.norm_groups, ch, eps=RESBLOCK_GROUPNORM_EPS),
+            nn.SiLU(),
+            nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
+        )
+
+    def _has_attention(self, level: int, ds: int) -> bool:
+        return ds in self.config.attention_resolutions and self.config.transformer_depth[level] > 0
+
+    def _transformer(self, ch: int, depth: int, level: int | None) -> SpatialTransformer:
+        cfg = self.config
+        if cfg.num_head_channels == -1:
+            heads, dim_head = cfg.num_heads, ch // cfg.num_heads
+        else:
+            heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
+        # The middle block never disables self-attention (disable_middle_self_attn is False in
+        # every released config).
+        disable_self_attn = (
+            level is not None
+            and cfg.disable_self_attentions is not None
+            and cfg.disable_self_attentions[level]
+        )
+        return SpatialTransformer(
+            ch,
+            heads,
+            dim_head,
+            depth,
+            cfg.context_dim,
+            disable_self_attn=disable_self_attn,
+            use_linear=cfg.use_linear_in_transformer,
+            norm_groups=cfg.norm_groups,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("y must be given exactly when the model has a label embedding")
+        dtype = self.time_embed[0].weight.dtype
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], device=x.device)
+        # A scalar or single timestep is shared by the whole batch.
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
+        emb = self.time_embed(t_emb)
+        if self.label_emb is not None:
+            if y.is_floating_point():
+                y = y.to(dtype)
+            emb = emb + self.label_emb(y).to(dtype)
+        if context is not None:
+            context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)
+
+
+def unet_param_count(cfg: UNetConfig) -> int:
+    """Number of parameters of ``UNetModel(cfg)``, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = UNetModel(cfg)
+    return sum(p.numel() for p in model.parameters())
