@@ -20,7 +20,7 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_heads: int = 8  # used when num_head_channels == -1 (SD 1.x)
     num_head_channels: int = -1  # SD 2.x / XL: fixed 64-dim heads
-    transformer_depth: tuple[int, ...] = (1, 1, 1, 1)  # per level
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)  # per level; 0 where no attention
     transformer_depth_middle: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False

@@ -44,14 +44,48 @@ def random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     with_metadata: bool = True,
+    real_extras: bool = True,
 ) -> Path:
     """Write a checkpoint of `cfg` with seeded random weights in the original layout."""
     from .models.latent_diffusion import LatentDiffusion
 
     path = Path(path)
-    model = randomize_(LatentDiffusion(cfg), seed)
+    with torch.device("meta"):  # skip the default init: every parameter is overwritten
+        model = LatentDiffusion(cfg)
+    model = randomize_(model.to_empty(device="cpu"), seed)
     state = model.state_dict()
-    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
+    if real_extras:
+        state.update(training_extras(cfg))
+    return save_checkpoint(state, path, cfg if with_metadata else None, dtype)
+
+
+def training_extras(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The non-parameter tensors a real CompVis checkpoint carries (schedule buffers, EMA
+    bookkeeping, CLIP position ids), so loaders are tested against the real file layout."""
+    s = cfg.schedule
+    betas = torch.linspace(s.beta_start**0.5, s.beta_end**0.5, s.num_train_timesteps) ** 2
+    betas = betas.double()
+    a = torch.cumprod(1 - betas, 0)
+    a_prev = torch.cat([a.new_ones(1), a[:-1]])
+    post_var = betas * (1 - a_prev) / (1 - a)
+    extras = {
+        "betas": betas,
+        "alphas_cumprod": a,
+        "alphas_cumprod_prev": a_prev,
+        "sqrt_alphas_cumprod": a.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - a).log(),
+        "sqrt_recip_alphas_cumprod": a.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
+        "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a),
+    }
+    extras = {k: v.float() for k, v in extras.items()}
+    extras["model_ema.decay"] = torch.tensor(0.9999)
+    extras["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
         cfg.text.max_position_embeddings
     )[None]
-    return save_checkpoint(state, path, cfg if with_metadata else None, dtype)
+    return extras

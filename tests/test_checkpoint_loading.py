@@ -13,7 +13,7 @@ from ldm_cli.detect import detect_config
 from ldm_cli.errors import UserError
 from ldm_cli.loading import load_model
 from ldm_cli.models.latent_diffusion import LatentDiffusion
-from ldm_cli.testing import randomize_, random_checkpoint
+from ldm_cli.testing import random_checkpoint, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,16 @@ def test_detection_from_shapes_alone(tmp_path):
     cfg = detect_config(read_header(path))
     assert cfg.family == "sd1"
     u, ref = cfg.unet, TINY_SD1.unet
-    for field in ("in_channels", "model_channels", "channel_mult", "num_res_blocks",
-                  "attention_resolutions", "transformer_depth", "context_dim",
-                  "use_linear_in_transformer"):
+    for field in (
+        "in_channels",
+        "model_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_resolutions",
+        "transformer_depth",
+        "context_dim",
+        "use_linear_in_transformer",
+    ):
         assert getattr(u, field) == getattr(ref, field), field
     assert cfg.vae.ch == TINY_SD1.vae.ch and cfg.vae.ch_mult == TINY_SD1.vae.ch_mult
     assert cfg.text.num_hidden_layers == 2 and cfg.text.hidden_size == 32
@@ -54,7 +61,9 @@ def test_known_extras_are_skipped(tmp_path, tiny_state):
     state["model_ema.num_updates"] = torch.tensor(10)
     state["betas"] = torch.linspace(0.0001, 0.02, 1000)
     state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
-    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[
+        None
+    ]
     path = tmp_path / "extras.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     model, _ = load_model(path, cfg=TINY_SD1)
@@ -88,8 +97,8 @@ def test_half_files_load_in_any_dtype(tmp_path, tiny_state, dtype):
         model, _ = load_model(path, dtype=target)
         p = model.unet.out[2].weight
         assert p.dtype == (target or dtype)
-        ref = tiny_state["model.diffusion_model.out.2.weight"].to(dtype)
-        assert torch.equal(p.to(dtype), ref)
+        stored = tiny_state["model.diffusion_model.out.2.weight"].to(dtype)
+        assert torch.equal(p, stored.to(p.dtype))
 
 
 def test_same_dtype_load_is_memory_mapped(tmp_path):
@@ -105,16 +114,20 @@ def _write_raw(path, header: dict, data: bytes = b""):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
+def _entry(dtype: str, shape: list[int], end: int) -> dict:
+    return {"a": {"dtype": dtype, "shape": shape, "data_offsets": [0, end]}}
+
+
 @pytest.mark.parametrize(
     "make, needle",
     [
         (lambda p: p.write_bytes(b"abc"), "too short"),
         (lambda p: p.write_bytes(struct.pack("<Q", 10**12) + b"{}"), "header size"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "truncated"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "dtype"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}, b"\0" * 4), "byte size"),
+        (lambda p: _write_raw(p, _entry("F32", [4], 16), b"\0" * 8), "truncated"),
+        (lambda p: _write_raw(p, _entry("Q9", [1], 4), b"\0" * 4), "dtype"),
+        (lambda p: _write_raw(p, _entry("F32", [3], 4), b"\0" * 4), "byte size"),
         (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{]"), "not JSON"),
-        (lambda p: _write_raw(p, {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "not a Stable Diffusion"),
+        (lambda p: _write_raw(p, _entry("F32", [1], 4), b"\0" * 4), "not a Stable Diffusion"),
     ],
 )
 def test_bad_files_give_one_line_errors(tmp_path, make, needle):

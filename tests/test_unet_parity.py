@@ -18,6 +18,7 @@ import torch
 from ldm_cli.config import SD15, TINY_SD1, UNetConfig
 from ldm_cli.models.unet import UNetModel, unet_param_count
 from ldm_cli.models.unet_blocks import timestep_embedding
+from tests.reference_configs import diffusers_unet_config
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -34,7 +35,8 @@ X4_UPSCALER_UNET = UNetConfig(
     in_channels=7,
     model_channels=256,
     channel_mult=(1, 2, 2, 4),
-    attention_resolutions=(2, 4, 8),
+    attention_resolutions=(8, 4, 2),
+    transformer_depth=(0, 1, 1, 1),
     num_heads=8,  # x4-upscaling.yaml: num_heads 8, no num_head_channels
     context_dim=1024,
     use_linear_in_transformer=True,
@@ -95,41 +97,6 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def diffusers_config(cfg: UNetConfig) -> dict:
-    """The UNet2DConditionModel config of the same architecture."""
-    levels = range(len(cfg.channel_mult))
-    widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    attention = [
-        2**lv in cfg.attention_resolutions and cfg.transformer_depth[lv] > 0 for lv in levels
-    ]
-    assert cfg.transformer_depth_middle == cfg.transformer_depth[-1]  # diffusers' mid block depth
-    config = {
-        "sample_size": 16,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[::-1]],
-        "block_out_channels": widths,
-        "layers_per_block": cfg.num_res_blocks,
-        "cross_attention_dim": cfg.context_dim,
-        # diffusers' "attention_head_dim" is, confusingly, the number of heads
-        "attention_head_dim": [
-            cfg.num_heads if cfg.num_head_channels == -1 else w // cfg.num_head_channels
-            for w in widths
-        ],
-        "use_linear_projection": cfg.use_linear_in_transformer,
-        "transformer_layers_per_block": list(cfg.transformer_depth),
-        "norm_num_groups": cfg.norm_groups,
-        "only_cross_attention": list(cfg.disable_self_attentions or [False] * len(widths)),
-        "num_class_embeds": cfg.num_classes,
-    }
-    if cfg.adm_in_channels is not None:
-        config["addition_embed_type"] = "text_time"
-        config["addition_time_embed_dim"] = TINY_SDXL_TIME_EMBED_DIM
-        config["projection_class_embeddings_input_dim"] = cfg.adm_in_channels
-    return config
-
-
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Fan-in scaled random weights, norm scales around 1, small biases: O(1) activations."""
     gen = torch.Generator().manual_seed(seed)
@@ -168,7 +135,7 @@ def build_tiny(cfg: UNetConfig, seed: int = 0) -> UNetModel:
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_matches_diffusers(name):
     cfg = TINY_CONFIGS[name]
-    config = diffusers_config(cfg)
+    config = diffusers_unet_config(cfg, TINY_SDXL_TIME_EMBED_DIM)
     model = build_tiny(cfg)
     reference = to_diffusers(model, config)
     x, timesteps, context = tiny_inputs(cfg)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ldm_cli.config import SD15, TINY_SD1, VAEConfig
 from ldm_cli.models.vae import AutoencoderKL
+from tests.reference_configs import diffusers_vae_config
 
 diffusers = pytest.importorskip("diffusers")
 skimage_data = pytest.importorskip("skimage.data")
@@ -26,22 +27,6 @@ TINY_CONFIGS = {
     "tiny-3-levels": replace(TINY_SD1.vae, ch_mult=(1, 2, 2), num_res_blocks=2),
 }
 TOLERANCE = 1e-5
-
-
-def diffusers_config(cfg: VAEConfig) -> dict:
-    levels = len(cfg.ch_mult)
-    return {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_ch,
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
-        "layers_per_block": cfg.num_res_blocks,
-        "latent_channels": cfg.z_channels,
-        "norm_num_groups": cfg.norm_groups,
-        "sample_size": cfg.resolution,
-        "scaling_factor": cfg.scale_factor,
-    }
 
 
 def to_diffusers_state_dict(ours: dict[str, torch.Tensor], config: dict) -> dict:
@@ -83,7 +68,7 @@ def test_matches_diffusers_encode_and_decode(name, astronaut):
     cfg = TINY_CONFIGS[name]
     ours = AutoencoderKL(cfg).eval()
     randomize_(ours, seed=0)
-    config = diffusers_config(cfg)
+    config = diffusers_vae_config(cfg)
     theirs = diffusers.AutoencoderKL(**config).eval()
     theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict(), config), strict=True)
 
