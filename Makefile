@@ -30,8 +30,8 @@ bench: install
 	$(PY) -m ldm_cli.bench
 
 lint: install
-	$(VENV)/bin/ruff check ldm_cli tests
-	$(VENV)/bin/ruff format --check ldm_cli tests
+	$(VENV)/bin/ruff check ldm_cli tests examples
+	$(VENV)/bin/ruff format --check ldm_cli tests examples
 
 format: install
 	$(VENV)/bin/ruff format ldm_cli tests

@@ -31,11 +31,13 @@ def _root(
 
 
 def _register() -> None:
+    from .cli_dataset import dataset_app
     from .cli_generate import generate
     from .cli_info import info
 
     app.command(no_args_is_help=False)(generate)
     app.command()(info)
+    app.add_typer(dataset_app, name="dataset")
 
 
 _register()

@@ -85,7 +85,14 @@ def generate(
 
     from .pipeline import Request, load, random_seed
 
-    pipe = load(model or _model_from_png(from_png), device=device, dtype=dtype)
+    pipe = load(model, device=device, dtype=dtype)
+    wanted = jobs[0].get("model_hash")
+    if wanted and wanted != pipe.model_hash:
+        print(
+            f"warning: {from_png} was made with model hash {wanted}, not {pipe.model_hash} "
+            f"({pipe.name}); the image will differ",
+            file=sys.stderr,
+        )
     base_seed = random_seed() if seed is None else seed
     size = pipe.config.default_size
     batches = []
@@ -155,10 +162,6 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
         "batch_size": 1,
     }
     return [{"prompt": p.prompt, "options": options, "model_hash": p.model_hash}]
-
-
-def _model_from_png(from_png: Path | None) -> Path | None:
-    return None
 
 
 def _run(pipe, batches, out: Path) -> None:
