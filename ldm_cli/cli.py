@@ -32,11 +32,13 @@ def _root(
 
 def _register() -> None:
     from .cli_dataset import dataset_app
+    from .cli_eval import eval_command
     from .cli_generate import generate
     from .cli_info import info
 
     app.command(no_args_is_help=False)(generate)
     app.command()(info)
+    app.command("eval")(eval_command)
     app.add_typer(dataset_app, name="dataset")
 
 

@@ -184,22 +184,28 @@ class Pipeline:
     def render(
         self, requests: list[Request], progress: Progress | None = None
     ) -> Iterator[tuple[Request, Image.Image]]:
-        """Render requests that share prompt, size and settings as one batch (any seeds)."""
+        """Render requests as one batch; they may differ in prompts and seeds only."""
         head = requests[0]
         for r in requests:
             self.validate(r)
-            if replace(r, seed=head.seed) != head:
-                raise ValueError("a batch must share everything but the seed")
-        b = len(requests)
-        cond = self.encode_prompts([head.prompt]).expand(b, -1, -1)
+            if replace(r, seed=head.seed, prompt=head.prompt, negative_prompt="") != replace(
+                head, negative_prompt=""
+            ):
+                raise ValueError("a batch must share everything but prompts and seeds")
+        cond = self._encode_unique([r.prompt for r in requests])
         uncond = None
         if head.cfg != 1.0:
-            uncond = self.encode_prompts([head.negative_prompt]).expand(b, -1, -1)
+            uncond = self._encode_unique([r.negative_prompt for r in requests])
         noises, gens = zip(
             *(self.initial_noise(r.seed, r.width, r.height) for r in requests), strict=True
         )
         latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress)
         yield from zip(requests, self.decode(latents), strict=True)
+
+    def _encode_unique(self, prompts: list[str]) -> torch.Tensor:
+        unique = list(dict.fromkeys(prompts))
+        features = self.encode_prompts(unique)
+        return features[[unique.index(p) for p in prompts]]
 
     def generate(
         self,
