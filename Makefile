@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m ldm_cli.bench
+	$(PY) -m ldm_cli.bench $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check ldm_cli tests examples

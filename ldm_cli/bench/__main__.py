@@ -1,0 +1,207 @@
+"""`make bench`: ldm against diffusers on the same random full-size SD 1.5 checkpoint.
+
+Each measurement runs in its own fresh process (ldm_cli.bench.worker); the table shows both
+tools, their ratio, and achieved GFLOP/s against this machine's measured fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT.parent / "shared" / "reference" / "sd15"
+METRICS = [
+    ("load_s", "load (s)"),
+    ("encode_s", "text encoding (s)"),
+    ("unet_step_s", "U-Net per step (s)"),
+    ("decode_s", "VAE decode (s)"),
+    ("end_to_end_s", "end to end (s)"),
+    ("peak_rss_mb", "peak RSS (MiB)"),
+]
+
+
+def checkpoint(cache: Path) -> Path:
+    from ldm_cli.config import SD15
+    from ldm_cli.testing import random_checkpoint
+
+    path = cache / "sd15-random-fp16.safetensors"
+    if not path.exists():
+        print(f"building {path} (seeded random weights, real SD 1.5 layout)...", flush=True)
+        random_checkpoint(SD15, path, seed=0, dtype=torch.float16, with_metadata=False)
+    return path
+
+
+def diffusers_config(cache: Path) -> Path:
+    """The reference SD 1.5 config folder without the safety checker (nothing to download)."""
+    import shutil
+
+    out = cache / "sd15-config"
+    if not out.exists():
+        shutil.copytree(REFERENCE, out)
+        index = json.loads((out / "model_index.json").read_text())
+        index.update(safety_checker=[None, None], feature_extractor=[None, None])
+        index["requires_safety_checker"] = False
+        (out / "model_index.json").write_text(json.dumps(index))
+    return out
+
+
+def worker(tool: str, model: Path, size: int, steps: int, png: Path) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ldm_cli.bench.worker",
+        tool,
+        "--model",
+        str(model),
+        "--config",
+        str(diffusers_config(model.parent)),
+        "--size",
+        str(size),
+        "--steps",
+        str(steps),
+        "--png",
+        str(png),
+    ]
+    env = dict(
+        os.environ, LDM_BENCH_T0=repr(time.time()), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tool} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def model_gflop(size: int) -> tuple[float, float]:
+    """(U-Net per CFG step, VAE decode) in GFLOP, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm_cli.config import SD15
+    from ldm_cli.loading import build_empty
+
+    model = build_empty(SD15)
+    lat = size // 8
+    with FlopCounterMode(display=False) as unet_count:
+        model.unet(
+            torch.empty(2, 4, lat, lat, device="meta"),
+            torch.empty(2, device="meta"),
+            torch.empty(2, 77, 768, device="meta"),
+        )
+    with FlopCounterMode(display=False) as vae_count:
+        model.vae.decode(torch.empty(1, 4, lat, lat, device="meta"))
+    return unet_count.get_total_flops() / 1e9, vae_count.get_total_flops() / 1e9
+
+
+def wall(cmd: list[str], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def max_pixel_diff(a: Path, b: Path) -> int:
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=int)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=int)
+    return int(np.abs(x - y).max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = ap.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    model = checkpoint(args.cache)
+    peak = matmul_peak_gflops()
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, fp32 matmul peak {peak:.0f} GFLOP/s (2048x2048).",
+        f"Settings: random SD 1.5 checkpoint (fp16 file, fp32 compute), Euler, {args.steps} "
+        "steps, CFG 7.5 (batch 2), each tool in a fresh process. Produced by `make bench`.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            ours = worker("ldm", model, size, args.steps, Path(tmp) / f"ldm-{size}.png")
+            ref = worker("diffusers", model, size, args.steps, Path(tmp) / f"ref-{size}.png")
+            diff = max_pixel_diff(Path(tmp) / f"ldm-{size}.png", Path(tmp) / f"ref-{size}.png")
+            unet_gf, vae_gf = model_gflop(size)
+            lines += [
+                f"## {size}x{size}",
+                "",
+                "| metric | ldm | diffusers | ldm / diffusers |",
+                "|---|---|---|---|",
+            ]
+            for key, label in METRICS:
+                lines.append(
+                    f"| {label} | {ours[key]:.2f} | {ref[key]:.2f} | {ours[key] / ref[key]:.2f} |"
+                )
+            for name, gf, key in (
+                ("U-Net step", unet_gf, "unet_step_s"),
+                ("VAE decode", vae_gf, "decode_s"),
+            ):
+                lines.append(
+                    f"| {name} GFLOP/s ({gf:.0f} GFLOP) | {gf / ours[key]:.0f} | "
+                    f"{gf / ref[key]:.0f} | peak {peak:.0f} |"
+                )
+            lines += ["", f"Same image: max pixel difference {diff}/255.", ""]
+            print("\n".join(lines[-(len(METRICS) + 6) :]), flush=True)
+    extra = []
+    help_s = wall([str(Path(sys.executable).parent / "ldm"), "--help"], 5)
+    extra.append(f"- `ldm --help`: {help_s:.2f} s (median of 5)")
+    from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
+
+    if (WEIGHTS_DIR / DEFAULT_NAME).exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [
+                str(Path(sys.executable).parent / "ldm"),
+                "generate",
+                "a red circle on a blue background",
+                "--seed",
+                "1",
+                "--out",
+                tmp,
+            ]
+            extra.append(
+                f'- embedded default model, `ldm generate "a red circle on a blue '
+                f'background" --seed 1`, process start to PNG: {wall(cmd, 3):.2f} s '
+                "(median of 3)"
+            )
+    lines += ["## Start-up", "", *extra, ""]
+    print("\n".join(extra))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

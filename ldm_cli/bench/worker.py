@@ -1,0 +1,133 @@
+"""One benchmark measurement in a fresh process: `python -m ldm_cli.bench.worker TOOL ...`.
+
+Prints one JSON line of phase timings. Process start is taken from LDM_BENCH_T0 (set by the
+parent just before it spawns us), so interpreter start-up and imports count as they do for
+a user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ldm(args) -> dict:
+    import torch
+
+    from ldm_cli.pipeline import Request, load
+    from ldm_cli.pngmeta import write_png
+
+    t = {"imported": time.time()}
+    pipe = load(args.model, device="cpu", dtype="fp32")
+    t["loaded"] = time.time()
+    req = Request(
+        PROMPT, NEGATIVE, args.steps, 7.5, args.seed, "euler", "normal", args.size, args.size
+    )
+    with torch.inference_mode():
+        cond = pipe.encode_prompts([PROMPT])
+        uncond = pipe.encode_prompts([NEGATIVE])
+        t["encoded"] = time.time()
+        steps = []
+        noise, gen = pipe.initial_noise(args.seed, args.size, args.size)
+        latents = pipe.sample(
+            cond, uncond, noise, [gen], req, progress=lambda i, n: steps.append(time.time())
+        )
+        t["sampled"] = time.time()
+        (image,) = pipe.decode(latents)
+    t["decoded"] = time.time()
+    write_png(image, args.png, pipe.parameters_text(req))
+    t["written"] = time.time()
+    return {**t, "step_times": steps}
+
+
+def run_diffusers(args) -> dict:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    t = {"imported": time.time()}
+    pipe = StableDiffusionPipeline.from_single_file(
+        args.model,
+        config=args.config,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        torch_dtype=torch.float32,
+    )
+    pipe.scheduler = EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="linspace"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    t["loaded"] = time.time()
+    with torch.inference_mode():
+        cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+        t["encoded"] = time.time()
+        steps = []
+
+        def on_step(p, i, ts, kw):
+            steps.append(time.time())
+            return kw
+
+        latents = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            height=args.size,
+            width=args.size,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            output_type="latent",
+            callback_on_step_end=on_step,
+        ).images
+        t["sampled"] = time.time()
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+    t["decoded"] = time.time()
+    image.save(args.png)
+    t["written"] = time.time()
+    return {**t, "step_times": steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tool", choices=["ldm", "diffusers"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--config", help="diffusers config folder (for from_single_file)")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--png", required=True)
+    args = ap.parse_args()
+    t0 = float(os.environ.get("LDM_BENCH_T0", time.time()))
+    t = run_ldm(args) if args.tool == "ldm" else run_diffusers(args)
+    steps = t.pop("step_times")
+    per_step = [b - a for a, b in zip([t["encoded"], *steps[:-1]], steps, strict=True)]
+    # the first step carries one-off warm-up; report the median of the rest when possible
+    body = sorted(per_step[1:] or per_step)
+    result = {
+        "tool": args.tool,
+        "size": args.size,
+        "steps": args.steps,
+        "import_s": t["imported"] - t0,
+        "load_s": t["loaded"] - t["imported"],
+        "encode_s": t["encoded"] - t["loaded"],
+        "unet_step_s": body[len(body) // 2],
+        "sample_s": t["sampled"] - t["encoded"],
+        "decode_s": t["decoded"] - t["sampled"],
+        "end_to_end_s": t["written"] - t0,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
