@@ -10,7 +10,7 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -53,6 +53,8 @@ DTYPE_SIZES = {
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
         tensors[key] = _validate_entry(path, key, entry, data_size)
     if not tensors:
         raise UserError(f"{path} holds no tensors")
+    tensors = {k: replace(t, offset=t.offset + 8 + n) for k, t in tensors.items()}
     return CheckpointHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
@@ -132,7 +135,7 @@ def _validate_entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
         )
     if end - begin != numel * DTYPE_SIZES[dtype]:
         raise UserError(f"{path}: tensor {key!r} byte size does not match its shape {shape}")
-    return TensorInfo(dtype, shape)
+    return TensorInfo(dtype, shape, begin, end - begin)
 
 
 def open_tensors(path: Path):
@@ -140,3 +143,19 @@ def open_tensors(path: Path):
     from safetensors import safe_open
 
     return safe_open(str(path), framework="pt", device="cpu")
+
+
+def read_tensor(file, info: TensorInfo, dtype):
+    """One tensor read with plain file I/O into its own buffer (not through the mmap).
+
+    Used when the tensor is converted anyway (another dtype or device): the file's pages
+    then never stay mapped beside the converted copy, so peak memory is the model plus one
+    tensor, not the model plus the whole file.
+    """
+    import torch
+
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    file.seek(info.offset)
+    if file.readinto(buffer.numpy()) != info.nbytes:
+        raise UserError(f"{file.name} is truncated: could not read all of a tensor")
+    return buffer.view(dtype).reshape(info.shape)

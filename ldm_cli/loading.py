@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_file import KNOWN_EXTRAS, CheckpointHeader, open_tensors, read_header
+from .checkpoint_file import (
+    KNOWN_EXTRAS,
+    CheckpointHeader,
+    open_tensors,
+    read_header,
+    read_tensor,
+)
 from .config import ModelConfig
 from .detect import detect_config
 from .errors import UserError
@@ -62,13 +68,15 @@ def load_model(
     keys = check_keys(model, header)
     device = torch.device(device)
     state = {}
-    with open_tensors(header.path) as f:
+    with open_tensors(header.path) as mapped, open(header.path, "rb") as raw:
         for k in keys:
-            t = f.get_tensor(k)
-            target = dtype or (t.dtype if t.is_floating_point() else None)
-            if t.is_floating_point() and (t.dtype != target or device.type != "cpu"):
-                t = t.to(device=device, dtype=target)
-            state[k] = t
+            info = header.tensors[k]
+            stored = TORCH_DTYPES.get(info.dtype)
+            target = (dtype or stored) if stored is not None else None
+            if stored is None or (target == stored and device.type == "cpu"):
+                state[k] = mapped.get_tensor(k)  # zero-copy view of the file
+            else:
+                state[k] = read_tensor(raw, info, stored).to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     model.text_encoder.materialize_buffers()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):

@@ -1,0 +1,136 @@
+"""`ldm train DATA_DIR --out RUN_DIR`: train a latent diffusion model from captioned images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .errors import UserError
+from .training import embedded_config as recipe
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def train(
+    data_dir: Path = typer.Argument(
+        ..., help="Image folder: a .txt caption beside each image, or metadata.jsonl."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run folder: stage states, samples, logs and model.safetensors."
+    ),
+    config: str = typer.Option(
+        "embedded",
+        "--config",
+        help=f"Architecture: {', '.join(recipe.CONFIGS)}, or a ModelConfig .json file.",
+    ),
+    size: int | None = typer.Option(
+        None, "--size", help="Training image side in pixels (default: the config's, 64)."
+    ),
+    vae_steps: int = typer.Option(recipe.VAE_STEPS, "--vae-steps", help="VAE training steps."),
+    text_steps: int = typer.Option(
+        recipe.TEXT_STEPS, "--text-steps", help="Text encoder (CLIP) training steps."
+    ),
+    unet_steps: int = typer.Option(recipe.UNET_STEPS, "--unet-steps", help="U-Net steps."),
+    batch_size: int = typer.Option(
+        recipe.UNET_BATCH, "--batch-size", "-b", help="U-Net batch size (per process)."
+    ),
+    text_batch_size: int = typer.Option(
+        recipe.TEXT_BATCH, "--text-batch-size", help="CLIP batch size (its negatives, too)."
+    ),
+    vae_batch_size: int = typer.Option(
+        recipe.VAE_BATCH, "--vae-batch-size", help="VAE batch size (random crops)."
+    ),
+    lr: float = typer.Option(recipe.UNET_LR, "--lr", help="U-Net peak learning rate."),
+    text_lr: float = typer.Option(recipe.TEXT_LR, "--text-lr", help="CLIP peak learning rate."),
+    vae_lr: float = typer.Option(recipe.VAE_LR, "--vae-lr", help="VAE peak learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and noise."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue unfinished stages from RUN_DIR/<stage>/state."
+    ),
+    sample_every: int = typer.Option(
+        500, "--sample-every", help="Write samples to RUN_DIR/samples every N steps (0: at end)."
+    ),
+    save_every: int = typer.Option(
+        250, "--save-every", help="Save the resumable state every N steps."
+    ),
+    log_every: int = typer.Option(
+        25, "--log-every", help="Log loss, lr and it/s to train_log.jsonl every N steps."
+    ),
+    mixed_precision: str = typer.Option(
+        "no", "--mixed-precision", help="no, fp16 or bf16 (GPU; no gain on most CPUs)."
+    ),
+    export_dtype: str = typer.Option(
+        "fp32", "--export-dtype", help="fp32 or fp16 weights in model.safetensors."
+    ),
+    holdout: int | None = typer.Option(
+        None, "--holdout", help="Images held out for PSNR/retrieval metrics (default: 5%)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads per process (default: all available cores)."
+    ),
+) -> None:
+    """Train the whole model stage by stage: VAE, CLIP text encoder, U-Net, then export.
+
+    Each stage is skipped when its weights are already in RUN_DIR; with --resume an
+    interrupted stage continues where its last saved state left off. Works unchanged under
+    `accelerate launch`.
+    """
+    from .training import EXPORT_DTYPES, TrainPlan, run_training
+    from .training.loop import LoopOptions, StageSettings
+
+    cfg = recipe.training_config(config)
+    size = size or cfg.default_size
+    multiple = cfg.vae.downscale * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if size < 8 or size % multiple:
+        raise UserError(f"--size must be a positive multiple of {multiple} for this config")
+    for name, value in (
+        ("--vae-steps", vae_steps),
+        ("--text-steps", text_steps),
+        ("--unet-steps", unet_steps),
+        ("--batch-size", batch_size),
+        ("--text-batch-size", text_batch_size),
+        ("--vae-batch-size", vae_batch_size),
+        ("--log-every", log_every),
+    ):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if text_batch_size < 2:
+        raise UserError("--text-batch-size must be at least 2 (contrastive negatives)")
+    for name, value in (("--lr", lr), ("--text-lr", text_lr), ("--vae-lr", vae_lr)):
+        if not value > 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+    if export_dtype not in EXPORT_DTYPES:
+        raise UserError(f"--export-dtype must be one of {', '.join(EXPORT_DTYPES)}")
+
+    plan = TrainPlan(
+        data_dir=data_dir,
+        config=cfg.with_(default_size=size),
+        vae=StageSettings(vae_steps, vae_batch_size, vae_lr, warmup=_warmup(vae_steps)),
+        text=StageSettings(text_steps, text_batch_size, text_lr, warmup=_warmup(text_steps)),
+        unet=StageSettings(unet_steps, batch_size, lr, warmup=_warmup(unet_steps)),
+        loop=LoopOptions(
+            run_dir=out,
+            seed=seed,
+            resume=resume,
+            mixed_precision=mixed_precision,
+            log_every=log_every,
+            save_every=max(0, save_every),
+            sample_every=max(0, sample_every),
+            threads=threads,
+        ),
+        holdout=holdout,
+        export_dtype=export_dtype,
+    )
+    outcome = run_training(plan)
+    metrics = outcome.metrics
+    print(f"VAE:   held-out PSNR {metrics['vae']['psnr_db']} dB")
+    if "text" in metrics:
+        print(f"CLIP:  held-out top-1 retrieval {metrics['text']['retrieval_top1']:.1%}")
+    print(f"model: {outcome.model_path} ({metrics['export']['file_mb']} MB)")
+
+
+def _warmup(steps: int) -> int:
+    return max(1, min(200, steps // 10))

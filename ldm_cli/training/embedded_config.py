@@ -1,0 +1,64 @@
+"""The architecture of the embedded default model, the training recipe it was made with, and
+the configurations ``ldm train --config`` accepts.
+
+EMBEDDED is SD 1.x in shape (same module layout and key names, eps prediction, SD's schedule)
+but sized for 64 px images of the shapes domain and for CPU training: an f=4 VAE (16x16x4
+latents), a 2-layer 64-wide CLIP text encoder on the full 49,408-token vocabulary, and a
+3-level U-Net with cross-attention at 8x8 and 4x4.
+
+No torch here: the CLI reads these defaults while building ``ldm --help``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldm_cli.config import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ldm_cli.errors import UserError
+
+EMBEDDED = ModelConfig(
+    family="sd1",
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4, 2),
+        num_heads=4,
+        transformer_depth=(0, 1, 1),
+        transformer_depth_middle=1,
+        context_dim=64,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=64),
+    text=TextConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    ),
+    prediction="eps",
+    default_size=64,
+)
+
+# The recipe for EMBEDDED on ~20,000 shapes images with 2 CPU cores (see `ldm train --help`).
+VAE_STEPS = 1500
+VAE_BATCH = 32
+VAE_LR = 1e-3
+TEXT_STEPS = 1500
+TEXT_BATCH = 64
+TEXT_LR = 1e-3
+UNET_STEPS = 1500
+UNET_BATCH = 64
+UNET_LR = 1e-3
+
+CONFIGS: dict[str, ModelConfig] = {"embedded": EMBEDDED, **PRESETS}
+
+
+def training_config(name: str) -> ModelConfig:
+    """A preset by name (``embedded``, ``tiny-sd1``, ...) or a JSON file of a ModelConfig."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        from ldm_cli.detect import config_from_json
+
+        return config_from_json(path.read_text(encoding="utf-8"))
+    raise UserError(
+        f"unknown --config {name!r}; use one of {', '.join(CONFIGS)} or a .json config file"
+    )

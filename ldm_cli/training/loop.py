@@ -1,0 +1,397 @@
+"""The training loop every stage shares: accelerate setup, AdamW with warmup and cosine decay,
+EMA, resumable state, progress display, the jsonl log and periodic sample hooks.
+
+Randomness is drawn from generators seeded by (seed, stage, step) rather than from global RNG
+state, so a run resumed from a saved step replays exactly what an uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm_cli.errors import UserError
+
+LOG_FILE = "train_log.jsonl"
+STATE_DIR = "state"
+FINAL_LR_FRACTION = 0.1
+EMA_WARMUP_OFFSET = 10
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    steps: int
+    batch_size: int  # per process
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    run_dir: Path
+    seed: int = 0
+    resume: bool = False
+    mixed_precision: str = "no"
+    log_every: int = 25
+    save_every: int = 500
+    sample_every: int = 0  # 0: only at the end of a stage
+    quiet: bool = False
+    # Stop after this many steps (saving the state) though the schedule runs to
+    # StageSettings.steps; a later --resume run carries on from there.
+    stop_after: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class StageResult:
+    model: nn.Module  # the trained module, unwrapped from accelerate/DDP
+    ema: nn.Module | None
+    losses: list[float]  # mean loss of each logged interval, this run only
+    step: int  # steps done in total (resumed steps included)
+    finished: bool  # step == settings.steps
+
+
+class StepRandom:
+    """The random draws of one step; the same for a given (seed, stage, step) in every run.
+
+    ``shared`` is identical on every process (it picks the global batch); ``local`` differs per
+    process (noise, dropout).
+    """
+
+    def __init__(self, seed: int, stage: str, step: int, rank: int, world: int):
+        self.seed = seed
+        self.stage_key = zlib.crc32(stage.encode())
+        self.step = step
+        self.rank = rank
+        self.world = world
+        base = (seed * 1_000_003 + self.stage_key) * 1_000_033 + step
+        self.local = torch.Generator().manual_seed((base * 1_009 + rank) % 2**63)
+
+    def batch_indices(self, count: int, batch_size: int) -> torch.Tensor:
+        """This process's part of the step's global batch, walking seeded epoch permutations."""
+        total = batch_size * self.world
+        positions = torch.arange(self.step * total, (self.step + 1) * total)
+        epochs = positions // count
+        indices = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            indices[mask] = self._permutation(count, epoch)[positions[mask] % count]
+        return indices[self.rank :: self.world]
+
+    def _permutation(self, count: int, epoch: int) -> torch.Tensor:
+        seed = ((self.seed * 1_000_003 + self.stage_key) * 7_919 + epoch) % 2**63
+        return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+
+
+class EMA:
+    """An exponential moving average of a module's parameters, kept as a second module.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so short runs are not dominated by
+    the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (EMA_WARMUP_OFFSET + self.updates))
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+class StepCounter:
+    """The stage's step, saved with accelerate's state as a custom checkpoint object."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["stage"] != self.stage:
+            raise UserError(f"saved state is of stage {state['stage']!r}, not {self.stage!r}")
+        self.step = int(state["step"])
+
+
+def learning_rate(settings: StageSettings, step: int) -> float:
+    """Linear warmup, then cosine decay to FINAL_LR_FRACTION of the peak at the last step."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    span = max(1, settings.steps - settings.warmup)
+    progress = min(1.0, (step - settings.warmup) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return settings.lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
+
+
+def make_accelerator(options: LoopOptions):
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(mixed_precision=options.mixed_precision)
+    except ValueError as e:
+        raise UserError(f"--mixed-precision {options.mixed_precision}: {e}") from e
+    if accelerator.device.type == "cpu":
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = options.threads or (available or os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // accelerator.num_processes))
+    return accelerator
+
+
+def stage_dir(options: LoopOptions, stage: str) -> Path:
+    return options.run_dir / stage
+
+
+LossFn = Callable[[nn.Module, StepRandom], torch.Tensor]
+SampleFn = Callable[[nn.Module, int], None]
+
+
+def train_stage(
+    stage: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    settings: StageSettings,
+    options: LoopOptions,
+    ema_decay: float | None = None,
+    sample_fn: SampleFn | None = None,
+) -> StageResult:
+    """Train ``model`` for ``settings.steps`` steps of ``loss_fn`` (or up to ``stop_after``).
+
+    ``sample_fn(module, step)`` runs on the main process every ``sample_every`` steps and at the
+    end; it gets the EMA module when there is one.
+    """
+    accelerator = make_accelerator(options)
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+    )
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(prepared)
+    counter = StepCounter(stage)
+    accelerator.register_for_checkpointing(counter)
+    ema = EMA(unwrapped, ema_decay) if ema_decay is not None else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    state = stage_dir(options, stage) / STATE_DIR
+    saved = existing_state(state)
+    if saved is not None and not options.resume:
+        raise UserError(
+            f"{saved} holds an unfinished {stage} stage; pass --resume to continue it, "
+            "or delete it (or use a new --out) to start over"
+        )
+    if saved is not None:
+        accelerator.load_state(str(saved))
+        if accelerator.is_main_process:
+            trim_log(options.run_dir / LOG_FILE, stage, counter.step)
+
+    stop = settings.steps if options.stop_after is None else min(options.stop_after, settings.steps)
+    log = TrainLog(options, stage, accelerator.is_main_process)
+    losses: list[float] = []
+    start = counter.step
+    prepared.train()
+    with ProgressDisplay(stage, settings.steps, start, options.quiet, accelerator) as progress:
+        running = torch.zeros((), device=accelerator.device)
+        interval_start, interval_steps = time.perf_counter(), 0
+        for step in range(start, stop):
+            lr = learning_rate(settings, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            draws = StepRandom(
+                options.seed, stage, step, accelerator.process_index, accelerator.num_processes
+            )
+            loss = loss_fn(prepared, draws)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if settings.grad_clip is not None:
+                accelerator.clip_grad_norm_(prepared.parameters(), settings.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(unwrapped)
+            counter.step = step + 1
+            running += loss.detach()
+            interval_steps += 1
+            progress.advance()
+
+            done = counter.step
+            if done % options.log_every == 0 or done == stop:
+                # the only host sync of the loop
+                mean = accelerator.reduce(running, "mean").item() / interval_steps
+                rate = interval_steps / max(1e-9, time.perf_counter() - interval_start)
+                losses.append(mean)
+                log.write(done, mean, lr, rate)
+                progress.show(mean, rate)
+                running.zero_()
+                interval_start, interval_steps = time.perf_counter(), 0
+            if done != stop and options.save_every and done % options.save_every == 0:
+                save_state(accelerator, state)
+            if sample_fn is not None and accelerator.is_main_process:
+                periodic = options.sample_every and done % options.sample_every == 0
+                if periodic or done == settings.steps:
+                    sample_fn(ema.module if ema is not None else unwrapped, done)
+                    prepared.train()
+    if counter.step > start or saved is None:
+        save_state(accelerator, state)
+    accelerator.wait_for_everyone()
+    return StageResult(
+        model=unwrapped,
+        ema=ema.module if ema is not None else None,
+        losses=losses,
+        step=counter.step,
+        finished=counter.step >= settings.steps,
+    )
+
+
+def existing_state(state: Path) -> Path | None:
+    """The saved state folder, or the complete temporary copy left by a save cut short."""
+    if state.is_dir():
+        return state
+    pending = state.with_name(state.name + ".tmp")
+    if pending.is_dir() and (pending / "custom_checkpoint_0.pkl").is_file():
+        return pending
+    return None
+
+
+def save_state(accelerator, state: Path) -> None:
+    """accelerate's save_state into a temporary folder, then swapped in, so a crash mid-save
+    never leaves a torn state."""
+    pending = state.with_name(state.name + ".tmp")
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(pending))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state.exists():
+            shutil.rmtree(state)
+        os.replace(pending, state)
+    accelerator.wait_for_everyone()
+
+
+def trim_log(path: Path, stage: str, step: int) -> None:
+    """Drop the log lines of ``stage`` past ``step`` (written after the state being resumed)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("stage") != stage or record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+class TrainLog:
+    """Appends one json line per log interval to RUN_DIR/train_log.jsonl (main process)."""
+
+    def __init__(self, options: LoopOptions, stage: str, enabled: bool):
+        self.path = options.run_dir / LOG_FILE
+        self.stage = stage
+        self.enabled = enabled
+
+    def write(self, step: int, loss: float, lr: float, rate: float) -> None:
+        if not self.enabled:
+            return
+        record = {
+            "stage": self.stage,
+            "step": step,
+            "loss": round(loss, 6),
+            "lr": float(f"{lr:.4g}"),
+            "it_per_s": round(rate, 3),
+            "time": round(time.time(), 1),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressDisplay:
+    """A rich progress bar with the latest loss and it/s, on the main process only."""
+
+    def __init__(self, stage: str, total: int, start: int, quiet: bool, accelerator):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.enabled = accelerator.is_main_process and not quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[rate]} it/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            disable=not self.enabled,
+            transient=False,
+            console=_stderr_console(),
+        )
+        self.task = self.progress.add_task(stage, total=total, completed=start, loss="-", rate="-")
+
+    def __enter__(self) -> ProgressDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+    def show(self, loss: float, rate: float) -> None:
+        self.progress.update(self.task, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr)
+
+
+def merge_json(path: Path, updates: dict) -> dict:
+    """Update a json object file in place (created when missing); returns the merged object."""
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data.update(updates)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return data

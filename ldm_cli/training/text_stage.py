@@ -1,0 +1,232 @@
+"""Stage 2: the CLIP text encoder, trained contrastively against a small image tower.
+
+The text side is the encoder's pooled output (final layer norm at the end token) through a
+linear projection; the image side a few strided convolutions, pooled to a coarse grid (so it
+can still tell where things are) and projected. The symmetric InfoNCE loss with a learnable
+temperature is CLIP's. The tower and both projections are kept in RUN_DIR/clip_tower.safetensors
+for the in-domain CLIP score of ``ldm eval``; the encoder itself goes into the exported model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_cli.config import TextConfig
+from ldm_cli.models.text_encoder import CLIPTextEncoder
+from ldm_cli.training.dataset import CaptionedImages, to_model_range
+from ldm_cli.training.loop import (
+    LoopOptions,
+    StageSettings,
+    StepRandom,
+    merge_json,
+    stage_dir,
+    train_stage,
+)
+
+STAGE = "text"
+WEIGHTS_FILE = "weights.safetensors"
+TOWER_FILE = "clip_tower.safetensors"
+EMBED_DIM = 128
+TOWER_WIDTHS = (32, 64, 128)
+POOLED_GRID = 4
+TOWER_GROUPS = 8
+INITIAL_TEMPERATURE = 0.07
+MAX_LOGIT_SCALE = math.log(100.0)
+RETRIEVAL_BATCH = 64
+ENCODE_BATCH = 256
+
+
+class ImageTower(nn.Module):
+    """Image in [-1, 1] -> embedding: stride-2 convs, then a POOLED_GRID^2 grid, projected."""
+
+    def __init__(self, embed_dim: int = EMBED_DIM, widths: tuple[int, ...] = TOWER_WIDTHS):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in widths:
+            layers += [
+                nn.Conv2d(channels, width, 4, stride=2, padding=1),
+                nn.GroupNorm(TOWER_GROUPS, width),
+                nn.SiLU(),
+            ]
+            channels = width
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(TOWER_GROUPS, channels),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(POOLED_GRID),
+            nn.Flatten(),
+        ]
+        self.features = nn.Sequential(*layers)
+        self.projection = nn.Linear(channels * POOLED_GRID**2, embed_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.features(images))
+
+
+class ClipHeads(nn.Module):
+    """What the in-domain CLIP score needs besides the text encoder: the image tower, the text
+    projection and the temperature."""
+
+    def __init__(self, text_hidden: int, embed_dim: int = EMBED_DIM):
+        super().__init__()
+        self.image_tower = ImageTower(embed_dim)
+        self.text_projection = nn.Linear(text_hidden, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] at the training size -> unit-norm embeddings."""
+        return F.normalize(self.image_tower(images), dim=-1)
+
+    def text_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The text encoder's pooled output -> unit-norm embeddings."""
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+
+class ClipModel(nn.Module):
+    """Text encoder plus heads; ``forward`` returns the symmetric InfoNCE loss of a batch."""
+
+    def __init__(self, text_cfg: TextConfig):
+        super().__init__()
+        self.text_encoder = CLIPTextEncoder(text_cfg)
+        self.heads = ClipHeads(text_cfg.hidden_size)
+
+    def similarities(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities [texts, images]."""
+        text = self.heads.text_embeddings(self.text_encoder.pooled(tokens))
+        return text @ self.heads.image_embeddings(images).T
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        scale = self.heads.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        logits = scale * self.similarities(images, tokens).float()
+        targets = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+@dataclass
+class TextResult:
+    text_encoder: CLIPTextEncoder
+    heads: ClipHeads
+    metrics: dict
+
+
+def weights_path(options: LoopOptions) -> Path:
+    return stage_dir(options, STAGE) / WEIGHTS_FILE
+
+
+def tower_path(options: LoopOptions) -> Path:
+    return options.run_dir / TOWER_FILE
+
+
+def tokenize(captions: list[str], pad_id: int) -> torch.Tensor:
+    from ldm_cli.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(pad_id)
+    return torch.cat(
+        [tokenizer(captions[i : i + ENCODE_BATCH]) for i in range(0, len(captions), ENCODE_BATCH)]
+    )
+
+
+def train_text(
+    cfg: TextConfig,
+    train: CaptionedImages,
+    heldout: CaptionedImages,
+    settings: StageSettings,
+    options: LoopOptions,
+) -> TextResult | None:
+    """Train (or resume) the text encoder; returns None when stopped early by ``stop_after``."""
+    torch.manual_seed(options.seed + 1)
+    model = ClipModel(cfg)
+    images = train.images
+    tokens = tokenize(train.captions, cfg.pad_token_id)
+
+    def loss_fn(prepared, draws: StepRandom) -> torch.Tensor:
+        indices = draws.batch_indices(len(images), settings.batch_size)
+        device = next(prepared.parameters()).device
+        return prepared(to_model_range(images[indices]).to(device), tokens[indices].to(device))
+
+    result = train_stage(STAGE, model, loss_fn, settings, options)
+    if not result.finished:
+        return None
+    model = result.model.eval().requires_grad_(False)
+    accuracy, batch = retrieval_accuracy(model, heldout)
+    metrics = {
+        "retrieval_top1": round(accuracy, 4),
+        "retrieval_batch": batch,
+        "chance": round(1 / batch, 4),
+        "steps": result.step,
+        "final_loss": round(result.losses[-1], 4) if result.losses else None,
+    }
+    save_text(model, cfg, weights_path(options), tower_path(options), train.images.shape[-1])
+    merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+    return TextResult(model.text_encoder, model.heads, metrics)
+
+
+@torch.inference_mode()
+def retrieval_accuracy(model: ClipModel, heldout: CaptionedImages) -> tuple[float, int]:
+    """Top-1 text -> image accuracy within held-out batches of RETRIEVAL_BATCH (or fewer)."""
+    batch = min(RETRIEVAL_BATCH, len(heldout))
+    device = next(model.parameters()).device
+    tokens = tokenize(heldout.captions, model.text_encoder.cfg.pad_token_id)
+    correct = total = 0
+    for start in range(0, len(heldout) - batch + 1, batch):
+        images = to_model_range(heldout.images[start : start + batch]).to(device)
+        sims = model.similarities(images, tokens[start : start + batch].to(device))
+        correct += int((sims.argmax(dim=1) == torch.arange(batch, device=device)).sum())
+        total += batch
+    return correct / total, batch
+
+
+def save_text(
+    model: ClipModel, cfg: TextConfig, encoder_path: Path, heads_path: Path, image_size: int
+) -> None:
+    from ldm_cli.checkpoint_save import save_checkpoint
+
+    save_checkpoint(model.text_encoder.state_dict(), encoder_path)
+    metadata = {
+        "clip_heads": json.dumps(
+            {"text_hidden": cfg.hidden_size, "embed_dim": EMBED_DIM, "image_size": image_size}
+        )
+    }
+    save_checkpoint(model.heads.state_dict(), heads_path, metadata=metadata)
+
+
+def load_clip_heads(path: str | Path) -> tuple[ClipHeads, int]:
+    """The heads saved by stage 2 and the image size they were trained at."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        info = json.loads((f.metadata() or {})["clip_heads"])
+    heads = ClipHeads(info["text_hidden"], info["embed_dim"])
+    heads.load_state_dict(load_file(str(path)))
+    return heads.eval().requires_grad_(False), int(info["image_size"])
+
+
+def load_text(cfg: TextConfig, options: LoopOptions) -> TextResult:
+    """The finished stage from its weights files."""
+    from safetensors.torch import load_file
+
+    encoder = CLIPTextEncoder(cfg)
+    encoder.load_state_dict(load_file(str(weights_path(options))))
+    heads, _ = load_clip_heads(tower_path(options))
+    metrics = {}
+    return TextResult(encoder.eval().requires_grad_(False), heads, metrics)
+
+
+@torch.inference_mode()
+def in_domain_clip_score(
+    heads: ClipHeads, text_encoder: CLIPTextEncoder, images: torch.Tensor, captions: list[str]
+) -> torch.Tensor:
+    """Cosine similarity of each image (float in [-1, 1], [N, 3, S, S]) with its caption."""
+    device = next(heads.parameters()).device
+    tokens = tokenize(captions, text_encoder.cfg.pad_token_id).to(device)
+    text = heads.text_embeddings(text_encoder.pooled(tokens))
+    return (heads.image_embeddings(images.to(device)) * text).sum(dim=-1)

@@ -1,0 +1,204 @@
+"""Stage 3: the U-Net, trained for eps-prediction on cached latents and text features.
+
+The frozen VAE and text encoder run once over the data before training: posterior means
+times the scale factor, and the encoder's context for every distinct caption (plus the empty
+caption, used for 10% of the examples so classifier-free guidance works). Noise levels are
+drawn uniformly from SD's 1000-step discrete schedule. An EMA of the weights is what gets
+exported; periodic samples go through the same Pipeline code as ``ldm generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm_cli.config import ModelConfig
+from ldm_cli.models.latent_diffusion import LatentDiffusion
+from ldm_cli.models.text_encoder import CLIPTextEncoder
+from ldm_cli.models.unet import UNetModel
+from ldm_cli.models.vae import AutoencoderKL
+from ldm_cli.schedules import DiscreteSchedule
+from ldm_cli.training.dataset import CaptionedImages
+from ldm_cli.training.loop import (
+    LoopOptions,
+    StageSettings,
+    StepRandom,
+    merge_json,
+    stage_dir,
+    train_stage,
+)
+from ldm_cli.training.text_stage import tokenize
+from ldm_cli.training.vae_stage import encode_means, save_grid
+
+STAGE = "unet"
+WEIGHTS_FILE = "weights.safetensors"
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+SAMPLE_PROMPTS = 4
+SAMPLE_STEPS = 25
+SAMPLE_CFG = 5.0
+SAMPLE_SAMPLER = "euler_a"
+TEXT_BATCH = 256
+# Cached text features above this many bytes are kept in fp16 (wide encoders, many captions).
+FP32_FEATURE_BYTES = 2 * 2**30
+
+
+@dataclass
+class TrainingExamples:
+    latents: torch.Tensor  # scaled latents [N, C, h, w]
+    caption_ids: torch.Tensor  # [N] rows of `features`
+    features: torch.Tensor  # [captions, 77, D]
+    empty: torch.Tensor  # [77, D], the context of ""
+
+
+@dataclass
+class UnetResult:
+    unet: UNetModel  # the EMA weights
+    metrics: dict
+
+
+def weights_path(options: LoopOptions) -> Path:
+    return stage_dir(options, STAGE) / WEIGHTS_FILE
+
+
+@torch.inference_mode()
+def encode_captions(text_encoder: CLIPTextEncoder, captions: list[str]) -> torch.Tensor:
+    device = next(text_encoder.parameters()).device
+    tokens = tokenize(captions, text_encoder.cfg.pad_token_id)
+    hidden = text_encoder.cfg.hidden_size
+    size = len(captions) * tokens.shape[1] * hidden * 4
+    dtype = torch.float32 if size <= FP32_FEATURE_BYTES else torch.float16
+    out = torch.empty((len(captions), tokens.shape[1], hidden), dtype=dtype)
+    for start in range(0, len(captions), TEXT_BATCH):
+        batch = tokens[start : start + TEXT_BATCH].to(device)
+        out[start : start + len(batch)] = text_encoder(batch).to(dtype).cpu()
+    return out
+
+
+def prepare_examples(
+    vae: AutoencoderKL, text_encoder: CLIPTextEncoder, data: CaptionedImages, scale_factor: float
+) -> TrainingExamples:
+    latents = encode_means(vae, data.images).mul_(scale_factor)
+    distinct = sorted(set(data.captions))
+    row = {caption: i for i, caption in enumerate(distinct)}
+    caption_ids = torch.tensor([row[c] for c in data.captions])
+    features = encode_captions(text_encoder, distinct + [""])
+    return TrainingExamples(latents, caption_ids, features[:-1], features[-1])
+
+
+def diffusion_loss(
+    unet,
+    examples: TrainingExamples,
+    alphas_cumprod: torch.Tensor,
+    indices: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MSE between the U-Net's eps prediction and the noise, at uniform random timesteps."""
+    device = next(unet.parameters()).device
+    x0 = examples.latents[indices]
+    context = examples.features[examples.caption_ids[indices]]
+    dropped = torch.rand(len(indices), generator=generator) < CAPTION_DROPOUT
+    context = torch.where(dropped[:, None, None], examples.empty.to(context.dtype), context)
+    t = torch.randint(0, len(alphas_cumprod), (len(indices),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    prediction = unet(noisy.to(device), t.to(device), context=context.float().to(device))
+    return (prediction.float() - noise.to(device)).square().mean()
+
+
+def assemble_model(
+    cfg: ModelConfig, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextEncoder
+) -> LatentDiffusion:
+    """A LatentDiffusion (original key layout) around already-built components."""
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    model.model.diffusion_model = unet
+    model.first_stage_model = vae
+    model.cond_stage_model = text_encoder
+    return model
+
+
+def write_samples(model: LatentDiffusion, prompts: list[str], path: Path, seed: int) -> None:
+    """One image per prompt through the Pipeline's sampling code, as one PNG row."""
+    import numpy as np
+
+    from ldm_cli.pipeline import Pipeline, Request
+
+    device = next(model.unet.parameters()).device
+    pipe = Pipeline(model, path, device, torch.float32)
+    size = model.config.default_size
+    rows = []
+    for prompt in prompts:
+        req = Request(
+            prompt,
+            steps=SAMPLE_STEPS,
+            cfg=SAMPLE_CFG,
+            seed=seed,
+            sampler=SAMPLE_SAMPLER,
+            width=size,
+            height=size,
+        )
+        ((_, image),) = pipe.render([req])
+        rows.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    save_grid(torch.stack(rows), path, rows=1)
+
+
+def train_unet(
+    cfg: ModelConfig,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextEncoder,
+    train: CaptionedImages,
+    heldout: CaptionedImages,
+    settings: StageSettings,
+    options: LoopOptions,
+) -> UnetResult | None:
+    """Train (or resume) the U-Net; ``cfg.vae.scale_factor`` must be the measured one.
+
+    Returns None when stopped early by ``stop_after``.
+    """
+    torch.manual_seed(options.seed + 2)
+    unet = UNetModel(cfg.unet)
+    examples = prepare_examples(vae, text_encoder, train, cfg.vae.scale_factor)
+    alphas_cumprod = DiscreteSchedule(cfg.schedule).alphas_cumprod
+
+    def loss_fn(model, draws: StepRandom) -> torch.Tensor:
+        indices = draws.batch_indices(len(examples.latents), settings.batch_size)
+        return diffusion_loss(model, examples, alphas_cumprod, indices, draws.local)
+
+    prompts = heldout.captions[:SAMPLE_PROMPTS]
+    samples_dir = options.run_dir / "samples"
+
+    def sample_fn(ema_unet: UNetModel, step: int) -> None:
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        (samples_dir / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+        model = assemble_model(cfg, ema_unet, vae, text_encoder)
+        write_samples(model, prompts, samples_dir / f"unet_{step:06d}.png", options.seed)
+
+    result = train_stage(
+        STAGE, unet, loss_fn, settings, options, ema_decay=EMA_DECAY, sample_fn=sample_fn
+    )
+    if not result.finished:
+        return None
+    ema = result.ema.eval().requires_grad_(False)
+    tail = result.losses[-max(1, len(result.losses) // 10) :]
+    metrics = {
+        "steps": result.step,
+        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+        "distinct_captions": len(examples.features),
+    }
+    from ldm_cli.checkpoint_save import save_checkpoint
+
+    save_checkpoint(ema.state_dict(), weights_path(options))
+    merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+    return UnetResult(ema, metrics)
+
+
+def load_unet(cfg: ModelConfig, options: LoopOptions) -> UnetResult:
+    from safetensors.torch import load_file
+
+    unet = UNetModel(cfg.unet)
+    unet.load_state_dict(load_file(str(weights_path(options))))
+    return UnetResult(unet.eval().requires_grad_(False), {})
