@@ -1,10 +1,12 @@
-"""The offline CLIP tokenizer against SD's reference tokenizer folders and open_clip's original."""
+"""The pure-Python CLIP tokenizer against transformers' CLIPTokenizer, SD's reference tokenizer
+folders and open_clip's original."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import random
 
 import ftfy
 import pytest
@@ -12,6 +14,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from ldm_cli.tokenizer import (
+    OPENCLIP_PAD_ID,
     ClipTokenizer,
     bpe_table_path,
     get_tokenizer,
@@ -44,11 +47,21 @@ PLAIN = [
     " ".join(["word"] * 100),
     "supercalifragilisticexpialidocious " * 20,
     "a, " * 60,
+    "Straße İstanbul",
+    "8k uhd, f/1.8, 35mm, 16:9, 1,000,000 $5.99 50%",
+    "don't DON'T it'S rock'n'roll ''quoted'' 'single'",
+    "\t\n  ",
 ]
 # diffusers' SD 2.x tokenizer makes "!" a special token; the original (open_clip) does not.
 EXCLAIMING = ["hello world!!! what?!", "!"]
 # Prompts that spell the special tokens; open_clip names its specials differently.
-SPECIAL_LITERALS = ["<|endoftext|> inside", "x<|startoftext|>y", "A <|ENDOFTEXT|> b"]
+SPECIAL_LITERALS = [
+    "<|endoftext|> inside",
+    "x<|startoftext|>y",
+    "A <|ENDOFTEXT|> b",
+    "x<|ENDOFTEXT|>'s <|Startoftext|>>",
+    "<|endoftext|><|endoftext|>",
+]
 # ftfy changes these: HTML entities, ligatures, curly quotes, full width, mojibake, control chars.
 NEEDS_FTFY = [
     "Tom &amp; Jerry &lt;3 &quot;quoted&quot;",
@@ -58,15 +71,18 @@ NEEDS_FTFY = [
     "cafÃ© mojibake",
     "tab\x0bvt",
     "e\u0301 combining accent",
+    "line\r\nbreaks\rand \x1b[31mterminal\x1b[0m escapes",
+    "AT&amp;T &#x1F600; &eacute;",
 ]
 LENGTH = 77
 
 
 @pytest.fixture(scope="session")
-def sd15_reference(reference_dir):
-    return CLIPTokenizer.from_pretrained(
-        os.path.join(reference_dir, "sd15", "tokenizer"), local_files_only=True
-    )
+def sd15_reference():
+    """transformers' tokenizer on the same vocabulary and merges (SD 1.x's tokenizer folder; the
+    test below holds them equal to its files)."""
+    vocab, merges = load_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 @pytest.fixture(scope="session")
@@ -162,3 +178,88 @@ def test_encode_ids_are_raw_and_untruncated():
     assert tok([text])[0].tolist() == [tok.bos_id, *ids[: LENGTH - 2], tok.eos_id]
     assert tok.encode_ids("") == []
     assert tok.decode(tok.encode_ids("A Castle, on a HILL!")) == "a castle , on a hill !"
+
+
+def random_texts(count: int, seed: int) -> list[str]:
+    """Strings mixing every character class the split pattern and the normalizer treat apart."""
+    pieces = [
+        *"aZéÉßΣσİıǅ東京한ё٣٤5",
+        *"0123456789",
+        *" \t\n\u00a0\u3000\u2028",
+        *".,!?;:'\"-_()[]{}<>|/\\@#$%^*+=~`",
+        "'s",
+        "'T",
+        "'re",
+        "'LL",
+        "'d",
+        "😀",
+        "👩\u200d👩\u200d👧",
+        "❤️",
+        "e\u0301",
+        "\u200b",
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|EndOfText|>",
+        "<|",
+        "|>",
+        "photo",
+        "Castle",
+        "ASTRONAUT",
+        "1.5",
+        "8k",
+    ]
+    generator = random.Random(seed)
+    return ["".join(generator.choices(pieces, k=generator.randrange(0, 40))) for _ in range(count)]
+
+
+def test_random_texts_equal_transformers(sd15_reference):
+    tok = ClipTokenizer(fix_text=False)
+    for text in random_texts(400, seed=0):
+        expected = sd15_reference(text, add_special_tokens=False).input_ids
+        assert tok.encode_ids(text) == expected, repr(text)
+
+
+def test_padded_batches_equal_transformers(sd15_reference):
+    texts = PLAIN + SPECIAL_LITERALS + random_texts(50, seed=1)
+    expected = sd15_reference(
+        texts, padding="max_length", max_length=LENGTH, truncation=True, return_tensors="pt"
+    )
+    assert torch.equal(ClipTokenizer(fix_text=False)(texts), expected.input_ids)
+    zero_padded = expected.input_ids.masked_fill(expected.attention_mask == 0, 0)
+    assert torch.equal(ClipTokenizer(OPENCLIP_PAD_ID, fix_text=False)(texts), zero_padded)
+
+
+def test_long_prompts_keep_the_first_75_ids():
+    tok = get_tokenizer()
+    ids = tok([" ".join(["word"] * 100)])[0].tolist()
+    assert ids == [tok.bos_id, *[2653] * 75, tok.eos_id]
+
+
+def test_decode_equals_transformers(sd15_reference):
+    tok = get_tokenizer()
+    generator = random.Random(2)
+    for _ in range(300):
+        ids = [generator.randrange(tok.vocab_size) for _ in range(generator.randrange(0, 20))]
+        assert tok.decode(ids) == sd15_reference.decode(ids, skip_special_tokens=True), ids
+    for text in PLAIN + NEEDS_FTFY:
+        ids = tok.encode_ids(text)
+        assert tok.decode(ids) == sd15_reference.decode(ids, skip_special_tokens=True)
+
+
+def test_plain_ascii_is_not_passed_through_ftfy(monkeypatch):
+    tok = ClipTokenizer()
+    monkeypatch.setattr(ftfy, "fix_text", lambda text: pytest.fail(f"ftfy called on {text!r}"))
+    for text in ["a photo, 8k (detailed:1.2)", "tabs\tand\r\nbreaks", ""]:
+        assert tok.clean(text) == text
+
+
+def test_capital_sigma_lowercases_per_character_like_transformers(
+    sd15_reference, open_clip_tokenizer
+):
+    # tokenizers lowercases each character alone, so a word-final Σ becomes σ, not the ς of
+    # str.lower (open_clip): the one place where SD 1.x and open_clip's tokenizers differ here.
+    text = "ΟΔΟΣ ΣΑΣ"
+    ours = get_tokenizer()([text])[0].tolist()
+    assert ours == reference_ids(sd15_reference, text)
+    assert not torch.equal(get_tokenizer(0)([text]), open_clip_tokenizer([text]))
+    assert torch.equal(get_tokenizer(0)([text.lower()]), open_clip_tokenizer([text]))
