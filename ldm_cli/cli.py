@@ -1,4 +1,4 @@
-"""`ldm` command line. Heavy modules (torch, transformers) are imported inside commands only,
+"""`ldm` command line. Heavy modules (torch) are imported inside commands only,
 so `ldm --help` stays fast."""
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ def _register() -> None:
     from .cli_dataset import dataset_app
     from .cli_eval import eval_command
     from .cli_generate import generate
+    from .cli_image import img2img, inpaint, outpaint
     from .cli_info import info
+    from .cli_train import train
 
     app.command(no_args_is_help=False)(generate)
+    app.command()(img2img)
+    app.command()(inpaint)
+    app.command()(outpaint)
     app.command()(info)
+    app.command()(train)
     app.command("eval")(eval_command)
     app.add_typer(dataset_app, name="dataset")
 

@@ -23,9 +23,15 @@ def eval_command(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Prompts rendered together."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the full report here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    clip_tower: Path | None = typer.Option(
+        None,
+        "--clip-tower",
+        help="Image tower for the CLIP score; default: the one beside the model, if any.",
+    ),
 ) -> None:
     """Render held-out and in-distribution shapes prompts and score them by pixel analysis
-    (background colour, each object's colour, shape, place and size)."""
+    (background colour, each object's colour, shape, place and size), plus the in-domain CLIP
+    score from the image tower trained with the model's text encoder."""
     from .cli_generate import SAMPLER_HELP
 
     if sampler not in SAMPLER_HELP:
@@ -40,6 +46,7 @@ def eval_command(
     from .pipeline import load
 
     pipe = load(model, device=device)
+    scorer = _clip_scorer(clip_tower, pipe)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("prompts", total=num)
         report = evaluate(
@@ -51,16 +58,38 @@ def eval_command(
             sampler,
             batch_size,
             progress=lambda done, _: bar.update(task, completed=done),
+            clip=scorer,
         )
     table = Table(title=f"ldm eval: {pipe.name}, {num} prompts, {steps} steps, cfg {cfg}")
     table.add_column("prompts")
     for check in CHECKS:
         table.add_column(check, justify="right")
+    if scorer is not None:
+        table.add_column("CLIP", justify="right")
+        table.add_column("CLIP truth", justify="right")
     for group in ("all", "in_distribution", "heldout"):
         row = report[group]
-        table.add_row(f"{group} ({row['images']})", *(f"{100 * row[c]:.1f}%" for c in CHECKS))
-    Console().print(table)
+        cells = [f"{100 * row[c]:.1f}%" for c in CHECKS]
+        if scorer is not None:
+            cells += [f"{row['clip_score']:.3f}", f"{row['clip_score_real']:.3f}"]
+        table.add_row(f"{group} ({row['images']})", *cells)
+    # wide enough for the whole table when redirected to a log
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    if scorer is None:
+        print("no CLIP score: no image tower beside the model (pass --clip-tower)")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1))
         print(f"wrote {json_out}")
+
+
+def _clip_scorer(tower: Path | None, pipe):
+    from .evaluation.clip_score import ClipScorer, find_clip_tower
+
+    if tower is None:
+        tower = find_clip_tower(pipe.path)
+        if tower is None:
+            return None
+    elif not tower.is_file():
+        raise UserError(f"--clip-tower {tower} does not exist")
+    return ClipScorer(tower, pipe.text_encoder)

@@ -78,10 +78,30 @@ def generate(
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."
     ),
+    hires_scale: float | None = typer.Option(
+        None,
+        "--hires-scale",
+        help="Hires fix: upscale each image by this factor (Lanczos, rounded to the model's "
+        "size multiple) and refine it with img2img.",
+    ),
+    hires_strength: float = typer.Option(
+        0.5, "--hires-strength", help="Hires fix: img2img denoising strength (0..1)."
+    ),
+    hires_steps: int | None = typer.Option(
+        None,
+        "--hires-steps",
+        help="Hires fix: schedule length of the second pass (default: --steps); it runs "
+        "int(steps * strength) of them.",
+    ),
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
-    _check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     jobs = _jobs(prompt, prompts_file, from_png)
+    from .hires import HiresFix
+
+    hires = jobs[0].get("hires")
+    if hires is None and hires_scale is not None:
+        hires = HiresFix(hires_scale, hires_strength, hires_steps)
 
     from .pipeline import Request, load, random_seed
 
@@ -114,10 +134,10 @@ def generate(
         reqs = [replace(req, seed=req.seed + k) for k in range(n)]
         bs = max(1, o.get("batch_size", batch_size))
         batches += [reqs[i : i + bs] for i in range(0, n, bs)]
-    _run(pipe, batches, out)
+    _run(pipe, batches, out, hires)
 
 
-def _check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype) -> None:
+def check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype) -> None:
     if sampler not in SAMPLER_HELP:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_HELP)}")
     if scheduler not in SCHEDULER_NAMES:
@@ -146,6 +166,7 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
             {"prompt": j.prompt, "options": dict(j.overrides)}
             for j in read_prompts_file(prompts_file)
         ]
+    from .hires import hires_from_parameters
     from .pngmeta import params_from_png
 
     p = params_from_png(from_png)
@@ -161,15 +182,32 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
         "num_images": 1,
         "batch_size": 1,
     }
-    return [{"prompt": p.prompt, "options": options, "model_hash": p.model_hash}]
+    hires = hires_from_parameters(p.extra)
+    return [{"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}]
 
 
-def _run(pipe, batches, out: Path) -> None:
+def _run(pipe, batches, out: Path, hires=None) -> None:
+    extra = hires.parameters() if hires is not None else None
+
+    def results(on_step):
+        for batch in batches:
+            pairs = pipe.render(batch, on_step)
+            if hires is not None:
+                pairs = hires.apply(pipe, list(pairs), on_step)
+            for req, image in pairs:
+                image.info["parameters"] = pipe.parameters_text(req, extra)
+                yield req, image
+
+    save_all(results, sum(len(b) for b in batches), out)
+
+
+def save_all(results, total_images: int, out: Path) -> None:
+    """Save what `results(on_step)` yields, (request, image with its "parameters" info), as
+    PNGs in `out`, printing each path, with progress bars on a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .outputs import save_png_atomic
 
-    total_images = sum(len(b) for b in batches)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -183,9 +221,7 @@ def _run(pipe, batches, out: Path) -> None:
         def on_step(i: int, total: int) -> None:
             bar.update(steps_task, completed=i, total=total)
 
-        for batch in batches:
-            bar.update(steps_task, completed=0)
-            for req, image in pipe.render(batch, on_step):
-                path = save_png_atomic(image, out, req.seed, req.prompt, pipe.parameters_text(req))
-                print(path)
-                bar.advance(images_task)
+        for req, image in results(on_step):
+            path = save_png_atomic(image, out, req.seed, req.prompt, image.info["parameters"])
+            print(path)
+            bar.advance(images_task)

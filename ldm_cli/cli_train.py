@@ -126,10 +126,14 @@ def train(
     )
     outcome = run_training(plan)
     metrics = outcome.metrics
-    print(f"VAE:   held-out PSNR {metrics['vae']['psnr_db']} dB")
-    if "text" in metrics:
+    if "psnr_db" in metrics.get("vae", {}):
+        print(f"VAE:   held-out PSNR {metrics['vae']['psnr_db']} dB")
+    if "retrieval_top1" in metrics.get("text", {}):
         print(f"CLIP:  held-out top-1 retrieval {metrics['text']['retrieval_top1']:.1%}")
-    print(f"model: {outcome.model_path} ({metrics['export']['file_mb']} MB)")
+    if outcome.model_path is None:
+        print(f"stopped early; continue with --resume (state in {out})")
+    else:
+        print(f"model: {outcome.model_path} ({metrics['export']['file_mb']} MB)")
 
 
 def _warmup(steps: int) -> int:

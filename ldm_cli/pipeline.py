@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -14,6 +15,7 @@ from PIL import Image
 from .devices import resolve_device, resolve_dtype
 from .errors import UserError
 from .guidance import cfg_denoiser
+from .image_start import ImageStart
 from .loading import load_model
 from .models.latent_diffusion import LatentDiffusion
 from .samplers import SAMPLERS
@@ -27,6 +29,9 @@ from .schedules import (
     to_vp_latent,
 )
 from .tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from .hires import HiresFix
 
 Progress = Callable[[int, int], None]
 
@@ -98,6 +103,22 @@ class Pipeline:
     def size_multiple(self) -> int:
         return self.latent_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
 
+    @property
+    def is_inpainting(self) -> bool:
+        """A U-Net that also takes a mask and masked-image latents (9 input channels)."""
+        return self.config.unet.in_channels == 2 * self.config.unet.out_channels + 1
+
+    @property
+    def is_upscaler(self) -> bool:
+        """An x4 upscaler: the U-Net also takes the low-res RGB image and its noise level."""
+        from .detect import is_upscaler_unet
+
+        return is_upscaler_unet(self.config.unet)
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        f = self.latent_factor
+        return (1, self.config.unet.out_channels, height // f, width // f)
+
     # -- stages ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -109,9 +130,8 @@ class Pipeline:
         self, seed: int, width: int, height: int
     ) -> tuple[torch.Tensor, torch.Generator]:
         """Noise for one image, always drawn on the CPU so a seed means the same on every device."""
-        f = self.latent_factor
         gen = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, self.config.unet.out_channels, height // f, width // f)
+        shape = self.latent_shape(width, height)
         return torch.randn(shape, generator=gen, dtype=torch.float32), gen
 
     def sigmas(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,17 +150,32 @@ class Pipeline:
         generators: list[torch.Generator],
         req: Request,
         progress: Progress | None = None,
+        start: ImageStart | None = None,
     ) -> torch.Tensor:
-        """Denoise unit `noise` [B, C, h, w]; returns the latents the VAE decodes."""
+        """Denoise unit `noise` [B, C, h, w]; returns the latents the VAE decodes.
+
+        `start` makes it an image-conditioned run (img2img, inpainting; see image_start).
+        """
         sigmas, timesteps = self.sigmas(req)
+        unet_fn = _in_dtype(self.unet, self.dtype)
+        if start is not None:
+            unet_fn = start.wrap_unet(unet_fn)
         denoiser = Denoiser(
-            _in_dtype(self.unet, self.dtype),
+            unet_fn,
             self.schedule,
             self.config.prediction,
             pinned_timesteps=(sigmas[:-1], timesteps),
         )
         model = cfg_denoiser(denoiser, cond, uncond, req.cfg)
-        x = noise.to(self.device) * init_noise_sigma(float(sigmas[0]), req.spacing)
+        noise = noise.to(self.device)
+        if start is None:
+            x = noise * init_noise_sigma(float(sigmas[0]), req.spacing)
+        else:
+            sigmas = sigmas[start.skip :]
+            if len(sigmas) == 1:  # strength 0: nothing to denoise
+                return start.latents
+            model = start.wrap_denoiser(model, noise)
+            x = start.initial_x(noise, float(sigmas[0]), req.spacing)
         total = len(sigmas) - 1
 
         def on_step(i, *_):
@@ -150,7 +185,8 @@ class Pipeline:
         sigmas = sigmas.to(self.device)
         x = SAMPLERS[req.sampler].fn(model, x, sigmas, generator=generators, callback=on_step)
         # DDIM stops at the first table sigma as diffusers/CompVis do; it decodes the VP latent
-        return to_vp_latent(x, sigmas[-1])
+        x = to_vp_latent(x, sigmas[-1])
+        return x if start is None else start.finish(x)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -181,10 +217,8 @@ class Pipeline:
                 f"unknown scheduler {req.scheduler!r}; choose one of auto, {', '.join(SPACINGS)}"
             )
 
-    def render(
-        self, requests: list[Request], progress: Progress | None = None
-    ) -> Iterator[tuple[Request, Image.Image]]:
-        """Render requests as one batch; they may differ in prompts and seeds only."""
+    def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
         head = requests[0]
         for r in requests:
             self.validate(r)
@@ -196,10 +230,23 @@ class Pipeline:
         uncond = None
         if head.cfg != 1.0:
             uncond = self._encode_unique([r.negative_prompt for r in requests])
+        return cond, uncond
+
+    def render(
+        self, requests: list[Request], progress: Progress | None = None
+    ) -> Iterator[tuple[Request, Image.Image]]:
+        """Render requests as one batch; they may differ in prompts and seeds only."""
+        head = requests[0]
+        cond, uncond = self.conditioning(requests)
         noises, gens = zip(
             *(self.initial_noise(r.seed, r.width, r.height) for r in requests), strict=True
         )
-        latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress)
+        start = None
+        if self.is_inpainting:  # txt2img with an inpainting model: inpaint an all-white mask
+            from .img2img import blank_inpaint_start
+
+            start = blank_inpaint_start(self, head, list(gens))
+        latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
         yield from zip(requests, self.decode(latents), strict=True)
 
     def _encode_unique(self, prompts: list[str]) -> torch.Tensor:
@@ -222,10 +269,12 @@ class Pipeline:
         num_images: int = 1,
         batch_size: int = 1,
         progress: Progress | None = None,
+        hires: HiresFix | None = None,
     ) -> list[Image.Image]:
         """Images k = 0..num_images-1 use seed + k whatever the batch size.
 
-        Each image carries its AUTOMATIC1111 `parameters` text in `image.info`.
+        Each image carries its AUTOMATIC1111 `parameters` text in `image.info`. `hires`
+        upscales each image and refines it with img2img (A1111's "hires fix").
         """
         size = self.config.default_size
         base = Request(
@@ -240,14 +289,43 @@ class Pipeline:
             height or size,
         )
         reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
+        extra = hires.parameters() if hires is not None else None
         out = []
         for i in range(0, len(reqs), max(1, batch_size)):
-            for req, image in self.render(reqs[i : i + batch_size], progress):
-                image.info["parameters"] = self.parameters_text(req)
+            pairs = self.render(reqs[i : i + batch_size], progress)
+            if hires is not None:
+                pairs = hires.apply(self, list(pairs), progress)
+            for req, image in pairs:
+                image.info["parameters"] = self.parameters_text(req, extra)
                 out.append(image)
         return out
 
-    def parameters_text(self, req: Request) -> str:
+    def img2img(self, image, prompt: str, negative_prompt: str = "", **options):
+        """Image to image; see `ldm_cli.img2img.img2img` for the options."""
+        from .img2img import img2img
+
+        return img2img(self, image, prompt, negative_prompt, **options)
+
+    def inpaint(self, image, mask, prompt: str, negative_prompt: str = "", **options):
+        """Repaint where `mask` is white; see `ldm_cli.inpaint.inpaint` for the options."""
+        from .inpaint import inpaint
+
+        return inpaint(self, image, mask, prompt, negative_prompt, **options)
+
+    def outpaint(self, image, prompt: str, negative_prompt: str = "", **options):
+        """Extend the canvas and paint the new area; see `ldm_cli.inpaint.outpaint`."""
+        from .inpaint import outpaint
+
+        return outpaint(self, image, prompt, negative_prompt, **options)
+
+    def upscale(self, image, prompt: str = "", negative_prompt: str = "", **options):
+        """4x super-resolution with an x4 upscaler checkpoint; see `ldm_cli.upscale.upscale`."""
+        from .upscale import upscale
+
+        return upscale(self, image, prompt, negative_prompt, **options)
+
+    def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
+        """A1111 parameters text; `extra` adds keys such as "Denoising strength"."""
         from .pngmeta import GenerationParams, format_parameters
 
         return format_parameters(
@@ -263,6 +341,7 @@ class Pipeline:
                 height=req.height,
                 model_hash=self.model_hash,
                 model_name=self.name,
+                extra=extra or {},
             )
         )
 
@@ -271,7 +350,9 @@ def _in_dtype(unet, dtype: torch.dtype):
     """Run the network in the model dtype; samplers keep their state in fp32."""
 
     def call(z, t, **cond):
-        return unet(z.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}).float()
+        # integer inputs (the x4 upscaler's noise-level labels) stay integers
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return unet(z.to(dtype), t, **cond).float()
 
     return call
 

@@ -240,7 +240,7 @@ def unquote(value: str) -> str:
     return loaded if isinstance(loaded, str) else value
 
 
-def _format_number(value: float) -> str:
+def format_number(value: float) -> str:
     text = repr(float(value))
     return text.removesuffix(".0")
 
@@ -251,7 +251,7 @@ def format_parameters(params: GenerationParams) -> str:
         "Steps": str(params.steps),
         "Sampler": SAMPLER_LABELS[params.sampler],
         "Schedule type": SCHEDULER_LABELS[params.scheduler],
-        "CFG scale": _format_number(params.cfg_scale),
+        "CFG scale": format_number(params.cfg_scale),
         "Seed": str(params.seed),
         "Size": f"{params.width}x{params.height}",
     }

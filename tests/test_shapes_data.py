@@ -12,6 +12,7 @@ from ldm_cli.data.shapes import (
     PLACES,
     SHAPES,
     SIZES,
+    TRAIN_STREAM,
     Scene,
     ShapeObject,
     caption,
@@ -191,7 +192,7 @@ def test_writer_layout_and_determinism(tmp_path):
     for line in lines:
         text = (out / line["file_name"].replace(".png", ".txt")).read_text().strip()
         assert text == line["text"]
-        assert not scene_is_heldout(parse_caption(text))
+        assert not any(f"{colour} {shape}" in text for colour, shape in HELDOUT_PAIRS)
     assert calls[-1] == (5, 5)
     write_shapes_dataset(tmp_path / "b", 5, size=32, seed=3)
     assert _read_tree(tmp_path / "a") == _read_tree(tmp_path / "b")
@@ -205,3 +206,24 @@ def test_a_longer_dataset_starts_with_the_shorter_one(tmp_path):
     short, long = _read_tree(tmp_path / "short"), _read_tree(tmp_path / "long")
     assert all(long[name] == data for name, data in short.items() if name != "metadata.jsonl")
     assert long["metadata.jsonl"].startswith(short["metadata.jsonl"])
+
+
+def test_training_captions_sometimes_leave_out_size_and_place():
+    texts = [shapes_writer.training_example(0, i, size=16)[1] for i in range(400)]
+    without_place = [t for t in texts if "," not in t]
+    without_size = [t for t in texts if not any(f" {size} " in t for size in SIZES)]
+    assert 40 < len(without_place) < 120 and 40 < len(without_size) < 120
+    assert any(
+        t.count(" ") == 6 for t in without_place if t in without_size
+    )  # "a red circle on a blue background"
+    full = [t for t in texts if t not in without_place and t not in without_size]
+    assert all(caption(parse_caption(t)) == t for t in full)
+
+
+def test_caption_variants_do_not_change_the_images():
+    rng = np.random.default_rng([TRAIN_STREAM, 0, 7])
+    scene = random_scene(rng, allow_heldout=False)
+    image = render(scene, 16, rng)
+    assert np.array_equal(
+        np.asarray(image), np.asarray(shapes_writer.training_example(0, 7, 16)[0])
+    )

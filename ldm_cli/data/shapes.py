@@ -81,6 +81,7 @@ SUPERSAMPLE = 4
 
 # Seed streams: training data and in-distribution evaluation scenes never share random draws.
 TRAIN_STREAM = 0x5EED
+CAPTION_STREAM = 0xCA97
 EVAL_STREAM = 0xE7A1
 
 
@@ -131,13 +132,19 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _object_phrase(obj: ShapeObject) -> str:
-    return f"{_article(obj.size)} {obj.size} {obj.colour} {obj.shape} {PLACE_PHRASES[obj.place]}"
+def _object_phrase(obj: ShapeObject, with_size: bool = True, with_place: bool = True) -> str:
+    words = f"{obj.size} {obj.colour}" if with_size else obj.colour
+    phrase = f"{_article(words)} {words} {obj.shape}"
+    return f"{phrase} {PLACE_PHRASES[obj.place]}" if with_place else phrase
 
 
-def caption(scene: Scene) -> str:
-    objects = " and ".join(_object_phrase(obj) for obj in scene.objects)
-    return f"{objects}, on {_article(scene.background)} {scene.background} background"
+def caption(scene: Scene, with_size: bool = True, with_place: bool = True) -> str:
+    """The full caption; training captions sometimes leave out sizes and/or places ("a red
+    circle on a blue background"), so such short prompts work too. Evaluation uses full ones.
+    """
+    objects = " and ".join(_object_phrase(o, with_size, with_place) for o in scene.objects)
+    comma = "," if with_place else ""
+    return f"{objects}{comma} on {_article(scene.background)} {scene.background} background"
 
 
 def _alternatives(words) -> str:

@@ -15,17 +15,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm_cli.data.shapes import TRAIN_STREAM, caption, random_scene, render
+from ldm_cli.data.shapes import CAPTION_STREAM, TRAIN_STREAM, caption, random_scene, render
 
 METADATA_FILE = "metadata.jsonl"
 PROGRESS_EVERY = 64
+# Probability that a training caption leaves out the sizes, and (independently) the places.
+SHORT_CAPTION_PROBABILITY = 0.2
 
 
 def training_example(seed: int, index: int, size: int = 128) -> tuple[Image.Image, str]:
     """(image, caption) of example ``index`` of the training set drawn with ``seed``."""
     rng = np.random.default_rng([TRAIN_STREAM, seed, index])
     scene = random_scene(rng, allow_heldout=False)
-    return render(scene, size, rng), caption(scene)
+    # A stream of its own, so the images are the same as without caption variants.
+    with_size, with_place = np.random.default_rng([CAPTION_STREAM, seed, index]).random(2)
+    text = caption(
+        scene,
+        with_size=with_size >= SHORT_CAPTION_PROBABILITY,
+        with_place=with_place >= SHORT_CAPTION_PROBABILITY,
+    )
+    return render(scene, size, rng), text
 
 
 def write_shapes_dataset(

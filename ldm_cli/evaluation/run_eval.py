@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..data.shapes import sample_eval_prompts
+from ..data.shapes import render, sample_eval_prompts
 from .pixel_analysis import analyse, score
 
 
@@ -19,10 +19,13 @@ def evaluate(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     keep_images: bool = False,
+    clip=None,
 ) -> dict:
     """Scores for all prompts and separately for in-distribution and held-out scenes.
 
     Prompt k is rendered with seed `seed + k`; the prompt set is `sample_eval_prompts(seed)`.
+    ``clip`` (a ``ClipScorer``) adds the in-domain CLIP score of each image and, as the
+    ceiling, of the exact render of its scene.
     """
     from ..pipeline import Request
 
@@ -33,10 +36,17 @@ def evaluate(
     for start in range(0, num, batch_size):
         chunk = prompts[start : start + batch_size]
         reqs = [replace(base, prompt=p.text, seed=seed + start + i) for i, p in enumerate(chunk)]
-        for p, (_, image) in zip(chunk, pipe.render(reqs), strict=True):
+        rendered = [image for _, image in pipe.render(reqs)]
+        for p, image in zip(chunk, rendered, strict=True):
             results.append({"prompt": p.text, "heldout": p.heldout, **analyse(image, p.scene)})
             if keep_images:
                 images.append(image)
+        if clip is not None:
+            captions = [p.text for p in chunk]
+            truth = [render(p.scene, size) for p in chunk]
+            pairs = zip(clip(rendered, captions), clip(truth, captions), strict=True)
+            for result, (generated, real) in zip(results[start:], pairs, strict=True):
+                result["clip_score"], result["clip_score_real"] = generated, real
         if progress:
             progress(min(start + batch_size, num), num)
     report = {
@@ -48,15 +58,25 @@ def evaluate(
             "sampler": sampler,
             "size": size,
             "model": pipe.name,
+            "clip_tower": str(clip.path) if clip is not None else None,
         },
-        "all": score(results),
-        "in_distribution": score([r for r in results if not r["heldout"]]),
-        "heldout": score([r for r in results if r["heldout"]]),
+        "all": _scores(results),
+        "in_distribution": _scores([r for r in results if not r["heldout"]]),
+        "heldout": _scores([r for r in results if r["heldout"]]),
         "results": [_plain(r) for r in results],
     }
     if keep_images:
         report["images"] = images
     return report
+
+
+def _scores(results: list[dict]) -> dict:
+    scores = score(results)
+    for key in ("clip_score", "clip_score_real"):
+        values = [r[key] for r in results if key in r]
+        if values:
+            scores[key] = round(sum(values) / len(values), 4)
+    return scores
 
 
 def _plain(value):

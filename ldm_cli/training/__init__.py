@@ -46,33 +46,32 @@ class TrainPlan:
 class TrainOutcome:
     model_path: Path | None  # None when a stage was stopped early
     metrics: dict
-    losses: dict[str, list[float]]
 
 
 def run_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.training import text_stage, unet_stage, vae_stage
     from ldm_cli.training.dataset import load_captioned_images
-    from ldm_cli.training.loop import merge_json
+    from ldm_cli.training.loop import is_main_process, merge_json, wait_for_everyone
 
     loop = plan.loop
-    loop.run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_config(loop.run_dir / CONFIG_FILE, plan.config)
+    main = is_main_process()
     started = time.perf_counter()
     data = load_captioned_images(plan.data_dir, plan.config.default_size)
     train, heldout = split(data, plan.holdout, loop.seed)
-    merge_json(
-        loop.run_dir / METRICS_FILE,
-        {"data": {"images": len(data), "train": len(train), "heldout": len(heldout)}},
-    )
+    if main:
+        loop.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_config(loop.run_dir / CONFIG_FILE, plan.config)
+        counts = {"images": len(data), "train": len(train), "heldout": len(heldout)}
+        merge_json(loop.run_dir / METRICS_FILE, {"data": counts})
+    wait_for_everyone()
     cfg = plan.config
-    losses: dict[str, list[float]] = {}
 
     if vae_stage.weights_path(loop).is_file():
         vae = vae_stage.load_vae(cfg.vae, vae_stage.weights_path(loop))
     else:
         vae = vae_stage.train_vae(cfg.vae, train, heldout, plan.vae, loop)
         if vae is None:
-            return _stopped(loop, losses)
+            return TrainOutcome(None, _read_metrics(loop))
     cfg = cfg.with_(vae=vae.config)
 
     if text_stage.weights_path(loop).is_file() and text_stage.tower_path(loop).is_file():
@@ -80,7 +79,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     else:
         text = text_stage.train_text(cfg.text, train, heldout, plan.text, loop)
         if text is None:
-            return _stopped(loop, losses)
+            return TrainOutcome(None, _read_metrics(loop))
 
     if unet_stage.weights_path(loop).is_file():
         unet = unet_stage.load_unet(cfg, loop)
@@ -89,22 +88,21 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
             cfg, vae.vae, text.text_encoder, train, heldout, plan.unet, loop
         )
         if unet is None:
-            return _stopped(loop, losses)
+            return TrainOutcome(None, _read_metrics(loop))
 
-    model = unet_stage.assemble_model(cfg, unet.unet, vae.vae, text.text_encoder)
     path = loop.run_dir / MODEL_FILE
-    sizes = export_model(model, path, plan.export_dtype)
-    metrics = merge_json(
-        loop.run_dir / METRICS_FILE,
-        {"export": {**sizes, "minutes_this_run": round((time.perf_counter() - started) / 60, 2)}},
-    )
-    return TrainOutcome(path, metrics, losses)
+    if main:
+        model = unet_stage.assemble_model(cfg, unet.unet, vae.vae, text.text_encoder)
+        sizes = export_model(model, path, plan.export_dtype)
+        minutes = round((time.perf_counter() - started) / 60, 2)
+        merge_json(loop.run_dir / METRICS_FILE, {"export": {**sizes, "minutes_this_run": minutes}})
+    wait_for_everyone()
+    return TrainOutcome(path, _read_metrics(loop))
 
 
-def _stopped(loop: LoopOptions, losses: dict) -> TrainOutcome:
+def _read_metrics(loop: LoopOptions) -> dict:
     path = loop.run_dir / METRICS_FILE
-    metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return TrainOutcome(None, metrics, losses)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def split(

@@ -49,6 +49,7 @@ class LoopOptions:
     log_every: int = 25
     save_every: int = 500
     sample_every: int = 0  # 0: only at the end of a stage
+    samples: bool = True  # False: no samples at all
     quiet: bool = False
     # Stop after this many steps (saving the state) though the schedule runs to
     # StageSettings.steps; a later --resume run carries on from there.
@@ -167,6 +168,24 @@ def make_accelerator(options: LoopOptions):
     return accelerator
 
 
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def note(options: LoopOptions, message: str) -> None:
+    """A one-line status message on stderr (main process, unless quiet)."""
+    if not options.quiet and is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
 def stage_dir(options: LoopOptions, stage: str) -> Path:
     return options.run_dir / stage
 
@@ -261,7 +280,7 @@ def train_stage(
                 interval_start, interval_steps = time.perf_counter(), 0
             if done != stop and options.save_every and done % options.save_every == 0:
                 save_state(accelerator, state)
-            if sample_fn is not None and accelerator.is_main_process:
+            if sample_fn is not None and options.samples and accelerator.is_main_process:
                 periodic = options.sample_every and done % options.sample_every == 0
                 if periodic or done == settings.steps:
                     sample_fn(ema.module if ema is not None else unwrapped, done)
@@ -352,6 +371,9 @@ class ProgressDisplay:
         )
 
         self.enabled = accelerator.is_main_process and not quiet
+        self.stage = stage
+        self.total = total
+        self.done = start
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -374,10 +396,18 @@ class ProgressDisplay:
         self.progress.stop()
 
     def advance(self) -> None:
+        self.done += 1
         self.progress.advance(self.task)
 
     def show(self, loss: float, rate: float) -> None:
         self.progress.update(self.task, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+        console = self.progress.console
+        if self.enabled and not console.is_terminal:
+            # no live bar when redirected to a file: one line per log interval instead
+            console.print(
+                f"{self.stage} {self.done}/{self.total} loss {loss:.4f} {rate:.2f} it/s",
+                highlight=False,
+            )
 
 
 def _stderr_console():

@@ -25,9 +25,11 @@ from ldm_cli.training.loop import (
     LoopOptions,
     StageSettings,
     StepRandom,
+    is_main_process,
     merge_json,
     stage_dir,
     train_stage,
+    wait_for_everyone,
 )
 
 STAGE = "text"
@@ -39,7 +41,7 @@ POOLED_GRID = 4
 TOWER_GROUPS = 8
 INITIAL_TEMPERATURE = 0.07
 MAX_LOGIT_SCALE = math.log(100.0)
-RETRIEVAL_BATCH = 64
+RETRIEVAL_BATCH = 256
 ENCODE_BATCH = 256
 
 
@@ -164,8 +166,10 @@ def train_text(
         "steps": result.step,
         "final_loss": round(result.losses[-1], 4) if result.losses else None,
     }
-    save_text(model, cfg, weights_path(options), tower_path(options), train.images.shape[-1])
-    merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+    if is_main_process():
+        save_text(model, cfg, weights_path(options), tower_path(options), train.images.shape[-1])
+        merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+    wait_for_everyone()
     return TextResult(model.text_encoder, model.heads, metrics)
 
 

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ldm_cli.config import ModelConfig
+from ldm_cli.models.attention import SpatialTransformer
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.models.unet import UNetModel
+from ldm_cli.models.unet_blocks import ResBlock
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.schedules import DiscreteSchedule
 from ldm_cli.training.dataset import CaptionedImages
@@ -25,9 +28,12 @@ from ldm_cli.training.loop import (
     LoopOptions,
     StageSettings,
     StepRandom,
+    is_main_process,
     merge_json,
+    note,
     stage_dir,
     train_stage,
+    wait_for_everyone,
 )
 from ldm_cli.training.text_stage import tokenize
 from ldm_cli.training.vae_stage import encode_means, save_grid
@@ -35,6 +41,15 @@ from ldm_cli.training.vae_stage import encode_means, save_grid
 STAGE = "unet"
 WEIGHTS_FILE = "weights.safetensors"
 CAPTION_DROPOUT = 0.1
+# "Offset noise": a per-image, per-channel constant added to the noise. SD's schedule leaves
+# a trace of each latent channel's mean even at t = 999, so without it the model reads the
+# overall colour off the noise instead of the prompt, and since sampling starts from
+# zero-mean noise every flat background came out the same colour.
+OFFSET_NOISE = 0.1
+# Min-SNR loss weighting (Hang et al. 2023, gamma 5): the many nearly clean timesteps, where
+# eps is easy, stop dominating the gradient, so the high-noise steps that decide layout and
+# colour are learned several times faster.
+MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 SAMPLE_PROMPTS = 4
 SAMPLE_STEPS = 25
@@ -63,7 +78,7 @@ def weights_path(options: LoopOptions) -> Path:
     return stage_dir(options, STAGE) / WEIGHTS_FILE
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_captions(text_encoder: CLIPTextEncoder, captions: list[str]) -> torch.Tensor:
     device = next(text_encoder.parameters()).device
     tokens = tokenize(captions, text_encoder.cfg.pad_token_id)
@@ -88,6 +103,23 @@ def prepare_examples(
     return TrainingExamples(latents, caption_ids, features[:-1], features[-1])
 
 
+@torch.no_grad()
+def zero_init_like_ldm(unet: UNetModel) -> UNetModel:
+    """Zero the last layer of every residual branch and the output conv, as the original
+    openaimodel does (``zero_module``): each block starts as an identity, which trains faster.
+    """
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            nn.init.zeros_(module.out_layers[-1].weight)
+            nn.init.zeros_(module.out_layers[-1].bias)
+        elif isinstance(module, SpatialTransformer):
+            for param in module.proj_out.parameters():
+                nn.init.zeros_(param)
+    for param in unet.out[-1].parameters():
+        nn.init.zeros_(param)
+    return unet
+
+
 def diffusion_loss(
     unet,
     examples: TrainingExamples,
@@ -95,7 +127,7 @@ def diffusion_loss(
     indices: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """MSE between the U-Net's eps prediction and the noise, at uniform random timesteps."""
+    """Min-SNR weighted MSE between the eps prediction and the noise, at uniform timesteps."""
     device = next(unet.parameters()).device
     x0 = examples.latents[indices]
     context = examples.features[examples.caption_ids[indices]]
@@ -103,10 +135,13 @@ def diffusion_loss(
     context = torch.where(dropped[:, None, None], examples.empty.to(context.dtype), context)
     t = torch.randint(0, len(alphas_cumprod), (len(indices),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
+    noise += OFFSET_NOISE * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     prediction = unet(noisy.to(device), t.to(device), context=context.float().to(device))
-    return (prediction.float() - noise.to(device)).square().mean()
+    snr = a / (1 - a)
+    weight = (snr.clamp(max=MIN_SNR_GAMMA) / snr).to(device)
+    return (weight * (prediction.float() - noise.to(device)).square()).mean()
 
 
 def assemble_model(
@@ -160,7 +195,8 @@ def train_unet(
     Returns None when stopped early by ``stop_after``.
     """
     torch.manual_seed(options.seed + 2)
-    unet = UNetModel(cfg.unet)
+    unet = zero_init_like_ldm(UNetModel(cfg.unet))
+    note(options, f"unet: caching the latents and text features of {len(train)} images")
     examples = prepare_examples(vae, text_encoder, train, cfg.vae.scale_factor)
     alphas_cumprod = DiscreteSchedule(cfg.schedule).alphas_cumprod
 
@@ -189,10 +225,12 @@ def train_unet(
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
         "distinct_captions": len(examples.features),
     }
-    from ldm_cli.checkpoint_save import save_checkpoint
+    if is_main_process():
+        from ldm_cli.checkpoint_save import save_checkpoint
 
-    save_checkpoint(ema.state_dict(), weights_path(options))
-    merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+        save_checkpoint(ema.state_dict(), weights_path(options))
+        merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+    wait_for_everyone()
     return UnetResult(ema, metrics)
 
 
