@@ -15,6 +15,7 @@ app = typer.Typer(
     help="Text-to-image latent diffusion from the terminal (Stable Diffusion 1.x checkpoints "
     "and an embedded default model).",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
