@@ -11,8 +11,11 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(path=None, device=None, dtype=None):
-    """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline)."""
+def load(path=None, device=None, dtype=None, *, prediction=None, clip_skip=None):
+    """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline).
+
+    `prediction` ("eps" or "v") and `clip_skip` (1 = last text layer) override the defaults.
+    """
     from .pipeline import load as _load
 
-    return _load(path, device=device, dtype=dtype)
+    return _load(path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip)

@@ -23,11 +23,14 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # EMA bookkeeping and the CLIP position-id buffer. They are skipped, nothing else is.
 KNOWN_EXTRAS = re.compile(
     r"^(model_ema\..*"
+    # the x4 upscaler's noise augmentation keeps its own schedule buffers
+    r"|low_scale_model\..*"
     r"|betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod"
     r"|sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod"
     r"|sqrt_recipm1_alphas_cumprod|posterior_variance|posterior_log_variance_clipped"
     r"|posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights"
-    r"|.*\.position_ids)$"
+    r"|.*\.position_ids"
+    r"|v_pred|ztsnr)$"  # markers of v-prediction and zero-terminal-SNR models
 )
 
 DTYPE_SIZES = {
@@ -78,11 +81,10 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise UserError(f"checkpoint path is a directory, expected a .safetensors file: {path}")
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-        raise UserError(
-            f"{path.name} is a pickled checkpoint, which can run code when loaded; "
-            "convert it to .safetensors first"
-        )
+    from .pickle_checkpoint import looks_pickled, read_pickled_header
+
+    if looks_pickled(path):  # refused unless --allow-pickle, then read weights-only
+        return read_pickled_header(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -97,7 +99,7 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
         raise UserError(f"cannot read checkpoint {path}: permission denied") from e
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not a safetensors file (header is not JSON)") from e
     if not isinstance(header, dict):
         raise UserError(f"{path} is not a safetensors file (header is not a JSON object)")
@@ -114,15 +116,27 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
     return CheckpointHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate_entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
-    try:
-        dtype = entry["dtype"]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: malformed header entry for tensor {key!r}") from e
+    # JSON types checked exactly: no floats, strings or infinities where integers belong
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (
+        isinstance(dtype, str)
+        and isinstance(shape, list)
+        and all(_is_int(d) for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+    ):
+        raise UserError(f"{path}: malformed header entry for tensor {key!r}")
+    shape, (begin, end) = tuple(shape), offsets
     if dtype not in DTYPE_SIZES:
-        raise UserError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        raise UserError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
     if any(d < 0 for d in shape):
         raise UserError(f"{path}: tensor {key!r} has a negative dimension {shape}")
     numel = 1

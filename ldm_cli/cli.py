@@ -12,8 +12,8 @@ from .errors import UserError
 
 app = typer.Typer(
     name="ldm",
-    help="Text-to-image latent diffusion from the terminal (Stable Diffusion 1.x checkpoints "
-    "and an embedded default model).",
+    help="Text-to-image latent diffusion from the terminal: Stable Diffusion 1.x, 2.x, XL and "
+    "x4-upscaler checkpoints, and an embedded default model that needs no download.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
@@ -37,15 +37,18 @@ def _register() -> None:
     from .cli_generate import generate
     from .cli_image import img2img, inpaint, outpaint
     from .cli_info import info
+    from .cli_pickle import with_allow_pickle
     from .cli_train import train
+    from .cli_upscale import upscale
 
-    app.command(no_args_is_help=False)(generate)
-    app.command()(img2img)
-    app.command()(inpaint)
-    app.command()(outpaint)
-    app.command()(info)
-    app.command()(train)
-    app.command("eval")(eval_command)
+    app.command(no_args_is_help=False)(with_allow_pickle(generate))
+    app.command()(with_allow_pickle(img2img))
+    app.command()(with_allow_pickle(inpaint))
+    app.command()(with_allow_pickle(outpaint))
+    app.command()(with_allow_pickle(upscale))
+    app.command()(with_allow_pickle(info))
+    app.command()(with_allow_pickle(train))
+    app.command("eval")(with_allow_pickle(eval_command))
     app.add_typer(dataset_app, name="dataset")
 
 
@@ -53,8 +56,10 @@ _register()
 
 
 def main() -> None:
+    from .cli_usage import run_app
+
     try:
-        app()
+        run_app(app)
     except UserError as e:
         if _DEBUG["on"]:
             raise
@@ -67,6 +72,14 @@ def main() -> None:
         if _DEBUG["on"]:
             raise
         print("error: out of memory; try a smaller size or --batch-size 1", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # torch.OutOfMemoryError and the CPU allocator's failures
+        from .errors import out_of_memory_message
+
+        message = out_of_memory_message(e)
+        if message is None or _DEBUG["on"]:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 

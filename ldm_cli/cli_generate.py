@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import typer
 
+from .cli_networks import EMBEDDINGS, LORA, LORA_DIR
 from .errors import UserError
 
 # Kept here (not imported from ldm_cli.samplers) so `ldm --help` never imports torch;
@@ -29,6 +29,15 @@ SCHEDULER_NAMES = ("auto", "normal", "karras", "exponential", "simple", "sgm_uni
 SCHEDULER_HELP = (
     "auto (the sampler's usual one), normal (evenly spaced timesteps), karras, exponential, "
     "simple, sgm_uniform, leading (DDIM's timesteps k*(1000//steps)+1)"
+)
+PREDICTION_HELP = (
+    "What the U-Net predicts: eps or v (default: what the checkpoint tells; an SD 2.x file "
+    "without a v_pred tensor is probed, as AUTOMATIC1111 does)."
+)
+CLIP_SKIP_HELP = (
+    "Condition on the text encoder's N-th layer from the end, through its final layer norm: "
+    "1 = last layer (SD 1.x default), 2 = penultimate (SD 2.x default). SDXL reads both "
+    "encoders at that layer without the final layer norm (2 by default)."
 )
 
 
@@ -93,19 +102,70 @@ def generate(
         help="Hires fix: schedule length of the second pass (default: --steps); it runs "
         "int(steps * strength) of them.",
     ),
+    prediction: str | None = typer.Option(None, "--prediction", help=PREDICTION_HELP),
+    clip_skip: int | None = typer.Option(None, "--clip-skip", help=CLIP_SKIP_HELP),
+    refiner: Path | None = typer.Option(
+        None,
+        "--refiner",
+        help="SDXL: an SDXL refiner checkpoint that takes over from the base for the last, "
+        "low-noise part of every run (see --refiner-switch).",
+    ),
+    refiner_switch: float = typer.Option(
+        0.8,
+        "--refiner-switch",
+        help="SDXL refiner: the fraction of the timestep range the base denoises (diffusers' "
+        "denoising_end): 0.8 hands the steps below timestep 200 to the refiner.",
+    ),
+    rescale_cfg: float = typer.Option(
+        0.0,
+        "--rescale-cfg",
+        help="Guidance rescale PHI in [0, 1] (diffusers' guidance_rescale; 0.7 in the paper): "
+        "pulls the guided prediction's std back towards the conditional one's, against the "
+        "over-exposure of strong CFG on v-prediction / zero-terminal-SNR models.",
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run of the same command: render only the images not in "
+        "the output folder yet (matched by their embedded parameters), under the numbers an "
+        "uninterrupted run gives them. Needs --seed.",
+    ),
+    lora: list[str] = LORA,
+    lora_dir: Path = LORA_DIR,
+    embeddings: Path | None = EMBEDDINGS,
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    check_model_options(prediction, clip_skip)
+    from .batch_resume import check_output_dir
+
+    check_output_dir(out)
     jobs = _jobs(prompt, prompts_file, from_png)
+    if resume and seed is None and any("seed" not in job["options"] for job in jobs):
+        raise UserError(
+            "--resume needs the --seed of the run it continues (the SEED in its file names "
+            "NNNNN-SEED-...); without one every run draws new seeds"
+        )
+    if clip_skip is None:
+        clip_skip = jobs[0].get("clip_skip")
     from .hires import HiresFix
 
     hires = jobs[0].get("hires")
     if hires is None and hires_scale is not None:
         hires = HiresFix(hires_scale, hires_strength, hires_steps)
 
-    from .pipeline import Request, load, random_seed
+    from .distributed import shared_random_seed
+    from .pipeline import Request, load, seeded_batches
 
-    pipe = load(model, device=device, dtype=dtype)
+    pipe = load(model, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip)
+    if refiner is not None:  # SDXL base + refiner (ldm_cli.refiner)
+        from .refiner import attach_refiner
+
+        second = load(refiner, pipe.device, pipe.dtype, prediction=prediction, clip_skip=clip_skip)
+        attach_refiner(pipe, second, refiner_switch)
+    from .cli_networks import configure
+
+    configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion (ldm_cli.lora)
     wanted = jobs[0].get("model_hash")
     if wanted and wanted != pipe.model_hash:
         print(
@@ -113,7 +173,7 @@ def generate(
             f"({pipe.name}); the image will differ",
             file=sys.stderr,
         )
-    base_seed = random_seed() if seed is None else seed
+    base_seed = shared_random_seed() if seed is None else seed  # one seed for all processes
     size = pipe.config.default_size
     batches = []
     for job in jobs:
@@ -128,13 +188,12 @@ def generate(
             scheduler=o.get("scheduler", scheduler),
             width=o.get("width", width or size),
             height=o.get("height", height or size),
+            rescale_cfg=o.get("rescale_cfg", rescale_cfg),
         )
         pipe.validate(req)
         n = o.get("num_images", num_images)
-        reqs = [replace(req, seed=req.seed + k) for k in range(n)]
-        bs = max(1, o.get("batch_size", batch_size))
-        batches += [reqs[i : i + bs] for i in range(0, n, bs)]
-    _run(pipe, batches, out, hires)
+        batches += seeded_batches(req, n, o.get("batch_size", batch_size))
+    _run(pipe, batches, out, hires, resume)
 
 
 def check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype) -> None:
@@ -151,6 +210,14 @@ def check_options(sampler, scheduler, steps, batch_size, num_images, device, dty
         raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or mps")
     if dtype not in ("auto", "fp32", "fp16", "bf16"):
         raise UserError(f"unknown --dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+
+
+def check_model_options(prediction: str | None, clip_skip: int | None) -> None:
+    """What can be checked before loading; the upper bound of --clip-skip depends on the model."""
+    if prediction is not None and prediction not in ("eps", "v"):
+        raise UserError(f"unknown --prediction {prediction!r}; use eps or v")
+    if clip_skip is not None and clip_skip < 1:
+        raise UserError(f"--clip-skip must be at least 1 (the last layer), got {clip_skip}")
 
 
 def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) -> list[dict]:
@@ -183,22 +250,32 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
         "batch_size": 1,
     }
     hires = hires_from_parameters(p.extra)
-    return [{"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}]
+    skip = p.extra.get("Clip skip", "")
+    clip_skip = int(skip) if skip.isdigit() else None
+    if "CFG rescale" in p.extra:  # written by --rescale-cfg
+        try:
+            options["rescale_cfg"] = float(p.extra["CFG rescale"])
+        except ValueError:
+            raise UserError(f"{from_png}: bad 'CFG rescale' value") from None
+    job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
+    return [{**job, "clip_skip": clip_skip}]
 
 
-def _run(pipe, batches, out: Path, hires=None) -> None:
+def _run(pipe, batches, out: Path, hires=None, resume: bool = False) -> None:
     extra = hires.parameters() if hires is not None else None
 
-    def results(on_step):
-        for batch in batches:
-            pairs = pipe.render(batch, on_step)
-            if hires is not None:
-                pairs = hires.apply(pipe, list(pairs), on_step)
-            for req, image in pairs:
-                image.info["parameters"] = pipe.parameters_text(req, extra)
-                yield req, image
+    def render(batch, on_step):
+        pairs = pipe.render(batch, on_step)
+        if hires is not None:
+            pairs = hires.apply(pipe, list(pairs), on_step)
+        for req, image in pairs:
+            image.info["parameters"] = pipe.parameters_text(req, extra)
+            yield req, image
 
-    save_all(results, sum(len(b) for b in batches), out)
+    # image k of the run is NNNNN = base + k: --resume and `accelerate launch` rely on it
+    from .batch_resume import run_batches
+
+    run_batches(batches, render, lambda req: pipe.parameters_text(req, extra), out, resume=resume)
 
 
 def save_all(results, total_images: int, out: Path) -> None:
@@ -206,7 +283,12 @@ def save_all(results, total_images: int, out: Path) -> None:
     PNGs in `out`, printing each path, with progress bars on a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .batch_resume import check_output_dir, only_main_process
     from .outputs import save_png_atomic
+
+    check_output_dir(out)  # before anything is rendered
+    if not only_main_process():  # under `accelerate launch`: not shared, the main one does it
+        return
 
     columns = (
         TextColumn("{task.description}"),

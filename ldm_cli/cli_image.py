@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from .cli_generate import SAMPLER_HELP, SCHEDULER_HELP, check_options, save_all
+from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -90,6 +91,9 @@ def img2img(
     out: Path = OUT,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    lora: list[str] = LORA,
+    lora_dir: Path = LORA_DIR,
+    embeddings: Path | None = EMBEDDINGS,
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
@@ -102,6 +106,7 @@ def img2img(
     from .pipeline import load
 
     pipe = load(model, device=device, dtype=dtype)
+    configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
 
     def results(on_step):
@@ -154,6 +159,9 @@ def inpaint(
     out: Path = OUT,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    lora: list[str] = LORA,
+    lora_dir: Path = LORA_DIR,
+    embeddings: Path | None = EMBEDDINGS,
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
@@ -176,8 +184,9 @@ def inpaint(
     options = InpaintOptions(strength, mask_blur, full_res, full_res_padding, width, height)
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     _inpaint_and_save(
-        picture, stencil, base, options, num_images, batch_size, model, device, dtype, out
-    )
+        picture, stencil, base, options, num_images, batch_size, model, device, dtype, out,
+        networks=(lora, lora_dir, embeddings),
+    )  # fmt: skip
 
 
 def outpaint(
@@ -201,6 +210,9 @@ def outpaint(
     out: Path = OUT,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    lora: list[str] = LORA,
+    lora_dir: Path = LORA_DIR,
+    embeddings: Path | None = EMBEDDINGS,
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
@@ -214,17 +226,21 @@ def outpaint(
     options = InpaintOptions(strength, mask_blur)
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     _inpaint_and_save(
-        canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra
-    )
+        canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra,
+        networks=(lora, lora_dir, embeddings),
+    )  # fmt: skip
 
 
 def _inpaint_and_save(
-    picture, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra=None
-) -> None:
+    picture, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra=None,
+    networks=None,
+) -> None:  # fmt: skip
     from .inpaint import iter_inpaint
     from .pipeline import load
 
     pipe = load(model, device=device, dtype=dtype)
+    if networks is not None:
+        configure(pipe, *networks)  # LoRA and textual inversion
 
     def results(on_step):
         return iter_inpaint(

@@ -9,6 +9,12 @@ import typer
 
 def info(
     checkpoint: Path = typer.Argument(..., help="A single-file .safetensors checkpoint."),
+    prediction: str | None = typer.Option(
+        None,
+        "--prediction",
+        help="Report this prediction type (eps or v) instead of detecting it; without it an "
+        "SD 2.x file with no v_pred tensor is loaded and probed (one U-Net call).",
+    ),
 ) -> None:
     """Print a checkpoint's family, prediction type, dtypes and parameter counts."""
     from collections import Counter
@@ -18,14 +24,20 @@ def info(
 
     header = read_header(checkpoint)
     cfg = detect_config(header)
+    cfg, how = _prediction(cfg, header, prediction)
     components = {
         "unet": "model.diffusion_model.",
         "vae": "first_stage_model.",
         "text_encoder": "cond_stage_model.",
     }
+    if cfg.conditioner:  # SDXL: conditioner.embedders.N, one line per text encoder
+        del components["text_encoder"]
+        for index in range(len(cfg.text_encoders)):
+            name = "text_encoder" + (f"_{index + 1}" if index else "")
+            components[name] = f"conditioner.embedders.{index}."
     print(f"file:        {header.path}")
     print(f"family:      {cfg.family} ({FAMILY_NAMES.get(cfg.family, cfg.family)})")
-    print(f"prediction:  {cfg.prediction}")
+    print(f"prediction:  {cfg.prediction}{how}")
     print(f"resolution:  {cfg.default_size}x{cfg.default_size}")
     print(f"tensors:     {len(header.tensors)}")
     for name, prefix in components.items():
@@ -41,6 +53,23 @@ def info(
     other = [k for k in header.tensors if not any(k.startswith(p) for p in components.values())]
     if other:
         print(f"other:       {len(other)} tensors (e.g. {other[0]})")
+
+
+def _prediction(cfg, header, override: str | None):
+    """(`cfg` with its prediction type settled, a note on how when not read from the file)."""
+    from .prediction import check_prediction, settled_prediction, with_prediction
+
+    check_prediction(override)
+    if override is not None:
+        return with_prediction(cfg, header, override), " (--prediction)"
+    if settled_prediction(cfg, header) is not None:
+        return cfg, ""
+    from .loading import load_model  # only SD 2.x needs torch here
+    from .model_options import probe_prediction
+
+    model, _ = load_model(header.path, cfg=cfg)
+    found = probe_prediction(model.unet)
+    return with_prediction(cfg, header, found), " (probed: U-Net output at t=999)"
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -69,12 +69,19 @@ def train(
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads per process (default: all available cores)."
     ),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="x4 upscaler configs (embedded-x4): the checkpoint whose VAE and text encoder "
+        "it uses, frozen (default: the embedded model).",
+    ),
 ) -> None:
     """Train the whole model stage by stage: VAE, CLIP text encoder, U-Net, then export.
 
     Each stage is skipped when its weights are already in RUN_DIR; with --resume an
     interrupted stage continues where its last saved state left off. Works unchanged under
-    `accelerate launch`.
+    `accelerate launch`. An x4 upscaler config (--config embedded-x4) trains only its U-Net,
+    on 1/4-size bicubic copies of the images, with --unet-steps, --batch-size and --lr.
     """
     from .training import EXPORT_DTYPES, TrainPlan, run_training
     from .training.loop import LoopOptions, StageSettings
@@ -123,6 +130,7 @@ def train(
         ),
         holdout=holdout,
         export_dtype=export_dtype,
+        base=base,
     )
     outcome = run_training(plan)
     metrics = outcome.metrics
@@ -130,6 +138,9 @@ def train(
         print(f"VAE:   held-out PSNR {metrics['vae']['psnr_db']} dB")
     if "retrieval_top1" in metrics.get("text", {}):
         print(f"CLIP:  held-out top-1 retrieval {metrics['text']['retrieval_top1']:.1%}")
+    if "psnr_db" in metrics.get("upscaler_eval", {}):
+        e = metrics["upscaler_eval"]
+        print(f"x4:    held-out PSNR {e['psnr_db']} dB (bicubic {e['bicubic_psnr_db']} dB)")
     if outcome.model_path is None:
         print(f"stopped early; continue with --resume (state in {out})")
     else:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass, replace
 
 from .checkpoint_file import CheckpointHeader
-from .config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig
+from .config import X4_UPSCALER, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig
 from .errors import UserError
 
 UNET = "model.diffusion_model."
@@ -21,6 +21,12 @@ CLIP_L = "cond_stage_model.transformer.text_model."
 FAMILY_NAMES = {
     "sd1": "Stable Diffusion 1.x",
     "sd1-inpaint": "Stable Diffusion 1.x inpainting",
+    "x4-upscaler": "Stable Diffusion x4 upscaler",
+    "sd2": "Stable Diffusion 2.x",
+    "sd2-inpaint": "Stable Diffusion 2.x inpainting",
+    "sdxl": "Stable Diffusion XL",
+    "sdxl-inpaint": "Stable Diffusion XL inpainting",
+    "sdxl-refiner": "Stable Diffusion XL refiner",
 }
 
 
@@ -28,9 +34,13 @@ def detect_config(header: CheckpointHeader) -> ModelConfig:
     if "ldm_config" in header.metadata:
         return config_from_json(header.metadata["ldm_config"], header)
     if header.has_prefix("conditioner.embedders."):
-        raise UserError(f"{header.path.name}: SDXL checkpoints are not supported yet")
+        from .detect_sdxl import detect_sdxl  # it builds on this module's helpers
+
+        return detect_sdxl(header)
     if header.has_prefix("cond_stage_model.model."):
-        raise UserError(f"{header.path.name}: SD 2.x (OpenCLIP) checkpoints are not supported yet")
+        from .detect_sd2 import detect_openclip  # it builds on this module's helpers
+
+        return detect_openclip(header)
     if not header.has_prefix(UNET + "input_blocks."):
         raise UserError(
             f"{header.path.name} is not a Stable Diffusion checkpoint "
@@ -39,6 +49,8 @@ def detect_config(header: CheckpointHeader) -> ModelConfig:
     if not header.has_prefix(CLIP_L):
         raise UserError(f"{header.path.name}: unknown text encoder (no {CLIP_L}* tensors)")
     unet = infer_unet(header, num_heads=8)
+    if is_upscaler_unet(unet):
+        return upscaler_config(unet, infer_vae(header), infer_clip_text(header))
     family = {4: "sd1", 9: "sd1-inpaint"}.get(unet.in_channels)
     if family is None:
         raise UserError(
@@ -51,6 +63,21 @@ def detect_config(header: CheckpointHeader) -> ModelConfig:
         text=infer_clip_text(header),
         prediction="eps",
         default_size=512,
+    )
+
+
+def is_upscaler_unet(unet: UNetConfig) -> bool:
+    """The x4 upscaler's U-Net: 3 RGB channels beside the latents and a noise-level embedding."""
+    return unet.num_classes is not None and unet.in_channels == unet.out_channels + 3
+
+
+def upscaler_config(unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> ModelConfig:
+    """An x4 upscaler of the detected shapes; the rest (v-prediction, its schedule, the VAE
+    scale factor 0.08333) is what x4-upscaling.yaml sets and shapes cannot tell."""
+    return X4_UPSCALER.with_(
+        unet=unet,
+        vae=replace(vae, scale_factor=X4_UPSCALER.vae.scale_factor),
+        text=text,
     )
 
 
@@ -183,6 +210,8 @@ def config_from_json(text: str, header: CheckpointHeader | None = None) -> Model
             prediction=raw.get("prediction", "eps"),
             schedule=_dataclass_from(ScheduleConfig, raw.get("schedule", {})),
             default_size=int(raw.get("default_size", 512)),
+            conditioner=bool(raw.get("conditioner", False)),
+            text2=_dataclass_from(TextConfig, raw["text2"]) if raw.get("text2") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where}: invalid ldm_config metadata ({e})") from e

@@ -20,3 +20,18 @@ def default_model_path() -> Path:
             "pass --model CKPT.safetensors"
         )
     return path
+
+
+UPSCALER_NAME = "ldm-shapes-x4.safetensors"
+
+
+def default_upscaler_path() -> Path:
+    """The embedded x4 upscaler (`ldm upscale` without --model)."""
+    env = os.environ.get("LDM_DEFAULT_UPSCALER")
+    path = Path(env) if env else WEIGHTS_DIR / UPSCALER_NAME
+    if not path.exists():
+        raise UserError(
+            f"no --model given and the embedded upscaler is missing ({path}); "
+            "pass --model X4_UPSCALER.safetensors"
+        )
+    return path

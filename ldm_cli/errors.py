@@ -13,3 +13,20 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+_OOM_MARKS = (
+    "out of memory",
+    "not enough memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+)
+
+
+def out_of_memory_message(error: BaseException) -> str | None:
+    """The one-line message for an allocation failure (torch.OutOfMemoryError on a GPU, the
+    CPU allocator's RuntimeError), or None for any other error."""
+    text = str(error).lower()
+    if type(error).__name__ != "OutOfMemoryError" and not any(m in text for m in _OOM_MARKS):
+        return None
+    return "out of memory; try a smaller size or --batch-size 1"

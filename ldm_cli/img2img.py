@@ -18,7 +18,7 @@ from PIL import Image
 from .errors import UserError
 from .image_inputs import ImageInput, fit_to_multiple, load_image, size_notice, to_pixels
 from .image_start import ImageStart, first_step
-from .pipeline import Pipeline, Progress, Request, random_seed
+from .pipeline import Pipeline, Progress, Request, random_seed, seeded_batches
 from .pngmeta import format_number
 
 Notice = Callable[[str], None]
@@ -142,11 +142,8 @@ def iter_img2img(
     width, height = fitted.image.size
     base = replace(base, width=width, height=height)
     pipe.validate(base)
-    reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
     extra = {"Denoising strength": format_number(strength)}
-    step = max(1, batch_size)
-    for i in range(0, len(reqs), step):
-        batch = reqs[i : i + step]
+    for batch in seeded_batches(base, num_images, batch_size):
         images = [fitted.image] * len(batch)
         for req, result in render_img2img(pipe, batch, images, strength, progress):
             result = fitted.restore(result)

@@ -45,7 +45,7 @@ from .img2img import (
     start_noise,
 )
 from .inpaint_regions import Box, crop_box, mask_box, outpaint_inputs
-from .pipeline import Pipeline, Progress, Request
+from .pipeline import Pipeline, Progress, Request, seeded_batches
 from .pngmeta import format_number
 
 
@@ -164,11 +164,8 @@ def iter_inpaint(
     plan = plan_inpaint(image, mask, pipe.size_multiple, options)
     base = replace(base, width=plan.work_image.width, height=plan.work_image.height)
     pipe.validate(base)
-    reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
     parameters = {**options.parameters(), **(extra or {})}
-    step = max(1, batch_size)
-    for i in range(0, len(reqs), step):
-        batch = reqs[i : i + step]
+    for batch in seeded_batches(base, num_images, batch_size):
         for req, generated in render_inpaint(
             pipe, batch, plan.work_image, plan.work_mask, options.strength, progress
         ):

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .detect import detect_config
 from .errors import UserError
 from .models.latent_diffusion import LatentDiffusion
+from .pickle_checkpoint import PickledHeader, pickled_state
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -92,6 +93,20 @@ def load_model(
     model = build_empty(cfg)
     keys = check_keys(model, header)
     device = torch.device(device)
+    if isinstance(header, PickledHeader):  # --allow-pickle: unpickled weights-only
+        state = pickled_state(header, keys, device, dtype)
+    else:
+        state = _read_safetensors(header, keys, device, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.text_encoder.materialize_buffers()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise UserError(f"internal error: {name} was not loaded from {header.path.name}")
+    model.requires_grad_(False)
+    return model.eval(), header
+
+
+def _read_safetensors(header: CheckpointHeader, keys, device: torch.device, dtype) -> dict:
     state = {}
     with open_tensors(header.path) as mapped, open(header.path, "rb") as raw:
         for k in keys:
@@ -102,10 +117,4 @@ def load_model(
                 state[k] = mapped.get_tensor(k)  # zero-copy view of the file
             else:
                 state[k] = read_tensor(raw, info, stored).to(device=device, dtype=target)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.text_encoder.materialize_buffers()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:
-            raise UserError(f"internal error: {name} was not loaded from {header.path.name}")
-    model.requires_grad_(False)
-    return model.eval(), header
+    return state

@@ -14,9 +14,9 @@ from PIL import Image
 
 from .devices import resolve_device, resolve_dtype
 from .errors import UserError
-from .guidance import cfg_denoiser
+from .guidance import StepClock, cfg_denoiser
 from .image_start import ImageStart
-from .loading import load_model
+from .model_options import load_with_options
 from .models.latent_diffusion import LatentDiffusion
 from .samplers import SAMPLERS
 from .schedules import (
@@ -49,6 +49,7 @@ class Request:
     scheduler: str = "auto"
     width: int = 512
     height: int = 512
+    rescale_cfg: float = 0.0  # guidance rescale PHI (--rescale-cfg; ldm_cli.cfg_rescale)
 
     @property
     def spacing(self) -> str:
@@ -59,6 +60,13 @@ class Request:
 
 def random_seed() -> int:
     return secrets.randbelow(2**32)
+
+
+def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list[Request]]:
+    """Image k of a run uses seed + k, whatever the batch size it is rendered in."""
+    reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
+    step = max(1, batch_size)
+    return [reqs[i : i + step] for i in range(0, len(reqs), step)]
 
 
 class Pipeline:
@@ -94,6 +102,13 @@ class Pipeline:
         from .pngmeta import model_hash
 
         return model_hash(self.path)
+
+    @cached_property
+    def networks(self):
+        """LoRAs and textual-inversion embeddings (ldm_cli.lora.Networks)."""
+        from .lora import Networks
+
+        return Networks(self)
 
     @property
     def latent_factor(self) -> int:
@@ -156,6 +171,8 @@ class Pipeline:
 
         `start` makes it an image-conditioned run (img2img, inpainting; see image_start).
         """
+        if self.is_upscaler and getattr(start, "labels", None) is None:
+            raise UserError(f"{self.name} is an x4 upscaler checkpoint: use `ldm upscale`")
         sigmas, timesteps = self.sigmas(req)
         unet_fn = _in_dtype(self.unet, self.dtype)
         if start is not None:
@@ -166,7 +183,8 @@ class Pipeline:
             self.config.prediction,
             pinned_timesteps=(sigmas[:-1], timesteps),
         )
-        model = cfg_denoiser(denoiser, cond, uncond, req.cfg)
+        clock = StepClock()  # prompt editing and alternation read the step from it
+        model = cfg_denoiser(denoiser, cond, uncond, req.cfg, clock, rescale=req.rescale_cfg)
         noise = noise.to(self.device)
         if start is None:
             x = noise * init_noise_sigma(float(sigmas[0]), req.spacing)
@@ -179,6 +197,7 @@ class Pipeline:
         total = len(sigmas) - 1
 
         def on_step(i, *_):
+            clock.finished(i)
             if progress:
                 progress(i + 1, total)
 
@@ -190,11 +209,9 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = latents.to(vae_dtype) / self.config.vae.scale_factor
-        images = self.vae.decode(z).float()
-        if not torch.isfinite(images).all():
-            raise UserError("the decoded image holds NaN/inf values (numerical overflow)")
+        from .numerics import decode_finite  # NaN/inf refused; an fp16 VAE retried in fp32
+
+        images = decode_finite(self.vae, latents, self.config.vae.scale_factor, self.dtype)
         images = (images / 2 + 0.5).clamp(0, 1)
         arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
@@ -210,6 +227,10 @@ class Pipeline:
             )
         if req.steps < 1:
             raise UserError(f"steps must be at least 1, got {req.steps}")
+        if not abs(req.cfg) < float("inf"):  # NaN or inf would only give a NaN image
+            raise UserError(f"--cfg must be a finite number, got {req.cfg}")
+        if not 0.0 <= req.rescale_cfg <= 1.0:
+            raise UserError(f"--rescale-cfg must be within [0, 1], got {req.rescale_cfg}")
         if req.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if req.scheduler != "auto" and req.scheduler not in SPACINGS:
@@ -217,7 +238,7 @@ class Pipeline:
                 f"unknown scheduler {req.scheduler!r}; choose one of auto, {', '.join(SPACINGS)}"
             )
 
-    def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def conditioning(self, requests: list[Request]):
         """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
         head = requests[0]
         for r in requests:
@@ -226,11 +247,11 @@ class Pipeline:
                 head, negative_prompt=""
             ):
                 raise ValueError("a batch must share everything but prompts and seeds")
-        cond = self._encode_unique([r.prompt for r in requests])
-        uncond = None
-        if head.cfg != 1.0:
-            uncond = self._encode_unique([r.negative_prompt for r in requests])
-        return cond, uncond
+        # A1111 prompt syntax, long prompts, AND; PromptBatch objects (see prompt_conditioning)
+        from .prompt_conditioning import encode_requests
+
+        requests = self.networks.activate(requests)  # <lora:...> applied, tags stripped
+        return encode_requests(self, requests)
 
     def render(
         self, requests: list[Request], progress: Progress | None = None
@@ -249,11 +270,6 @@ class Pipeline:
         latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
         yield from zip(requests, self.decode(latents), strict=True)
 
-    def _encode_unique(self, prompts: list[str]) -> torch.Tensor:
-        unique = list(dict.fromkeys(prompts))
-        features = self.encode_prompts(unique)
-        return features[[unique.index(p) for p in prompts]]
-
     def generate(
         self,
         prompt: str,
@@ -270,11 +286,13 @@ class Pipeline:
         batch_size: int = 1,
         progress: Progress | None = None,
         hires: HiresFix | None = None,
+        rescale_cfg: float = 0.0,
     ) -> list[Image.Image]:
         """Images k = 0..num_images-1 use seed + k whatever the batch size.
 
         Each image carries its AUTOMATIC1111 `parameters` text in `image.info`. `hires`
         upscales each image and refines it with img2img (A1111's "hires fix").
+        `rescale_cfg` is the guidance rescale PHI (0..1; see ldm_cli.cfg_rescale).
         """
         size = self.config.default_size
         base = Request(
@@ -287,12 +305,12 @@ class Pipeline:
             scheduler,
             width or size,
             height or size,
+            rescale_cfg,
         )
-        reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
         extra = hires.parameters() if hires is not None else None
         out = []
-        for i in range(0, len(reqs), max(1, batch_size)):
-            pairs = self.render(reqs[i : i + batch_size], progress)
+        for batch in seeded_batches(base, num_images, batch_size):
+            pairs = self.render(batch, progress)
             if hires is not None:
                 pairs = hires.apply(self, list(pairs), progress)
             for req, image in pairs:
@@ -328,6 +346,14 @@ class Pipeline:
         """A1111 parameters text; `extra` adds keys such as "Denoising strength"."""
         from .pngmeta import GenerationParams, format_parameters
 
+        clip_skip = self.config.text.clip_skip
+        if clip_skip != 1:  # A1111 writes it when not the last layer; --from-png reads it back
+            extra = {"Clip skip": str(clip_skip), **(extra or {})}
+        if req.rescale_cfg:  # --from-png reads it back
+            extra = {**(extra or {}), "CFG rescale": f"{req.rescale_cfg:g}"}
+        networks = self.networks.parameters(req)  # "Lora hashes", "TI hashes" (A1111)
+        if networks:
+            extra = {**(extra or {}), **networks}
         return format_parameters(
             GenerationParams(
                 prompt=req.prompt,
@@ -361,12 +387,23 @@ def load(
     path: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    *,
+    prediction: str | None = None,
+    clip_skip: int | None = None,
 ) -> Pipeline:
-    """Open a single-file checkpoint (default: the embedded model) as a Pipeline."""
+    """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
+
+    `prediction` ("eps" or "v") overrides what the file tells or the probe finds (SD 2.x);
+    `clip_skip` takes the text encoder's output that many layers from the end (1 = last).
+    """
     from .embedded import default_model_path
 
     path = Path(path) if path else default_model_path()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model, header = load_model(path, device=dev, dtype=dt)
+    model, header = load_with_options(path, dev, dt, prediction, clip_skip)
+    if model.config.conditioner:  # SDXL base, inpainting and refiner
+        from .sdxl import SDXLPipeline
+
+        return SDXLPipeline(model, header.path, dev, dt)
     return Pipeline(model, header.path, dev, dt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -20,13 +21,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0, gain: float = 1.0) -> tor
     """
     gen = torch.Generator("cpu").manual_seed(seed)
     for name, p in module.named_parameters():
-        if p.ndim == 1 and ("norm" in name or name.endswith("ln_1.weight") or "layer_norm" in name):
+        is_norm = "norm" in name or re.search(r"(^|\.)ln_", name)  # ln_*: open_clip's norms
+        if p.ndim == 1 and is_norm:
             values = (
                 1 + 0.1 * torch.randn(p.shape, generator=gen)
                 if name.endswith("weight")
                 else (0.1 * torch.randn(p.shape, generator=gen))
             )
-        elif p.ndim == 1:
+        elif p.ndim <= 1:  # biases, and open_clip's scalar logit_scale
             values = 0.05 * torch.randn(p.shape, generator=gen)
         else:
             fan_in = math.prod(p.shape[1:]) if p.ndim > 1 else p.shape[0]
@@ -83,9 +85,23 @@ def training_extras(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a),
     }
     extras = {k: v.float() for k, v in extras.items()}
+    if cfg.family == "x4-upscaler":
+        # ImageConcatWithNoiseAugmentation's buffers; its schedule is the U-Net's (1e-4..2e-2)
+        for name in (
+            "betas",
+            "alphas_cumprod",
+            "alphas_cumprod_prev",
+            "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod",
+            "log_one_minus_alphas_cumprod",
+            "sqrt_recip_alphas_cumprod",
+            "sqrt_recipm1_alphas_cumprod",
+        ):
+            extras[f"low_scale_model.{name}"] = extras[name].clone()
     extras["model_ema.decay"] = torch.tensor(0.9999)
     extras["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
-    extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
-        cfg.text.max_position_embeddings
-    )[None]
+    if cfg.text.kind == "clip":  # open_clip keeps no position ids
+        position_ids = torch.arange(cfg.text.max_position_embeddings)[None]
+        owner = "conditioner.embedders.0" if cfg.conditioner else "cond_stage_model"  # SDXL
+        extras[f"{owner}.transformer.text_model.embeddings.position_ids"] = position_ids
     return extras

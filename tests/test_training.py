@@ -86,7 +86,7 @@ def test_train_all_stages_exports_a_loadable_model(shapes_dir, tmp_path):
     assert all(t.dtype == torch.float16 for t in load_file(path).values() if t.is_floating_point())
     image = load(path).generate("a large red circle in the center", steps=4, seed=0, cfg=3.0)[0]
     assert image.size == (SIZE, SIZE)
-    info(path)
+    info(path, prediction=None)
 
     # Every stage is done: a second run skips them all and only re-exports.
     log = (run_dir / "train_log.jsonl").read_text()

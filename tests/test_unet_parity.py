@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ldm_cli.config import SD15, TINY_SD1, UNetConfig
+from ldm_cli.config import SD15, TINY_SD1, X4_UPSCALER, UNetConfig
 from ldm_cli.models.unet import UNetModel, unet_param_count
 from ldm_cli.models.unet_blocks import timestep_embedding
 from tests.reference_configs import diffusers_unet_config
@@ -31,18 +31,7 @@ PARITY_ATOL = 1e-5
 SD21_UNET = replace(
     SD15.unet, use_linear_in_transformer=True, num_head_channels=64, context_dim=1024
 )
-X4_UPSCALER_UNET = UNetConfig(
-    in_channels=7,
-    model_channels=256,
-    channel_mult=(1, 2, 2, 4),
-    attention_resolutions=(8, 4, 2),
-    transformer_depth=(0, 1, 1, 1),
-    num_heads=8,  # x4-upscaling.yaml: num_heads 8, no num_head_channels
-    context_dim=1024,
-    use_linear_in_transformer=True,
-    num_classes=1000,
-    disable_self_attentions=(True, True, True, False),
-)
+X4_UPSCALER_UNET = X4_UPSCALER.unet
 SDXL_BASE_UNET = UNetConfig(
     model_channels=320,
     channel_mult=(1, 2, 4),

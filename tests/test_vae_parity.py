@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli.config import SD15, TINY_SD1, VAEConfig
+from ldm_cli.config import SD15, TINY_SD1, X4_UPSCALER, VAEConfig
 from ldm_cli.models.vae import AutoencoderKL
 from tests.reference_configs import diffusers_vae_config
 
@@ -19,8 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 skimage_data = pytest.importorskip("skimage.data")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
-# The x4 upscaler's first stage (yaml/x4-upscaling.yaml); to move to the presets.
-X4_UPSCALER_VAE = VAEConfig(ch_mult=(1, 2, 4), scale_factor=0.08333)
+X4_UPSCALER_VAE = X4_UPSCALER.vae  # yaml/x4-upscaling.yaml's first stage
 
 TINY_CONFIGS = {
     "tiny-sd1": TINY_SD1.vae,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import ModelConfig
+from .openclip_text import OpenCLIPTextEncoder
+from .sdxl_conditioner import Conditioner
 from .text_encoder import CLIPTextEncoder
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -17,14 +19,20 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`."""
+    """`model.diffusion_model.*`, `first_stage_model.*`, and `cond_stage_model.*` or (SDXL)
+    `conditioner.embedders.*`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = DiffusionWrapper(cfg)
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = CLIPTextEncoder(cfg.text)
+        if cfg.conditioner:  # SDXL: conditioner.embedders.N (see models.sdxl_conditioner)
+            self.conditioner = Conditioner(cfg.text_encoders)
+        elif cfg.text.kind == "openclip":
+            self.cond_stage_model = OpenCLIPTextEncoder(cfg.text)
+        else:
+            self.cond_stage_model = CLIPTextEncoder(cfg.text)
 
     @property
     def unet(self) -> UNetModel:
@@ -35,5 +43,7 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model
 
     @property
-    def text_encoder(self) -> CLIPTextEncoder:
+    def text_encoder(self) -> CLIPTextEncoder | OpenCLIPTextEncoder | Conditioner:
+        if self.config.conditioner:
+            return self.conditioner
         return self.cond_stage_model

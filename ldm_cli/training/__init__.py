@@ -40,6 +40,8 @@ class TrainPlan:
     loop: LoopOptions
     holdout: int | None = None
     export_dtype: str = "fp32"  # or "fp16"
+    # x4 upscaler configs: the model whose VAE and text encoder they use (None: the embedded one)
+    base: Path | None = None
 
 
 @dataclass
@@ -49,10 +51,15 @@ class TrainOutcome:
 
 
 def run_training(plan: TrainPlan) -> TrainOutcome:
+    from ldm_cli.detect import is_upscaler_unet
     from ldm_cli.training import text_stage, unet_stage, vae_stage
     from ldm_cli.training.dataset import load_captioned_images
     from ldm_cli.training.loop import is_main_process, merge_json, wait_for_everyone
 
+    if is_upscaler_unet(plan.config.unet):
+        from ldm_cli.training.upscaler_run import run_upscaler_training
+
+        return run_upscaler_training(plan)
     loop = plan.loop
     main = is_main_process()
     started = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_cli.config import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ldm_cli.config import PRESETS, X4_UPSCALER, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from ldm_cli.errors import UserError
 
 EMBEDDED = ModelConfig(
@@ -50,7 +50,35 @@ UNET_STEPS = 6000
 UNET_BATCH = 64
 UNET_LR = 1e-3
 
-CONFIGS: dict[str, ModelConfig] = {"embedded": EMBEDDED, **PRESETS}
+# The embedded x4 upscaler: the x4 architecture (7 input channels, noise-level class labels,
+# cross-attention-only at 8x8, v-prediction on the upscaler's schedule) sized like EMBEDDED. It
+# upscales 16x16 to 64x64 through EMBEDDED's f=4 VAE and text encoder, which `ldm train --config
+# embedded-x4` takes frozen from --base; their shapes replace the `vae` and `text` here.
+EMBEDDED_X4 = ModelConfig(
+    family="x4-upscaler",
+    unet=UNetConfig(
+        in_channels=7,
+        model_channels=32,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_resolutions=(4, 2),
+        num_heads=4,
+        transformer_depth=(0, 1, 1),
+        transformer_depth_middle=1,
+        context_dim=64,
+        use_linear_in_transformer=True,
+        num_classes=1000,
+        disable_self_attentions=(True, True, False),
+        norm_groups=8,
+    ),
+    vae=EMBEDDED.vae,
+    text=EMBEDDED.text,
+    prediction="v",
+    schedule=X4_UPSCALER.schedule,
+    default_size=64,
+)
+
+CONFIGS: dict[str, ModelConfig] = {"embedded": EMBEDDED, "embedded-x4": EMBEDDED_X4, **PRESETS}
 
 
 def training_config(name: str) -> ModelConfig:

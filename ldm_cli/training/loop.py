@@ -157,8 +157,10 @@ def learning_rate(settings: StageSettings, step: int) -> float:
 def make_accelerator(options: LoopOptions):
     from accelerate import Accelerator
 
-    try:
-        accelerator = Accelerator(mixed_precision=options.mixed_precision)
+    from ldm_cli.distributed import cpu_processes
+
+    try:  # cpu: several processes on a machine without a GPU train with gloo
+        accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=cpu_processes())
     except ValueError as e:
         raise UserError(f"--mixed-precision {options.mixed_precision}: {e}") from e
     if accelerator.device.type == "cpu":
@@ -169,15 +171,15 @@ def make_accelerator(options: LoopOptions):
 
 
 def is_main_process() -> bool:
-    from accelerate import PartialState
+    from ldm_cli.distributed import partial_state
 
-    return PartialState().is_main_process
+    return partial_state().is_main_process
 
 
 def wait_for_everyone() -> None:
-    from accelerate import PartialState
+    from ldm_cli.distributed import partial_state
 
-    PartialState().wait_for_everyone()
+    partial_state().wait_for_everyone()
 
 
 def note(options: LoopOptions, message: str) -> None:

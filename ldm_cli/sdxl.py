@@ -1,0 +1,287 @@
+"""SDXL generation: the ADM (micro-conditioning) vector and a Pipeline whose conditioning
+carries it.
+
+The SDXL U-Net takes, besides the text context, a vector ``y`` through ``label_emb``: the
+pooled bigG text embedding followed by sinusoidal embeddings (256 wide each, SGM's
+``ConcatTimestepEmbedderND``) of six numbers for the base,
+
+    original size (h, w), crop top-left (top, left), target size (h, w),
+
+and of five for the refiner: original size (h, w), crop top-left (top, left), aesthetic score.
+These are diffusers' ``add_time_ids`` (``_get_add_time_ids``: original_size +
+crops_coords_top_left + target_size, sizes as (height, width)) and ``add_text_embeds``; the
+defaults are diffusers' too: original size = target size = the image size, crop (0, 0), the
+negative side built the same way (for the refiner with aesthetic score 6 for the prompt and
+2.5 for the negative prompt). An empty negative prompt is encoded like any prompt, as
+AUTOMATIC1111, ComfyUI and diffusers (given ``negative_prompt=""``) do.
+
+**Packed rows.** The rest of the code (guidance, img2img, prompt batching) moves conditioning
+around as tensors ``[B, L, D]`` and only ever cuts, pads and concatenates them along the batch
+and the token axes. An SDXL conditioning row therefore carries ``y`` *after the features of
+every token*: ``[B, L, context_dim + adm_in_channels]`` (:func:`pack`). The U-Net wrapper of
+:class:`SDXLPipeline` splits it again (``y`` from the first token), so all of that machinery
+carries ``y`` unchanged. With a refiner attached (:mod:`ldm_cli.refiner`) each row also
+carries the refiner's packed conditioning after the base's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, UNetConfig
+from .detect_sdxl import BASE_ADM_NUMBERS, REFINER_ADM_NUMBERS
+from .models.unet_blocks import timestep_embedding
+from .pipeline import Pipeline, Request
+
+if TYPE_CHECKING:
+    from .models.latent_diffusion import LatentDiffusion
+    from .models.sdxl_conditioner import Conditioner
+    from .refiner import Refiner
+
+CROP_TOP_LEFT = (0, 0)
+AESTHETIC_SCORE = 6.0  # diffusers' StableDiffusionXLImg2ImgPipeline defaults
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def is_refiner(cfg: ModelConfig) -> bool:
+    """An SGM-layout model with one (bigG) text tower: the SDXL refiner."""
+    return cfg.conditioner and cfg.text2 is None
+
+
+def pooled_dim(cfg: ModelConfig) -> int:
+    tower = cfg.text_encoders[-1]
+    return tower.projection_dim or tower.hidden_size
+
+
+def adm_embed_dim(cfg: ModelConfig) -> int:
+    """Width of each number's sinusoidal embedding in the ADM vector (256 for the real models)."""
+    numbers = REFINER_ADM_NUMBERS if is_refiner(cfg) else BASE_ADM_NUMBERS
+    assert cfg.unet.adm_in_channels is not None
+    extra = cfg.unet.adm_in_channels - pooled_dim(cfg)
+    if extra <= 0 or extra % numbers:
+        raise ValueError(f"ADM width {cfg.unet.adm_in_channels} does not fit {numbers} numbers")
+    return extra // numbers
+
+
+def base_time_ids(
+    width: int,
+    height: int,
+    *,
+    original_size: tuple[int, int] | None = None,
+    crop_top_left: tuple[int, int] = CROP_TOP_LEFT,
+    target_size: tuple[int, int] | None = None,
+) -> tuple[float, ...]:
+    """diffusers' ``add_time_ids`` of the base: original_size + crops_coords_top_left +
+    target_size, each size (height, width), both defaulting to the image's."""
+    original = original_size or (height, width)
+    target = target_size or (height, width)
+    return tuple(float(v) for v in (*original, *crop_top_left, *target))
+
+
+def refiner_time_ids(
+    width: int,
+    height: int,
+    aesthetic_score: float,
+    *,
+    original_size: tuple[int, int] | None = None,
+    crop_top_left: tuple[int, int] = CROP_TOP_LEFT,
+) -> tuple[float, ...]:
+    """The refiner's (``requires_aesthetics_score``): original_size + crops + (score,)."""
+    original = original_size or (height, width)
+    return tuple(float(v) for v in (*original, *crop_top_left, aesthetic_score))
+
+
+def adm_vector(pooled: torch.Tensor, time_ids: torch.Tensor, embed_dim: int) -> torch.Tensor:
+    """``y`` = cat(pooled [B, P], embedding of each time id [B, n * embed_dim]), as diffusers'
+    ``text_time`` addition embedding (``add_time_proj`` then concat) and SGM build it."""
+    batch = pooled.shape[0]
+    time_ids = torch.as_tensor(time_ids, device=pooled.device)
+    time_ids = time_ids.reshape(-1, time_ids.shape[-1]).expand(batch, -1)
+    embeds = timestep_embedding(time_ids.flatten(), embed_dim).reshape(batch, -1)
+    return torch.cat([pooled, embeds.to(pooled.dtype)], dim=-1)
+
+
+def pack(context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] and [B, A] -> [B, L, D + A]: `y` repeated after every token's features."""
+    return torch.cat(
+        [context, y[:, None, :].to(context.dtype).expand(-1, context.shape[1], -1)], -1
+    )
+
+
+def unpack(rows: torch.Tensor, context_dim: int, adm_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack`: (context [B, L, D], y [B, A] from the first token)."""
+    return rows[..., :context_dim], rows[:, 0, context_dim : context_dim + adm_dim]
+
+
+def packed_width(unet: UNetConfig) -> int:
+    """Width of a packed row: the context features, then the ADM vector."""
+    assert unet.adm_in_channels is not None
+    return unet.context_dim + unet.adm_in_channels
+
+
+class PackedConditioningUNet(nn.Module):
+    """The U-Net as `Pipeline.sample` calls it: ``(x, t, context=packed rows)``.
+
+    It splits each row into context and ``y`` (:func:`unpack`). With a refiner attached, calls
+    at timesteps below the refiner's cutoff go to the refiner's U-Net with the refiner's part of
+    the rows (see :mod:`ldm_cli.refiner`); everything else reaches the base U-Net.
+    """
+
+    def __init__(self, unet: nn.Module, refiner: Refiner | None = None):
+        super().__init__()
+        self.unet = unet
+        self.refiner_unet = refiner.pipe.model.unet if refiner is not None else None
+        self.cutoff = refiner.cutoff if refiner is not None else None
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.unet.config
+        if y is not None or context is None or context.shape[-1] == cfg.context_dim:
+            return self.unet(x, timesteps, context, y)  # called as the plain U-Net
+        width = packed_width(cfg)
+        if self.refiner_unet is not None and _below(timesteps, self.cutoff):
+            rcfg = self.refiner_unet.config
+            rows = context[..., width:]
+            inner, ry = unpack(rows, rcfg.context_dim, rcfg.adm_in_channels)
+            return self.refiner_unet(x, timesteps, inner, ry)
+        inner, y = unpack(context, cfg.context_dim, cfg.adm_in_channels)
+        return self.unet(x, timesteps, inner, y)
+
+
+def _below(timesteps: torch.Tensor, cutoff: float) -> bool:
+    """Whether the call's timestep (shared by its rows) is below `cutoff` (one host read)."""
+    t = torch.as_tensor(timesteps).reshape(-1)
+    return float(t[0]) < cutoff
+
+
+class SDXLPipeline(Pipeline):
+    """A :class:`~ldm_cli.pipeline.Pipeline` for SDXL base, inpainting and refiner files.
+
+    Conditioning rows are packed (``[B, 77, context_dim + adm_in_channels]``, see the module
+    docstring); `unet` is the :class:`PackedConditioningUNet` that unpacks them (the plain
+    U-Net is ``model.unet``). `refiner` (set by :func:`ldm_cli.refiner.attach_refiner`) makes
+    every run a base + refiner run. The micro-conditioning can be changed through
+    `original_size`, `crop_top_left` and `target_size` (None: the image size), and the
+    refiner's aesthetic scores through `aesthetic_score` / `negative_aesthetic_score`.
+    """
+
+    def __init__(
+        self, model: LatentDiffusion, path: Path, device: torch.device, dtype: torch.dtype
+    ):
+        super().__init__(model, path, device, dtype)
+        self.refiner: Refiner | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.crop_top_left: tuple[int, int] = CROP_TOP_LEFT
+        self.target_size: tuple[int, int] | None = None
+        self.aesthetic_score = AESTHETIC_SCORE
+        self.negative_aesthetic_score = NEGATIVE_AESTHETIC_SCORE
+        if dtype == torch.float16:
+            # The SDXL VAE overflows in fp16 (diffusers' force_upcast): it runs in fp32.
+            model.first_stage_model.float()
+
+    @property
+    def conditioner(self) -> Conditioner:
+        return self.model.conditioner
+
+    @property
+    def unet(self) -> PackedConditioningUNet:
+        return PackedConditioningUNet(self.model.unet, self.refiner)
+
+    @property
+    def is_refiner(self) -> bool:
+        return is_refiner(self.config)
+
+    # -- conditioning ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, 77, context_dim], pooled [B, P]) of the text towers, in fp32."""
+        embeddings = self.networks.embeddings  # textual inversion (ldm_cli.embeddings)
+        if embeddings:
+            from .embeddings import encode_truncated
+
+            context, pooled = encode_truncated(embeddings, self.conditioner, list(prompts))
+        else:
+            context, pooled = self.conditioner.encode(list(prompts))
+        return context.float(), pooled.float()
+
+    def time_ids(self, width: int, height: int, negative: bool = False) -> tuple[float, ...]:
+        if self.is_refiner:
+            score = self.negative_aesthetic_score if negative else self.aesthetic_score
+            return refiner_time_ids(
+                width,
+                height,
+                score,
+                original_size=self.original_size,
+                crop_top_left=self.crop_top_left,
+            )
+        return base_time_ids(
+            width,
+            height,
+            original_size=self.original_size,
+            crop_top_left=self.crop_top_left,
+            target_size=self.target_size,
+        )
+
+    @torch.inference_mode()
+    def packed_conditioning(
+        self, prompts: list[str], width: int, height: int, negative: bool = False
+    ) -> torch.Tensor:
+        """Packed rows [B, 77, context_dim + adm] (and the refiner's after them, if attached)."""
+        unique = list(dict.fromkeys(prompts))
+        context, pooled = self.encode_text(unique)
+        ids = torch.tensor(self.time_ids(width, height, negative), device=pooled.device)
+        rows = pack(context, adm_vector(pooled, ids, adm_embed_dim(self.config)))
+        rows = rows[[unique.index(p) for p in prompts]].to(self.dtype)
+        if self.refiner is not None:
+            refined = self.refiner.pipe.packed_conditioning(prompts, width, height, negative)
+            rows = torch.cat([rows, refined.to(rows.device, rows.dtype)], dim=-1)
+        return rows
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Packed rows of `prompts` for an image of the model's native size."""
+        size = self.config.default_size
+        return self.packed_conditioning(list(prompts), size, size)
+
+    def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
+        head = requests[0]
+        for r in requests:
+            self.validate(r)
+            if replace(r, seed=head.seed, prompt=head.prompt, negative_prompt="") != replace(
+                head, negative_prompt=""
+            ):
+                raise ValueError("a batch must share everything but prompts and seeds")
+        requests = self.networks.activate(requests)  # <lora:...> applied, tags stripped
+        size = (head.width, head.height)
+        cond = self.packed_conditioning([r.prompt for r in requests], *size)
+        uncond = None
+        if head.cfg != 1.0:
+            uncond = self.packed_conditioning(
+                [r.negative_prompt for r in requests], *size, negative=True
+            )
+        return cond, uncond
+
+    def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
+        if self.refiner is not None:
+            refiner = self.refiner
+            extra = {
+                **(extra or {}),
+                "Refiner": f"{refiner.pipe.name} [{refiner.pipe.model_hash}]",
+                "Refiner switch at": f"{refiner.switch:g}",
+            }
+        return super().parameters_text(req, extra)

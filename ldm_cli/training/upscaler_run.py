@@ -1,0 +1,104 @@
+"""`ldm train --config embedded-x4`: an x4 upscaler on top of an existing model.
+
+The base checkpoint (`--base`, default: the embedded model) lends its VAE and text encoder,
+frozen; their shapes replace the config's `vae` and `text`, and the U-Net's latent channels and
+context width follow them. One stage trains (``upscaler_stage``), then held-out PSNR against
+bicubic is measured and RUN_DIR/model.safetensors is exported in the original key layout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ldm_cli.config import ModelConfig
+from ldm_cli.errors import UserError
+from ldm_cli.training import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    TrainOutcome,
+    TrainPlan,
+    _read_metrics,
+    check_run_config,
+    export_model,
+    split,
+)
+
+UPSCALE_FACTOR = 4
+
+
+def upscaler_config(cfg: ModelConfig, base: ModelConfig) -> ModelConfig:
+    """`cfg`'s U-Net around `base`'s VAE and text encoder."""
+    if base.vae.downscale != UPSCALE_FACTOR:
+        raise UserError(
+            f"the base model's VAE downsamples {base.vae.downscale}x; an x4 upscaler needs an "
+            f"f={UPSCALE_FACTOR} VAE"
+        )
+    latent = base.vae.embed_dim
+    unet = replace(
+        cfg.unet,
+        in_channels=latent + 3,
+        out_channels=latent,
+        context_dim=base.text.hidden_size,
+    )
+    return cfg.with_(unet=unet, vae=base.vae, text=base.text)
+
+
+def load_base(path: Path | None):
+    """The base model (default: the embedded one), in float32 on the CPU."""
+    import torch
+
+    from ldm_cli.embedded import default_model_path
+    from ldm_cli.loading import load_model
+
+    if path is None:
+        try:
+            path = default_model_path()
+        except UserError as e:
+            raise UserError(f"{e}".replace("--model", "--base")) from None
+    model, _ = load_model(path, device="cpu", dtype=torch.float32)
+    return model
+
+
+def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
+    from ldm_cli.training import upscaler_stage
+    from ldm_cli.training.dataset import load_captioned_images
+    from ldm_cli.training.loop import is_main_process, merge_json, note, wait_for_everyone
+    from ldm_cli.training.unet_stage import assemble_model
+
+    loop = plan.loop
+    main = is_main_process()
+    started = time.perf_counter()
+    base = load_base(plan.base)
+    cfg = upscaler_config(plan.config, base.config)
+    data = load_captioned_images(plan.data_dir, cfg.default_size)
+    train, heldout = split(data, plan.holdout, loop.seed)
+    if main:
+        loop.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_config(loop.run_dir / CONFIG_FILE, cfg)
+        counts = {"images": len(data), "train": len(train), "heldout": len(heldout)}
+        merge_json(loop.run_dir / METRICS_FILE, {"data": counts})
+    wait_for_everyone()
+
+    vae, text = base.vae, base.text_encoder
+    if upscaler_stage.weights_path(loop).is_file():
+        result = upscaler_stage.load_upscaler(cfg, loop)
+    else:
+        result = upscaler_stage.train_upscaler(cfg, vae, text, train, heldout, plan.unet, loop)
+        if result is None:
+            return TrainOutcome(None, _read_metrics(loop))
+
+    path = loop.run_dir / MODEL_FILE
+    if main:
+        note(loop, f"{upscaler_stage.STAGE}: held-out PSNR against bicubic")
+        pipe = upscaler_stage.stage_pipeline(cfg, result.unet, vae, text)
+        metrics = upscaler_stage.evaluate(pipe, heldout, loop.seed)
+        merge_json(loop.run_dir / METRICS_FILE, {"upscaler_eval": metrics})
+        model = assemble_model(cfg, result.unet, vae, text)
+        sizes = export_model(model.to("cpu"), path, plan.export_dtype)
+        minutes = round((time.perf_counter() - started) / 60, 2)
+        merge_json(loop.run_dir / METRICS_FILE, {"export": {**sizes, "minutes_this_run": minutes}})
+    wait_for_everyone()
+    return TrainOutcome(path, _read_metrics(loop))

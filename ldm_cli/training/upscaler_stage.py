@@ -1,0 +1,241 @@
+"""The x4 upscaler's U-Net, trained on the images' latents and their low-resolution copies.
+
+The VAE and text encoder are frozen (an existing model's). Each training image of side S gives
+its target latents (posterior means times the scale factor, S/f wide for an f=4 VAE) and a
+low-resolution copy of S/f pixels, bicubic as `ldm upscale` users make them. As in the original
+LatentUpscaleDiffusion, every example's low-res copy is noised to a level drawn uniformly from
+[0, 350) by the augmentation schedule, concatenated to the noisy latents, and the level is the
+U-Net's class label. The loss is the min-SNR weighted MSE against v (or eps); caption dropout,
+EMA and the training loop are the main U-Net stage's (`unet_stage`, `loop`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_cli.config import ModelConfig
+from ldm_cli.models.text_encoder import CLIPTextEncoder
+from ldm_cli.models.unet import UNetModel
+from ldm_cli.models.vae import AutoencoderKL
+from ldm_cli.schedules import DiscreteSchedule
+from ldm_cli.training.dataset import CaptionedImages, to_model_range
+from ldm_cli.training.loop import (
+    LoopOptions,
+    StageSettings,
+    StepRandom,
+    is_main_process,
+    merge_json,
+    note,
+    stage_dir,
+    train_stage,
+    wait_for_everyone,
+)
+from ldm_cli.training.unet_stage import (
+    CAPTION_DROPOUT,
+    EMA_DECAY,
+    MIN_SNR_GAMMA,
+    TrainingExamples,
+    UnetResult,
+    assemble_model,
+    prepare_examples,
+    zero_init_like_ldm,
+)
+from ldm_cli.training.vae_stage import save_grid
+from ldm_cli.upscale import MAX_NOISE_LEVEL, UpscaleOptions, noise_augment, upscale_pixels
+
+STAGE = "upscaler"
+WEIGHTS_FILE = "weights.safetensors"
+SAMPLE_IMAGES = 8
+EVAL_IMAGES = 64
+# What `ldm upscale IMAGE` does by default, without a prompt (so without guidance).
+EVAL_STEPS = 30
+EVAL_SAMPLER = "ddim"
+EVAL_NOISE_LEVEL = 20
+
+
+@dataclass
+class UpscalerExamples:
+    target: TrainingExamples  # the latents to produce, with the caption features
+    low_res: torch.Tensor  # [N, 3, S/f, S/f] in [-1, 1]
+
+
+def weights_path(options: LoopOptions) -> Path:
+    return stage_dir(options, STAGE) / WEIGHTS_FILE
+
+
+def resize_bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> PIL bicubic resizes to size x size, uint8."""
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for i, image in enumerate(images):
+        resized = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
+        out[i] = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+    return out
+
+
+def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The low-res copies users would make of [N, 3, S, S] images: S/factor, bicubic."""
+    return resize_bicubic(images, images.shape[-1] // factor)
+
+
+def bicubic_upscale(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The baseline the upscaler has to beat."""
+    return resize_bicubic(images, images.shape[-1] * factor)
+
+
+def prepare_upscaler_examples(
+    vae: AutoencoderKL, text_encoder: CLIPTextEncoder, data: CaptionedImages, cfg: ModelConfig
+) -> UpscalerExamples:
+    target = prepare_examples(vae, text_encoder, data, cfg.vae.scale_factor)
+    low_res = to_model_range(downsample(data.images, cfg.vae.downscale))
+    return UpscalerExamples(target, low_res)
+
+
+def upscaler_loss(
+    unet,
+    examples: UpscalerExamples,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    indices: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    device = next(unet.parameters()).device
+    target_examples = examples.target
+    x0 = target_examples.latents[indices]
+    context = target_examples.features[target_examples.caption_ids[indices]]
+    dropped = torch.rand(len(indices), generator=generator) < CAPTION_DROPOUT
+    context = torch.where(dropped[:, None, None], target_examples.empty.to(context.dtype), context)
+    t = torch.randint(0, len(alphas_cumprod), (len(indices),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    low_res = examples.low_res[indices]
+    levels = torch.randint(0, MAX_NOISE_LEVEL, (len(indices),), generator=generator)
+    low_res = noise_augment(low_res, torch.randn(low_res.shape, generator=generator), levels)
+    inputs = torch.cat([noisy, low_res], dim=1).to(device)
+    output = unet(inputs, t.to(device), context=context.float().to(device), y=levels.to(device))
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=MIN_SNR_GAMMA)
+    if prediction == "v":
+        # v = sqrt(a) eps - sqrt(1 - a) x0; its MSE is (snr + 1) times the eps one's
+        target, weight = a.sqrt() * noise - (1 - a).sqrt() * x0, clipped / (snr + 1)
+    else:
+        target, weight = noise, clipped / snr
+    return (weight.to(device) * (output.float() - target.to(device)).square()).mean()
+
+
+def stage_pipeline(cfg: ModelConfig, unet: UNetModel, vae: AutoencoderKL, text: CLIPTextEncoder):
+    from ldm_cli.pipeline import Pipeline
+
+    device = next(unet.parameters()).device
+    model = assemble_model(cfg, unet, vae.to(device), text.to(device))
+    return Pipeline(model, Path(f"{STAGE}.safetensors"), device, torch.float32)
+
+
+@torch.inference_mode()
+def upscale_batch(pipe, low_res: torch.Tensor, seed: int) -> torch.Tensor:
+    """uint8 low-res images [N, 3, s, s] -> uint8 upscales, as `ldm upscale IMAGE --seed`
+    would make them (no prompt, so no guidance; image i uses seed + i)."""
+    from ldm_cli.pipeline import Request
+
+    size = low_res.shape[-1] * pipe.latent_factor
+    cond = pipe.encode_prompts([""])
+    options = UpscaleOptions(EVAL_NOISE_LEVEL, tile_size=0)
+    out = []
+    for i, image in enumerate(low_res):
+        req = Request("", "", EVAL_STEPS, 1.0, seed + i, EVAL_SAMPLER, "auto", size, size)
+        pixels = upscale_pixels(pipe, to_model_range(image[None]), req, cond, None, options)
+        out.append((pixels * 255).round().to(torch.uint8))
+    return torch.stack(out)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of uint8 images, from the mean squared error over all of them."""
+    mse = (a.float() - b.float()).square().mean().item()
+    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def evaluate(pipe, heldout: CaptionedImages, seed: int, count: int = EVAL_IMAGES) -> dict:
+    """PSNR of the upscaler and of bicubic interpolation on held-out images."""
+    originals = heldout.images[:count]
+    factor = pipe.latent_factor
+    low_res = downsample(originals, factor)
+    upscaled = upscale_batch(pipe, low_res, seed)
+    ours, bicubic = psnr(upscaled, originals), psnr(bicubic_upscale(low_res, factor), originals)
+    return {
+        "images": len(originals),
+        "psnr_db": round(ours, 2),
+        "bicubic_psnr_db": round(bicubic, 2),
+        "gain_db": round(ours - bicubic, 2),
+    }
+
+
+def write_samples(pipe, images: torch.Tensor, path: Path, seed: int) -> None:
+    """Rows: bicubic, the upscaler, the original."""
+    factor = pipe.latent_factor
+    low_res = downsample(images, factor)
+    rows = [bicubic_upscale(low_res, factor), upscale_batch(pipe, low_res, seed), images]
+    save_grid(torch.cat(rows), path, rows=3)
+
+
+def train_upscaler(
+    cfg: ModelConfig,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextEncoder,
+    train: CaptionedImages,
+    heldout: CaptionedImages,
+    settings: StageSettings,
+    options: LoopOptions,
+) -> UnetResult | None:
+    """Train (or resume) the upscaler U-Net; None when stopped early by ``stop_after``."""
+    torch.manual_seed(options.seed + 3)
+    unet = zero_init_like_ldm(UNetModel(cfg.unet))
+    note(options, f"{STAGE}: caching latents, low-res copies and captions of {len(train)} images")
+    examples = prepare_upscaler_examples(vae, text_encoder, train, cfg)
+    alphas_cumprod = DiscreteSchedule(cfg.schedule).alphas_cumprod
+
+    def loss_fn(model, draws: StepRandom) -> torch.Tensor:
+        indices = draws.batch_indices(len(examples.low_res), settings.batch_size)
+        return upscaler_loss(model, examples, alphas_cumprod, cfg.prediction, indices, draws.local)
+
+    samples = heldout.images[:SAMPLE_IMAGES]
+    samples_dir = options.run_dir / "samples"
+
+    def sample_fn(ema_unet: UNetModel, step: int) -> None:
+        pipe = stage_pipeline(cfg, ema_unet, vae, text_encoder)
+        write_samples(pipe, samples, samples_dir / f"{STAGE}_{step:06d}.png", options.seed)
+
+    result = train_stage(
+        STAGE, unet, loss_fn, settings, options, ema_decay=EMA_DECAY, sample_fn=sample_fn
+    )
+    if not result.finished:
+        return None
+    ema = result.ema.eval().requires_grad_(False)
+    tail = result.losses[-max(1, len(result.losses) // 10) :]
+    metrics = {
+        "steps": result.step,
+        "first_loss": round(result.losses[0], 5) if result.losses else None,
+        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+    }
+    if is_main_process():
+        from ldm_cli.checkpoint_save import save_checkpoint
+
+        save_checkpoint(ema.state_dict(), weights_path(options))
+        merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+    wait_for_everyone()
+    return UnetResult(ema, metrics)
+
+
+def load_upscaler(cfg: ModelConfig, options: LoopOptions) -> UnetResult:
+    from safetensors.torch import load_file
+
+    unet = UNetModel(cfg.unet)
+    unet.load_state_dict(load_file(str(weights_path(options))))
+    return UnetResult(unet.eval().requires_grad_(False), {})
