@@ -46,7 +46,10 @@ class PromptBatch:
     """The conditioning of B images: per image, its sub-prompts with their AND weights.
 
     `empty` is the empty prompt's features [77, D], present when some rows (of this batch
-    or of the other side of the guidance) can differ in length.
+    or of the other side of the guidance) can differ in length. It may be narrower than the
+    rows ([77, D'] with D' < D): rows that carry per-row features after the text features
+    (SDXL's packed rows, ldm_cli.sdxl) are padded with the empty prompt's text features
+    followed by the row's own trailing features (those of its first position).
     """
 
     images: list[SubPrompts]
@@ -144,4 +147,17 @@ def _pad_to(
     if empty is None or missing % empty.shape[0]:
         raise ValueError("conditioning and unconditioning differ in length")
     tail = empty.repeat(missing // empty.shape[0], 1)
-    return [torch.cat([row, tail]) for row in rows]
+    width = tail.shape[-1]
+    return [
+        torch.cat(
+            [row, tail if width == row.shape[-1] else _with_trailing(tail.to(row.dtype), row)]
+        )
+        for row in rows
+    ]
+
+
+def _with_trailing(tail: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """`tail` [n, D'] widened to the row's width with the row's features after D' (the same
+    at every position of a packed row)."""
+    rest = row[0, tail.shape[-1] :]
+    return torch.cat([tail, rest[None].expand(tail.shape[0], -1)], dim=-1)

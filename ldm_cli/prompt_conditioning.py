@@ -49,23 +49,39 @@ def encode_requests(
             return embeddings.encode(pipe.text_encoder, tokens.to(pipe.device))
         return pipe.text_encoder(tokens.to(pipe.device))
 
-    def encode(prompts: list[str]) -> dict[str, ScheduledFeatures]:
+    def encode(prompts: list[str], negative: bool) -> dict[str, ScheduledFeatures]:
         return encode_schedules(
             pipe.tokenizer, encoder, prompts, head.steps, pipe.dtype, embeddings=embeddings
         )
 
+    def empty() -> torch.Tensor:
+        return encode_chunk_rows(encoder, [empty_chunk(pipe.tokenizer)])[0].to(pipe.dtype)
+
+    return batch_requests(requests, encode, empty)
+
+
+def batch_requests(
+    requests: Sequence[Request],
+    encode: Callable[[list[str], bool], dict[str, ScheduledFeatures]],
+    empty: Callable[[], torch.Tensor],
+) -> tuple[PromptBatch, PromptBatch | None]:
+    """:func:`encode_requests` for any model: `encode(prompts, negative)` gives every
+    distinct prompt's :class:`ScheduledFeatures`, `empty()` the empty prompt's features
+    [77, D] (or its leading features only, see :class:`~ldm_cli.prompt_batch.PromptBatch`),
+    asked for only where rows can differ in length."""
+    head = requests[0]
     subprompts = [split_and(r.prompt) for r in requests]
-    features = encode([text for parts in subprompts for text, _ in parts])
+    features = encode([text for parts in subprompts for text, _ in parts], False)
     cond = PromptBatch([[(features[text], w) for text, w in parts] for parts in subprompts])
     uncond = None
     if head.cfg != 1.0 or not cond.plain_weights:
-        negatives = encode([r.negative_prompt for r in requests])
+        negatives = encode([r.negative_prompt for r in requests], True)
         uncond = PromptBatch([[(negatives[r.negative_prompt], 1.0)] for r in requests])
     if len(cond.lengths() | (uncond.lengths() if uncond else set())) > 1:
-        empty = encode_chunk_rows(encoder, [empty_chunk(pipe.tokenizer)])[0].to(pipe.dtype)
+        padding = empty()
         for side in (cond, uncond):
             if side is not None:
-                side.empty = empty
+                side.empty = padding
     return cond, uncond
 
 
@@ -86,8 +102,13 @@ def encode_schedules(
     steps: int,
     dtype: torch.dtype,
     embeddings: EmbeddingDatabase | None = None,
+    finish: Callable[[torch.Tensor, TokenChunk], torch.Tensor] | None = None,
 ) -> dict[str, ScheduledFeatures]:
-    """Every distinct prompt's features over `steps`, with one encoder call for all chunks."""
+    """Every distinct prompt's features over `steps`, with one encoder call for all chunks.
+
+    `finish(features, first_chunk)`, when given, turns each text's features [L, D] (emphasis
+    applied, before the cast to `dtype`) into the row it conditions with; `first_chunk` is the
+    text's first chunk (SDXL appends the pooled output of that chunk, see ldm_cli.sdxl)."""
     plans = {
         prompt: _plan(tokenizer, prompt, steps, embeddings) for prompt in dict.fromkeys(prompts)
     }
@@ -105,7 +126,10 @@ def encode_schedules(
                 z = emphasize(z, [chunk.weights for chunk in column], plan.entry_text)
             for text, features in zip(per_text, z, strict=True):
                 text.append(features)
-        texts = [torch.cat(parts).to(dtype) for parts in per_text]
+        texts = [torch.cat(parts) for parts in per_text]
+        if finish is not None:
+            texts = [finish(z, chunks[0]) for z, chunks in zip(texts, plan.chunks, strict=True)]
+        texts = [z.to(dtype) for z in texts]
         out[prompt] = ScheduledFeatures(plan.ends, tuple(texts[i] for i in plan.entry_text))
     return out
 

@@ -11,7 +11,8 @@ Both models run inside **one** sampler run: the base pipeline's U-Net wrapper
 (:class:`ldm_cli.sdxl.PackedConditioningUNet`) sends every call below the cutoff to the refiner's
 U-Net, with the refiner's own conditioning (its bigG features, pooled output and aesthetic
 score: 6 for the prompt, 2.5 for the negative prompt, diffusers' defaults), which every
-conditioning row carries after the base's. Samplers stay plain functions over
+conditioning row carries beside the base's (:func:`ldm_cli.sdxl.merge_rows`; built from the
+same prompt syntax, :mod:`ldm_cli.prompt_conditioning`). Samplers stay plain functions over
 ``model(x, sigma) -> x0`` and never know that the model changed. Compared with two sampler
 calls on the split sigma list, one run keeps the whole sampler state of a base-only run: the
 ancestral noise stream of every step (also the SDE samplers' noise, which is drawn per sigma

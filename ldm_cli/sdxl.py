@@ -20,8 +20,18 @@ around as tensors ``[B, L, D]`` and only ever cuts, pads and concatenates them a
 and the token axes. An SDXL conditioning row therefore carries ``y`` *after the features of
 every token*: ``[B, L, context_dim + adm_in_channels]`` (:func:`pack`). The U-Net wrapper of
 :class:`SDXLPipeline` splits it again (``y`` from the first token), so all of that machinery
-carries ``y`` unchanged. With a refiner attached (:mod:`ldm_cli.refiner`) each row also
-carries the refiner's packed conditioning after the base's.
+carries ``y`` unchanged. With a refiner attached (:mod:`ldm_cli.refiner`) each row holds the
+base's and the refiner's text features, then the base's and the refiner's ``y``
+(:func:`merge_rows`).
+
+**Prompts.** SDXL prompts take the whole A1111 syntax through
+:mod:`ldm_cli.prompt_conditioning`: emphasis, prompt editing and alternation, ``AND``,
+``BREAK``, textual-inversion embeddings and long prompts. As in A1111, every 77-token chunk
+goes through both towers (features concatenated), the chunks are concatenated along the
+sequence (a 150-token prompt gives 154 positions), emphasis and its mean restore apply to the
+text features only, and ``y`` takes the pooled output of the *first* chunk of the text that
+the schedule entry uses (the negative prompt's its own). A prompt of at most 75 tokens without
+syntax gives exactly the rows of :meth:`SDXLPipeline.packed_conditioning`.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from .config import ModelConfig, UNetConfig
 from .detect_sdxl import BASE_ADM_NUMBERS, REFINER_ADM_NUMBERS
 from .models.unet_blocks import timestep_embedding
 from .pipeline import Pipeline, Request
+from .prompt_batch import ScheduledFeatures
 
 if TYPE_CHECKING:
     from .models.latent_diffusion import LatentDiffusion
@@ -118,6 +129,33 @@ def unpack(rows: torch.Tensor, context_dim: int, adm_dim: int) -> tuple[torch.Te
     return rows[..., :context_dim], rows[:, 0, context_dim : context_dim + adm_dim]
 
 
+def merge_rows(
+    base: torch.Tensor, base_context_dim: int, refiner: torch.Tensor, refiner_context_dim: int
+) -> torch.Tensor:
+    """Packed rows [B, L, ...] of the base and the refiner -> [B, L, base text, refiner text,
+    base y, refiner y]. Rows of different lengths (an embedding that only one model knows)
+    are evened by repeating their last vector, as A1111 evens conditioning."""
+    length = max(base.shape[1], refiner.shape[1])
+    base, refiner = (_repeat_last(rows, length) for rows in (base, refiner))
+    refiner = refiner.to(base.device, base.dtype)
+    return torch.cat(
+        [
+            base[..., :base_context_dim],
+            refiner[..., :refiner_context_dim],
+            base[..., base_context_dim:],
+            refiner[..., refiner_context_dim:],
+        ],
+        dim=-1,
+    )
+
+
+def _repeat_last(rows: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - rows.shape[1]
+    if missing <= 0:
+        return rows
+    return torch.cat([rows, rows[:, -1:].expand(-1, missing, -1)], dim=1)
+
+
 def packed_width(unet: UNetConfig) -> int:
     """Width of a packed row: the context features, then the ADM vector."""
     assert unet.adm_in_channels is not None
@@ -152,14 +190,18 @@ class PackedConditioningUNet(nn.Module):
         cfg = self.unet.config
         if y is not None or context is None or context.shape[-1] == cfg.context_dim:
             return self.unet(x, timesteps, context, y)  # called as the plain U-Net
-        width = packed_width(cfg)
-        if self.refiner_unet is not None and _below(timesteps, self.cutoff):
-            rcfg = self.refiner_unet.config
-            rows = context[..., width:]
-            inner, ry = unpack(rows, rcfg.context_dim, rcfg.adm_in_channels)
-            return self.refiner_unet(x, timesteps, inner, ry)
-        inner, y = unpack(context, cfg.context_dim, cfg.adm_in_channels)
-        return self.unet(x, timesteps, inner, y)
+        if self.refiner_unet is None:
+            inner, y = unpack(context, cfg.context_dim, cfg.adm_in_channels)
+            return self.unet(x, timesteps, inner, y)
+        # [base text, refiner text, base y, refiner y] (merge_rows)
+        rcfg = self.refiner_unet.config
+        texts = cfg.context_dim + rcfg.context_dim
+        if _below(timesteps, self.cutoff):
+            start = texts + cfg.adm_in_channels
+            ry = context[:, 0, start : start + rcfg.adm_in_channels]
+            return self.refiner_unet(x, timesteps, context[..., cfg.context_dim : texts], ry)
+        y = context[:, 0, texts : texts + cfg.adm_in_channels]
+        return self.unet(x, timesteps, context[..., : cfg.context_dim], y)
 
 
 def _below(timesteps: torch.Tensor, cutoff: float) -> bool:
@@ -241,15 +283,19 @@ class SDXLPipeline(Pipeline):
     def packed_conditioning(
         self, prompts: list[str], width: int, height: int, negative: bool = False
     ) -> torch.Tensor:
-        """Packed rows [B, 77, context_dim + adm] (and the refiner's after them, if attached)."""
+        """Packed rows [B, 77, context_dim + adm] of prompts taken as plain text, cut after 75
+        tokens (with a refiner attached, merged with the refiner's: :func:`merge_rows`)."""
         unique = list(dict.fromkeys(prompts))
         context, pooled = self.encode_text(unique)
         ids = torch.tensor(self.time_ids(width, height, negative), device=pooled.device)
         rows = pack(context, adm_vector(pooled, ids, adm_embed_dim(self.config)))
         rows = rows[[unique.index(p) for p in prompts]].to(self.dtype)
         if self.refiner is not None:
-            refined = self.refiner.pipe.packed_conditioning(prompts, width, height, negative)
-            rows = torch.cat([rows, refined.to(rows.device, rows.dtype)], dim=-1)
+            refiner = self.refiner.pipe
+            refined = refiner.packed_conditioning(prompts, width, height, negative)
+            rows = merge_rows(
+                rows, self.config.unet.context_dim, refined, refiner.config.unet.context_dim
+            )
         return rows
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -257,8 +303,12 @@ class SDXLPipeline(Pipeline):
         size = self.config.default_size
         return self.packed_conditioning(list(prompts), size, size)
 
-    def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
+    @torch.inference_mode()
+    def conditioning(self, requests: list[Request]):
+        """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None),
+        PromptBatch objects of packed rows (the A1111 prompt syntax, as for SD 1.x/2.x)."""
+        from .prompt_conditioning import batch_requests
+
         head = requests[0]
         for r in requests:
             self.validate(r)
@@ -268,13 +318,92 @@ class SDXLPipeline(Pipeline):
                 raise ValueError("a batch must share everything but prompts and seeds")
         requests = self.networks.activate(requests)  # <lora:...> applied, tags stripped
         size = (head.width, head.height)
-        cond = self.packed_conditioning([r.prompt for r in requests], *size)
-        uncond = None
-        if head.cfg != 1.0:
-            uncond = self.packed_conditioning(
-                [r.negative_prompt for r in requests], *size, negative=True
+
+        def encode(prompts: list[str], negative: bool) -> dict[str, ScheduledFeatures]:
+            return self.scheduled_conditioning(prompts, head.steps, *size, negative=negative)
+
+        return batch_requests(requests, encode, self.empty_features)
+
+    def scheduled_conditioning(
+        self, prompts: list[str], steps: int, width: int, height: int, negative: bool = False
+    ) -> dict[str, ScheduledFeatures]:
+        """Every distinct prompt's packed rows over `steps` (with a refiner attached, merged
+        with the refiner's)."""
+        own = self._schedules(prompts, steps, width, height, negative)
+        if self.refiner is None:
+            return own
+        refiner = self.refiner.pipe
+        refined = refiner._schedules(prompts, steps, width, height, negative)
+        dims = (self.config.unet.context_dim, refiner.config.unet.context_dim)
+        merged = {}
+        for prompt, mine in own.items():
+            theirs = refined[prompt]
+            if theirs.ends != mine.ends:
+                raise ValueError(f"the refiner's schedule of {prompt!r} differs from the base's")
+            merged[prompt] = ScheduledFeatures(
+                mine.ends,
+                tuple(
+                    merge_rows(a[None], dims[0], b[None], dims[1])[0]
+                    for a, b in zip(mine.features, theirs.features, strict=True)
+                ),
             )
-        return cond, uncond
+        return merged
+
+    def _schedules(
+        self, prompts: list[str], steps: int, width: int, height: int, negative: bool
+    ) -> dict[str, ScheduledFeatures]:
+        from .prompt_conditioning import encode_schedules
+
+        embeddings = self.networks.embeddings  # textual inversion (ldm_cli.embeddings)
+        pooled_of: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def encoder(tokens: torch.Tensor) -> torch.Tensor:
+            context, pooled = self._encode_tokens(tokens.to(self.device))
+            for row, vector in zip(tokens.tolist(), pooled, strict=True):
+                pooled_of[tuple(row)] = vector
+            return context
+
+        ids = torch.tensor(self.time_ids(width, height, negative), device=self.device)
+        embed_dim = adm_embed_dim(self.config)
+
+        def finish(features: torch.Tensor, first_chunk) -> torch.Tensor:
+            """The text features [L, D] with `y` of the text's first chunk at every token."""
+            y = adm_vector(pooled_of[first_chunk.ids][None], ids.to(features.device), embed_dim)
+            return pack(features[None], y)[0]
+
+        return encode_schedules(
+            self.tokenizer,
+            encoder,
+            prompts,
+            steps,
+            self.dtype,
+            embeddings=embeddings,
+            finish=finish,
+        )
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text features [N, 77, context_dim], pooled [N, P]) of 77-token rows, in fp32;
+        placeholder ids stand for textual-inversion vectors."""
+        embeddings = self.networks.embeddings
+        if embeddings:
+            context, pooled = embeddings.encode(self.conditioner, tokens)
+        else:
+            context, pooled = self.conditioner(tokens)
+        return context.float(), pooled.float()
+
+    def empty_features(self) -> torch.Tensor:
+        """The empty prompt's text features [77, context_dim] (the base's, then the
+        refiner's): what pads the shorter side of the guidance (ldm_cli.prompt_batch)."""
+        from .prompt_chunks import empty_chunk
+
+        def text(pipe: SDXLPipeline) -> torch.Tensor:
+            tokens = torch.tensor([empty_chunk(pipe.tokenizer).ids], device=pipe.device)
+            return pipe._encode_tokens(tokens)[0][0].to(self.dtype)
+
+        parts = [text(self)]
+        if self.refiner is not None:
+            parts.append(text(self.refiner.pipe).to(parts[0].device))
+        return torch.cat(parts, dim=-1)
 
     def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
         if self.refiner is not None:
