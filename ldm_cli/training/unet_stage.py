@@ -218,25 +218,34 @@ def train_unet(
     )
     if not result.finished:
         return None
+    return finish_stage(STAGE, result, options, {"distinct_captions": len(examples.features)})
+
+
+def finish_stage(stage: str, result, options: LoopOptions, extra: dict) -> UnetResult:
+    """Save a finished U-Net stage's EMA weights and metrics (the main and upscaler stages)."""
     ema = result.ema.eval().requires_grad_(False)
     tail = result.losses[-max(1, len(result.losses) // 10) :]
     metrics = {
         "steps": result.step,
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
-        "distinct_captions": len(examples.features),
+        **extra,
     }
     if is_main_process():
         from ldm_cli.checkpoint_save import save_checkpoint
 
-        save_checkpoint(ema.state_dict(), weights_path(options))
-        merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
+        save_checkpoint(ema.state_dict(), stage_dir(options, stage) / WEIGHTS_FILE)
+        merge_json(options.run_dir / "metrics.json", {stage: metrics})
     wait_for_everyone()
     return UnetResult(ema, metrics)
 
 
-def load_unet(cfg: ModelConfig, options: LoopOptions) -> UnetResult:
+def load_stage_weights(cfg: ModelConfig, path: Path) -> UnetResult:
     from safetensors.torch import load_file
 
     unet = UNetModel(cfg.unet)
-    unet.load_state_dict(load_file(str(weights_path(options))))
+    unet.load_state_dict(load_file(str(path)))
     return UnetResult(unet.eval().requires_grad_(False), {})
+
+
+def load_unet(cfg: ModelConfig, options: LoopOptions) -> UnetResult:
+    return load_stage_weights(cfg, weights_path(options))

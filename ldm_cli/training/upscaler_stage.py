@@ -29,12 +29,9 @@ from ldm_cli.training.loop import (
     LoopOptions,
     StageSettings,
     StepRandom,
-    is_main_process,
-    merge_json,
     note,
     stage_dir,
     train_stage,
-    wait_for_everyone,
 )
 from ldm_cli.training.unet_stage import (
     CAPTION_DROPOUT,
@@ -43,6 +40,8 @@ from ldm_cli.training.unet_stage import (
     TrainingExamples,
     UnetResult,
     assemble_model,
+    finish_stage,
+    load_stage_weights,
     prepare_examples,
     zero_init_like_ldm,
 )
@@ -217,25 +216,9 @@ def train_upscaler(
     )
     if not result.finished:
         return None
-    ema = result.ema.eval().requires_grad_(False)
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
-    metrics = {
-        "steps": result.step,
-        "first_loss": round(result.losses[0], 5) if result.losses else None,
-        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
-    }
-    if is_main_process():
-        from ldm_cli.checkpoint_save import save_checkpoint
-
-        save_checkpoint(ema.state_dict(), weights_path(options))
-        merge_json(options.run_dir / "metrics.json", {STAGE: metrics})
-    wait_for_everyone()
-    return UnetResult(ema, metrics)
+    first = round(result.losses[0], 5) if result.losses else None
+    return finish_stage(STAGE, result, options, {"first_loss": first})
 
 
 def load_upscaler(cfg: ModelConfig, options: LoopOptions) -> UnetResult:
-    from safetensors.torch import load_file
-
-    unet = UNetModel(cfg.unet)
-    unet.load_state_dict(load_file(str(weights_path(options))))
-    return UnetResult(unet.eval().requires_grad_(False), {})
+    return load_stage_weights(cfg, weights_path(options))
