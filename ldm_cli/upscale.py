@@ -28,7 +28,7 @@ from .errors import UserError
 from .image_inputs import ImageInput, fit_to_multiple, load_image, size_notice, to_pixels
 from .image_start import ImageStart
 from .img2img import base_request
-from .pipeline import Pipeline, Progress, Request
+from .pipeline import Pipeline, Progress, Request, seeded_batches
 from .schedules import DiscreteSchedule
 from .tiling import Blender, Tile, check_tiling, tile_grid
 
@@ -231,8 +231,7 @@ def iter_upscale(
     tiled = len(tile_grid(width, height, options.tile_size, options.overlap)) > 1
     extra = options.parameters(tiled)
     out_w, out_h = picture.width * f, picture.height * f
-    for k in range(num_images):
-        req = replace(base, seed=base.seed + k)
+    for (req,) in seeded_batches(base, num_images, 1):  # one image (all its tiles) at a time
         result = upscale_pixels(pipe, pixels, req, cond, uncond, options, progress)
         result_image = to_image(result).crop((0, 0, out_w, out_h))
         shown = replace(req, width=out_w, height=out_h)
