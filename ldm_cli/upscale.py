@@ -123,10 +123,9 @@ def unet_multiple(pipe: Pipeline) -> int:
 def decode_pixels(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
     """Decoded images [B, 3, H, W] in [0, 1], float32 on the CPU (`Pipeline.decode` before
     quantisation)."""
-    vae_dtype = next(pipe.vae.parameters()).dtype
-    images = pipe.vae.decode(latents.to(vae_dtype) / pipe.config.vae.scale_factor).float()
-    if not torch.isfinite(images).all():
-        raise UserError("the decoded image holds NaN/inf values (numerical overflow)")
+    from .numerics import decode_finite  # NaN/inf refused; a half VAE retried in fp32
+
+    images = decode_finite(pipe.vae, latents, pipe.config.vae.scale_factor, pipe.dtype)
     return (images / 2 + 0.5).clamp(0, 1).cpu()
 
 
