@@ -11,11 +11,28 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(path=None, device=None, dtype=None, *, prediction=None, clip_skip=None):
+def load(
+    path=None,
+    device=None,
+    dtype=None,
+    *,
+    prediction=None,
+    clip_skip=None,
+    compile=False,
+    offload="none",
+    vae_tiling="auto",
+):
     """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline).
 
-    `prediction` ("eps" or "v") and `clip_skip` (1 = last text layer) override the defaults.
+    `prediction` ("eps" or "v") and `clip_skip` (1 = last text layer) override the defaults;
+    `compile=True` runs the U-Net through torch.compile, `offload="model"` or `"sequential"`
+    keeps the weights in CPU memory on a CUDA device (see ldm_cli.performance);
+    `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
+    (ldm_cli.vae_tiling).
     """
     from .pipeline import load as _load
 
-    return _load(path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip)
+    return _load(
+        path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip,
+        compile=compile, offload=offload, vae_tiling=vae_tiling,
+    )  # fmt: skip

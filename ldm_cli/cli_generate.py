@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR
+from .cli_performance import COMPILE, OFFLOAD, PREVIEW, PREVIEW_EVERY, Performance
+from .cli_vae import VAE_TILING, check_vae_tiling
 from .errors import UserError
+
+DTYPE_HELP = (
+    "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16. On CPUs with AVX512-BF16 or AMX, "
+    "bf16 is about 2x faster than fp32 but changes the image slightly (docs/benchmarks.md); "
+    "fp16 on a CPU is very slow."
+)
 
 # Kept here (not imported from ldm_cli.samplers) so `ldm --help` never imports torch;
 # tests/test_cli.py checks that it matches the sampler table.
@@ -84,9 +92,7 @@ def generate(
         None, "--from-png", help="Re-render an image from its embedded parameters."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."
-    ),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     hires_scale: float | None = typer.Option(
         None,
         "--hires-scale",
@@ -133,10 +139,18 @@ def generate(
     lora: list[str] = LORA,
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
+    use_compile: bool = COMPILE,
+    offload: str = OFFLOAD,
+    preview: Path | None = PREVIEW,
+    preview_every: int = PREVIEW_EVERY,
+    vae_tiling: str = VAE_TILING,
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     check_model_options(prediction, clip_skip)
+    performance = Performance(use_compile, offload, preview, preview_every)
+    performance.check()
+    check_vae_tiling(vae_tiling)
     from .batch_resume import check_output_dir
 
     check_output_dir(out)
@@ -148,6 +162,8 @@ def generate(
         )
     if clip_skip is None:
         clip_skip = jobs[0].get("clip_skip")
+    if vae_tiling == "auto":  # --from-png: as the image was made
+        vae_tiling = jobs[0].get("vae_tiling", "auto")
     from .hires import HiresFix
 
     hires = jobs[0].get("hires")
@@ -155,13 +171,16 @@ def generate(
         hires = HiresFix(hires_scale, hires_strength, hires_steps)
 
     from .distributed import shared_random_seed
-    from .pipeline import Request, load, seeded_batches
+    from .pipeline import Request, seeded_batches
 
-    pipe = load(model, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip)
+    pipe = performance.load(model, device, dtype, prediction=prediction, clip_skip=clip_skip)
+    pipe.vae_tiling = vae_tiling  # large images through VAE tiles (ldm_cli.vae_tiling)
     if refiner is not None:  # SDXL base + refiner (ldm_cli.refiner)
         from .refiner import attach_refiner
 
-        second = load(refiner, pipe.device, pipe.dtype, prediction=prediction, clip_skip=clip_skip)
+        second = performance.load(
+            refiner, pipe.device, pipe.dtype, prediction=prediction, clip_skip=clip_skip
+        )
         attach_refiner(pipe, second, refiner_switch)
     from .cli_networks import configure
 
@@ -258,7 +277,9 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
         except ValueError:
             raise UserError(f"{from_png}: bad 'CFG rescale' value") from None
     job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
-    return [{**job, "clip_skip": clip_skip}]
+    tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
+    tiling = tiling if tiling in ("on", "auto") else "off"
+    return [{**job, "clip_skip": clip_skip, "vae_tiling": tiling}]
 
 
 def _run(pipe, batches, out: Path, hires=None, resume: bool = False) -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import typer
 
-from .cli_generate import SAMPLER_HELP, SCHEDULER_HELP, check_options, save_all
+from .cli_generate import DTYPE_HELP, SAMPLER_HELP, SCHEDULER_HELP, check_options, save_all
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
+from .cli_performance import COMPILE, OFFLOAD, PREVIEW, PREVIEW_EVERY, Performance
+from .cli_vae import VAE_TILING, check_vae_tiling
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -38,7 +40,7 @@ MODEL = typer.Option(
 )
 OUT = typer.Option(Path("outputs"), "--out", "-o", help="Output folder (created if missing).")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
-DTYPE = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
 INPAINT_STRENGTH = typer.Option(
     1.0,
     "--strength",
@@ -94,18 +96,26 @@ def img2img(
     lora: list[str] = LORA,
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
+    use_compile: bool = COMPILE,
+    offload: str = OFFLOAD,
+    preview: Path | None = PREVIEW,
+    preview_every: int = PREVIEW_EVERY,
+    vae_tiling: str = VAE_TILING,
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    performance = Performance(use_compile, offload, preview, preview_every)
+    performance.check()
+    check_vae_tiling(vae_tiling)
     _check_image_options(strength)
     from .image_inputs import load_image
 
     picture = load_image(image)
 
     from .img2img import iter_img2img
-    from .pipeline import load
 
-    pipe = load(model, device=device, dtype=dtype)
+    pipe = performance.load(model, device, dtype)
+    pipe.vae_tiling = vae_tiling
     configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
 
@@ -162,9 +172,17 @@ def inpaint(
     lora: list[str] = LORA,
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
+    use_compile: bool = COMPILE,
+    offload: str = OFFLOAD,
+    preview: Path | None = PREVIEW,
+    preview_every: int = PREVIEW_EVERY,
+    vae_tiling: str = VAE_TILING,
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    performance = Performance(use_compile, offload, preview, preview_every)
+    performance.check()
+    check_vae_tiling(vae_tiling)
     _check_image_options(strength, mask_blur, full_res_padding)
     if (width or height) and not full_res:
         from .errors import UserError
@@ -185,7 +203,7 @@ def inpaint(
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     _inpaint_and_save(
         picture, stencil, base, options, num_images, batch_size, model, device, dtype, out,
-        networks=(lora, lora_dir, embeddings),
+        networks=(lora, lora_dir, embeddings), vae_tiling=vae_tiling, performance=performance,
     )  # fmt: skip
 
 
@@ -213,9 +231,17 @@ def outpaint(
     lora: list[str] = LORA,
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
+    use_compile: bool = COMPILE,
+    offload: str = OFFLOAD,
+    preview: Path | None = PREVIEW,
+    preview_every: int = PREVIEW_EVERY,
+    vae_tiling: str = VAE_TILING,
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    performance = Performance(use_compile, offload, preview, preview_every)
+    performance.check()
+    check_vae_tiling(vae_tiling)
     _check_image_options(strength, mask_blur)
     from .inpaint_regions import outpaint_inputs
 
@@ -227,18 +253,18 @@ def outpaint(
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     _inpaint_and_save(
         canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra,
-        networks=(lora, lora_dir, embeddings),
+        networks=(lora, lora_dir, embeddings), vae_tiling=vae_tiling, performance=performance,
     )  # fmt: skip
 
 
 def _inpaint_and_save(
     picture, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra=None,
-    networks=None,
+    networks=None, vae_tiling="auto", performance=None,
 ) -> None:  # fmt: skip
     from .inpaint import iter_inpaint
-    from .pipeline import load
 
-    pipe = load(model, device=device, dtype=dtype)
+    pipe = (performance or Performance()).load(model, device, dtype)
+    pipe.vae_tiling = vae_tiling
     if networks is not None:
         configure(pipe, *networks)  # LoRA and textual inversion
 

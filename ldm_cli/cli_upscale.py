@@ -10,6 +10,7 @@ import typer
 
 from .cli_generate import SAMPLER_HELP, check_options, save_all
 from .cli_image import CFG, DEVICE, DTYPE, NEGATIVE, NUM_IMAGES, OUT, SCHEDULER, SEED
+from .cli_vae import VAE_TILING, check_vae_tiling
 from .errors import UserError
 
 # The same numbers as ldm_cli.upscale (which imports torch); tests/test_cli_upscale.py checks.
@@ -60,9 +61,11 @@ def upscale(
     out: Path = OUT,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    vae_tiling: str = VAE_TILING,
 ) -> None:
     """Upscale an image 4x with an x4 upscaler and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, 1, num_images, device, dtype)
+    check_vae_tiling(vae_tiling)
     if not 0 <= noise_level <= MAX_NOISE_LEVEL:
         raise UserError(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, got {noise_level}")
     if tile_size < 0 or (tile_overlap is not None and tile_overlap < 0):
@@ -79,6 +82,7 @@ def upscale(
     from .upscale import UpscaleOptions, iter_upscale
 
     pipe = load(path, device=device, dtype=dtype)
+    pipe.vae_tiling = vae_tiling  # matters with --tile-size 0 or large tiles
     base = base_request(
         prompt,
         negative_prompt,

@@ -58,8 +58,10 @@ def encode_latents(
     One encoder pass serves every generator; each sample's noise is drawn in float32
     on the CPU, so a seed gives the same latents on every device.
     """
+    from .vae_tiling import encode_pixels  # tiled when large
+
     vae_dtype = next(pipe.vae.parameters()).dtype
-    posterior = pipe.vae.encode(pixels.to(pipe.device, vae_dtype))
+    posterior = encode_pixels(pipe, pixels.to(pipe.device, vae_dtype))
     mean, std = posterior.mean.float(), posterior.std.float()
     rows = []
     for i, gen in enumerate(gens):

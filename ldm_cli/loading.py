@@ -15,6 +15,7 @@ from .checkpoint_file import (
     read_tensor,
 )
 from .config import ModelConfig
+from .converted_load import read_converted
 from .detect import detect_config
 from .errors import UserError
 from .models.latent_diffusion import LatentDiffusion
@@ -107,7 +108,7 @@ def load_model(
 
 
 def _read_safetensors(header: CheckpointHeader, keys, device: torch.device, dtype) -> dict:
-    state = {}
+    state, convert = {}, {}
     with open_tensors(header.path) as mapped, open(header.path, "rb") as raw:
         for k in keys:
             info = header.tensors[k]
@@ -115,6 +116,10 @@ def _read_safetensors(header: CheckpointHeader, keys, device: torch.device, dtyp
             target = (dtype or stored) if stored is not None else None
             if stored is None or (target == stored and device.type == "cpu"):
                 state[k] = mapped.get_tensor(k)  # zero-copy view of the file
+            elif device.type == "cpu" and target == dtype:
+                convert[k] = (stored, info.shape, info.offset)  # below, all at once
             else:
                 state[k] = read_tensor(raw, info, stored).to(device=device, dtype=target)
+    if convert:
+        state.update(read_converted(header.path, convert, dtype))
     return state

@@ -469,6 +469,8 @@ class Networks:
         with torch.no_grad():
             deltas = lora_deltas(self.pipe.model, files)
             params = dict(self.pipe.model.named_parameters())
+            if any(params[name].is_meta for name in deltas):  # held by accelerate's hooks
+                raise UserError("LoRAs cannot be applied with --offload sequential; use model")
             for name, delta in deltas.items():
                 param = params[name]
                 with _writable(param), torch.no_grad():

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,8 +15,9 @@ from .devices import resolve_device, resolve_dtype
 from .errors import UserError
 from .guidance import StepClock, cfg_denoiser
 from .image_start import ImageStart
-from .model_options import load_with_options
 from .models.latent_diffusion import LatentDiffusion
+from .performance import load_prepared
+from .request import Request, random_seed, seeded_batches
 from .samplers import SAMPLERS
 from .schedules import (
     SPACINGS,
@@ -36,39 +36,6 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class Request:
-    """Everything that decides an image, besides the model."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 30
-    cfg: float = 7.5
-    seed: int = 0
-    sampler: str = "euler_a"
-    scheduler: str = "auto"
-    width: int = 512
-    height: int = 512
-    rescale_cfg: float = 0.0  # guidance rescale PHI (--rescale-cfg; ldm_cli.cfg_rescale)
-
-    @property
-    def spacing(self) -> str:
-        return (
-            SAMPLERS[self.sampler].default_spacing if self.scheduler == "auto" else self.scheduler
-        )
-
-
-def random_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
-def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list[Request]]:
-    """Image k of a run uses seed + k, whatever the batch size it is rendered in."""
-    reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
-    step = max(1, batch_size)
-    return [reqs[i : i + step] for i in range(0, len(reqs), step)]
-
-
 class Pipeline:
     def __init__(
         self, model: LatentDiffusion, path: Path, device: torch.device, dtype: torch.dtype
@@ -80,6 +47,8 @@ class Pipeline:
         self.dtype = dtype
         self.schedule = DiscreteSchedule(self.config.schedule)
         self.tokenizer = get_tokenizer(self.config.text.pad_token_id)
+        self.vae_tiling = "auto"  # "auto", "on" or "off": see ldm_cli.vae_tiling
+        self.preview = None  # called with each step's x0 (ldm_cli.preview.PreviewWriter)
 
     @property
     def unet(self):
@@ -109,6 +78,13 @@ class Pipeline:
         from .lora import Networks
 
         return Networks(self)
+
+    @cached_property
+    def preview_matrix(self) -> torch.Tensor:
+        """The fitted linear latent -> RGB map of step previews (ldm_cli.preview)."""
+        from .preview import fit_preview_matrix
+
+        return fit_preview_matrix(self)
 
     @property
     def latent_factor(self) -> int:
@@ -196,10 +172,12 @@ class Pipeline:
             x = start.initial_x(noise, float(sigmas[0]), req.spacing)
         total = len(sigmas) - 1
 
-        def on_step(i, *_):
+        def on_step(i, x, x0):
             clock.finished(i)
             if progress:
                 progress(i + 1, total)
+            if self.preview is not None:
+                self.preview(self, i + 1, total, x0)
 
         sigmas = sigmas.to(self.device)
         x = SAMPLERS[req.sampler].fn(model, x, sigmas, generator=generators, callback=on_step)
@@ -209,10 +187,9 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        from .numerics import decode_finite  # NaN/inf refused; an fp16 VAE retried in fp32
+        from .vae_tiling import decode_latents  # NaN/inf refused; tiled when large
 
-        images = decode_finite(self.vae, latents, self.config.vae.scale_factor, self.dtype)
-        images = (images / 2 + 0.5).clamp(0, 1)
+        images = (decode_latents(self, latents) / 2 + 0.5).clamp(0, 1)
         arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
 
@@ -351,6 +328,9 @@ class Pipeline:
             extra = {"Clip skip": str(clip_skip), **(extra or {})}
         if req.rescale_cfg:  # --from-png reads it back
             extra = {**(extra or {}), "CFG rescale": f"{req.rescale_cfg:g}"}
+        from .vae_tiling import tiling_parameters
+
+        extra = {**(extra or {}), **tiling_parameters(self, req, extra)}  # "VAE tiling: on"
         networks = self.networks.parameters(req)  # "Lora hashes", "TI hashes" (A1111)
         if networks:
             extra = {**(extra or {}), **networks}
@@ -390,20 +370,33 @@ def load(
     *,
     prediction: str | None = None,
     clip_skip: int | None = None,
+    compile: bool = False,
+    offload: str = "none",
+    vae_tiling: str = "auto",
 ) -> Pipeline:
     """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
 
     `prediction` ("eps" or "v") overrides what the file tells or the probe finds (SD 2.x);
     `clip_skip` takes the text encoder's output that many layers from the end (1 = last).
+    `compile` runs the U-Net through torch.compile; `offload` ("model", "sequential"; CUDA)
+    keeps the weights in CPU memory (ldm_cli.performance). `vae_tiling` ("auto", "on", "off")
+    decodes and encodes large images in tiles (ldm_cli.vae_tiling).
     """
     from .embedded import default_model_path
+    from .vae_tiling import check_mode
 
+    check_mode(vae_tiling)
     path = Path(path) if path else default_model_path()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model, header = load_with_options(path, dev, dt, prediction, clip_skip)
+    model, header = load_prepared(
+        path, dev, dt, prediction, clip_skip, compile=compile, offload=offload
+    )
     if model.config.conditioner:  # SDXL base, inpainting and refiner
         from .sdxl import SDXLPipeline
 
-        return SDXLPipeline(model, header.path, dev, dt)
-    return Pipeline(model, header.path, dev, dt)
+        pipe = SDXLPipeline(model, header.path, dev, dt)
+    else:
+        pipe = Pipeline(model, header.path, dev, dt)
+    pipe.vae_tiling = vae_tiling
+    return pipe

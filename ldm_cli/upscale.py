@@ -31,6 +31,7 @@ from .img2img import base_request
 from .pipeline import Pipeline, Progress, Request, seeded_batches
 from .schedules import DiscreteSchedule
 from .tiling import Blender, Tile, check_tiling, tile_grid
+from .vae_tiling import tiling_note
 
 # ImageConcatWithNoiseAugmentation in x4-upscaling.yaml (diffusers' low_res_scheduler).
 LOW_RES_SCHEDULE = ScheduleConfig(beta_start=0.0001, beta_end=0.02)
@@ -123,10 +124,9 @@ def unet_multiple(pipe: Pipeline) -> int:
 def decode_pixels(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
     """Decoded images [B, 3, H, W] in [0, 1], float32 on the CPU (`Pipeline.decode` before
     quantisation)."""
-    from .numerics import decode_finite  # NaN/inf refused; a half VAE retried in fp32
+    from .vae_tiling import decode_latents  # NaN/inf refused; a half VAE retried in fp32
 
-    images = decode_finite(pipe.vae, latents, pipe.config.vae.scale_factor, pipe.dtype)
-    return (images / 2 + 0.5).clamp(0, 1).cpu()
+    return (decode_latents(pipe, latents) / 2 + 0.5).clamp(0, 1).cpu()
 
 
 def to_image(pixels: torch.Tensor) -> Image.Image:
@@ -227,8 +227,9 @@ def iter_upscale(
     base = replace(base, width=width * f, height=height * f)
     cond, uncond = pipe.conditioning([base])
     pixels = to_pixels([fitted.image])
-    tiled = len(tile_grid(width, height, options.tile_size, options.overlap)) > 1
-    extra = options.parameters(tiled)
+    tiles = tile_grid(width, height, options.tile_size, options.overlap)
+    extra = options.parameters(len(tiles) > 1)
+    extra.update(tiling_note(pipe, [(tiles[0].width * f, tiles[0].height * f)]))  # each decode
     out_w, out_h = picture.width * f, picture.height * f
     for (req,) in seeded_batches(base, num_images, 1):  # one image (all its tiles) at a time
         result = upscale_pixels(pipe, pixels, req, cond, uncond, options, progress)

@@ -58,7 +58,9 @@ def diffusers_config(cache: Path) -> Path:
     return out
 
 
-def worker(tool: str, model: Path, size: int, steps: int, png: Path) -> dict:
+def worker(
+    tool: str, model: Path, size: int, steps: int, png: Path, device: str, dtype: str
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -74,6 +76,10 @@ def worker(tool: str, model: Path, size: int, steps: int, png: Path) -> dict:
         str(steps),
         "--png",
         str(png),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
     ]
     env = dict(
         os.environ, LDM_BENCH_T0=repr(time.time()), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"
@@ -84,15 +90,34 @@ def worker(tool: str, model: Path, size: int, steps: int, png: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(device: str = "cpu", dtype: str = "fp32", reps: int = 10) -> float:
+    n = 2048 if device == "cpu" else 8192
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    a = torch.randn(n, n, device=device).to(torch_dtype)
+    b = torch.randn(n, n, device=device).to(torch_dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
 
 
 def model_gflop(size: int) -> tuple[float, float]:
@@ -148,12 +173,37 @@ def startup_lines() -> list[str]:
     return lines
 
 
+def tiled_vae_lines(size: int) -> list[str]:
+    """`--vae-tiling` at its default tiles: wall time and peak RSS of a fresh process."""
+    from ldm_cli.bench.vae_2048 import measure
+
+    r = measure(size, "on")
+    return [
+        f"- SD 1.5 VAE, {r['tiles']} tiles of 64x64 latent cells (overlap 16), fp32 CPU: "
+        f"decode {r['decode_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+        f"(weights and latent alone: {r['rss_before_decode_gib']:.2f} GiB)"
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when available (then fp16), else cpu (fp32)",
+    )
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: per device")
+    ap.add_argument(
+        "--tiled-vae-size",
+        type=int,
+        default=2048,
+        help="also time a tiled SD 1.5 VAE decode at this size, with its peak RSS (0: skip)",
+    )
     ap.add_argument(
         "--startup-only",
         action="store_true",
@@ -163,22 +213,28 @@ def main() -> None:
     if args.startup_only:
         print("\n".join(startup_lines()))
         return
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
     args.cache.mkdir(parents=True, exist_ok=True)
     model = checkpoint(args.cache)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device, dtype)
     lines = [
         "# Benchmarks",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, fp32 matmul peak {peak:.0f} GFLOP/s (2048x2048).",
-        f"Settings: random SD 1.5 checkpoint (fp16 file, fp32 compute), Euler, {args.steps} "
-        "steps, CFG 7.5 (batch 2), each tool in a fresh process. Produced by `make bench`.",
+        f"Machine: {machine_name(device)}, torch {torch.__version__}, "
+        f"{dtype} matmul peak {peak:.0f} GFLOP/s.",
+        f"Settings: random SD 1.5 checkpoint (fp16 file, {dtype} compute on {device}), Euler, "
+        f"{args.steps} steps, CFG 7.5 (batch 2), each tool in a fresh process, run one after "
+        "the other. Produced by `make bench`.",
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            ours = worker("ldm", model, size, args.steps, Path(tmp) / f"ldm-{size}.png")
-            ref = worker("diffusers", model, size, args.steps, Path(tmp) / f"ref-{size}.png")
+            run = (size, args.steps)
+            ours = worker("ldm", model, *run, Path(tmp) / f"ldm-{size}.png", device, dtype)
+            ref = worker("diffusers", model, *run, Path(tmp) / f"ref-{size}.png", device, dtype)
             diff = max_pixel_diff(Path(tmp) / f"ldm-{size}.png", Path(tmp) / f"ref-{size}.png")
             unet_gf, vae_gf = model_gflop(size)
             lines += [
@@ -204,6 +260,15 @@ def main() -> None:
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]
     print("\n".join(extra))
+    if args.tiled_vae_size:
+        tiled = tiled_vae_lines(args.tiled_vae_size)
+        lines += [
+            f"## Tiled VAE decode at {args.tiled_vae_size}x{args.tiled_vae_size}",
+            "",
+            *tiled,
+            "",
+        ]
+        print("\n".join(tiled))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -18,7 +17,22 @@ NEGATIVE = "blurry"
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak
+    from ldm_cli.bench.vae_2048 import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
+
+
+def _clock(device: str):
+    """time.time() after the device has finished its queued work."""
+    import torch
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.time()
+
+    return now
 
 
 def run_ldm(args) -> dict:
@@ -27,24 +41,25 @@ def run_ldm(args) -> dict:
     from ldm_cli.pipeline import Request, load
     from ldm_cli.pngmeta import write_png
 
+    now = _clock(args.device)
     t = {"imported": time.time()}
-    pipe = load(args.model, device="cpu", dtype="fp32")
-    t["loaded"] = time.time()
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    t["loaded"] = now()
     req = Request(
         PROMPT, NEGATIVE, args.steps, 7.5, args.seed, "euler", "normal", args.size, args.size
     )
     with torch.inference_mode():
         cond = pipe.encode_prompts([PROMPT])
         uncond = pipe.encode_prompts([NEGATIVE])
-        t["encoded"] = time.time()
+        t["encoded"] = now()
         steps = []
         noise, gen = pipe.initial_noise(args.seed, args.size, args.size)
         latents = pipe.sample(
-            cond, uncond, noise, [gen], req, progress=lambda i, n: steps.append(time.time())
+            cond, uncond, noise, [gen], req, progress=lambda i, n: steps.append(now())
         )
-        t["sampled"] = time.time()
+        t["sampled"] = now()
         (image,) = pipe.decode(latents)
-    t["decoded"] = time.time()
+    t["decoded"] = now()
     write_png(image, args.png, pipe.parameters_text(req))
     t["written"] = time.time()
     return {**t, "step_times": steps}
@@ -54,6 +69,8 @@ def run_diffusers(args) -> dict:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+    now = _clock(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     t = {"imported": time.time()}
     pipe = StableDiffusionPipeline.from_single_file(
         args.model,
@@ -61,20 +78,20 @@ def run_diffusers(args) -> dict:
         local_files_only=True,
         safety_checker=None,
         requires_safety_checker=False,
-        torch_dtype=torch.float32,
-    )
+        torch_dtype=dtype,
+    ).to(args.device)
     pipe.scheduler = EulerDiscreteScheduler.from_config(
         pipe.scheduler.config, timestep_spacing="linspace"
     )
     pipe.set_progress_bar_config(disable=True)
-    t["loaded"] = time.time()
+    t["loaded"] = now()
     with torch.inference_mode():
-        cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
-        t["encoded"] = time.time()
+        cond, uncond = pipe.encode_prompt(PROMPT, args.device, 1, True, NEGATIVE)
+        t["encoded"] = now()
         steps = []
 
         def on_step(p, i, ts, kw):
-            steps.append(time.time())
+            steps.append(now())
             return kw
 
         latents = pipe(
@@ -88,10 +105,10 @@ def run_diffusers(args) -> dict:
             output_type="latent",
             callback_on_step_end=on_step,
         ).images
-        t["sampled"] = time.time()
+        t["sampled"] = now()
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
-    t["decoded"] = time.time()
+    t["decoded"] = now()
     image.save(args.png)
     t["written"] = time.time()
     return {**t, "step_times": steps}
@@ -106,6 +123,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--png", required=True)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     args = ap.parse_args()
     t0 = float(os.environ.get("LDM_BENCH_T0", time.time()))
     t = run_ldm(args) if args.tool == "ldm" else run_diffusers(args)
@@ -115,6 +134,8 @@ def main() -> None:
     body = sorted(per_step[1:] or per_step)
     result = {
         "tool": args.tool,
+        "device": args.device,
+        "dtype": args.dtype,
         "size": args.size,
         "steps": args.steps,
         "import_s": t["imported"] - t0,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.models.attention import SpatialTransformer
+from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
 
 RESBLOCK_GROUPNORM_EPS = 1e-5
 TIMESTEP_MAX_PERIOD = 10000
@@ -96,15 +97,17 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (computed as
+    four 2x2 convolutions on the small input: see ``upsample_conv``)."""
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
         self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+        self._folded = FoldedKernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias, self._folded)
 
 
 class TimestepEmbedSequential(nn.Sequential):

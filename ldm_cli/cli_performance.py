@@ -1,0 +1,70 @@
+"""The `--compile`, `--offload` and `--preview` options shared by `ldm generate`, `img2img`,
+`inpaint` and `outpaint` (see ldm_cli.compile_unet, ldm_cli.offload, ldm_cli.preview).
+torch is not imported here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from .errors import UserError
+
+COMPILE = typer.Option(
+    False,
+    "--compile",
+    help="Run the U-Net through torch.compile (inductor, static shapes): faster steps after a "
+    "one-time compilation at the first step (seconds to minutes); the same image up to float "
+    "rounding. Needs a C++ compiler on the CPU, triton on CUDA.",
+)
+OFFLOAD = typer.Option(
+    "none",
+    "--offload",
+    help="Keep the weights in CPU memory (CUDA only; accelerate): none; model moves each "
+    "component (text encoder, U-Net, VAE) to the GPU while it runs; sequential moves the U-Net "
+    "and VAE layer by layer, for the smallest GPUs (SDXL in 4-6 GB), much slower.",
+)
+PREVIEW = typer.Option(
+    None,
+    "--preview",
+    help="Write a small PNG of the image being sampled to FILE every --preview-every steps "
+    "(replaced atomically, for an image viewer that reloads it), decoded by a linear "
+    "latent-to-RGB map fitted to the model's VAE instead of the VAE itself.",
+)
+PREVIEW_EVERY = typer.Option(
+    5, "--preview-every", help="Steps between --preview images (the last step is also written)."
+)
+
+
+@dataclass(frozen=True)
+class Performance:
+    """The options' values; `check` runs before torch is imported, `load` opens the model."""
+
+    compile: bool = False
+    offload: str = "none"
+    preview: Path | None = None
+    preview_every: int = 5
+
+    def check(self) -> None:
+        from .offload import check_offload_mode
+
+        check_offload_mode(self.offload)
+        if self.preview_every < 1:
+            raise UserError(f"--preview-every must be at least 1, got {self.preview_every}")
+        if self.preview is not None:
+            if self.preview.is_dir():
+                raise UserError(f"--preview {self.preview} is a folder; give a file name")
+            if not self.preview.parent.is_dir():
+                raise UserError(f"--preview: folder {self.preview.parent} does not exist")
+
+    def load(self, model: Path | None, device, dtype, **options):
+        """`ldm_cli.load` with these options; the pipeline writes previews when asked to."""
+        from .pipeline import load
+
+        pipe = load(model, device, dtype, compile=self.compile, offload=self.offload, **options)
+        if self.preview is not None:
+            from .preview import PreviewWriter
+
+            pipe.preview = PreviewWriter(self.preview, self.preview_every)
+        return pipe

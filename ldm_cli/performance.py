@@ -1,0 +1,46 @@
+"""Loading with `--compile` and `--offload` applied (see ldm_cli.compile_unet, ldm_cli.offload)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint_file import CheckpointHeader
+from .errors import UserError
+from .model_options import load_with_options
+from .models.latent_diffusion import LatentDiffusion
+from .offload import apply_offload, check_offload_device
+
+
+def load_prepared(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    prediction: str | None = None,
+    clip_skip: int | None = None,
+    *,
+    compile: bool = False,
+    offload: str = "none",
+) -> tuple[LatentDiffusion, CheckpointHeader]:
+    """`load_with_options`, then the U-Net compiled and the offload hooks installed. Option
+    errors (a CPU device for offloading, no compiler) come before the weights are read."""
+    check_offload_device(offload, device)
+    if compile and offload == "sequential":
+        raise UserError(
+            "--compile does not work with --offload sequential (weights are swapped layer by "
+            "layer inside the U-Net); use --offload model"
+        )
+    if compile:
+        from .compile_unet import check_compile
+
+        check_compile(device)
+    # offloaded weights are read into CPU memory and never all sit on the GPU at once
+    home = device if offload == "none" else torch.device("cpu")
+    model, header = load_with_options(path, home, dtype, prediction, clip_skip)
+    if compile:
+        from .compile_unet import compile_unet
+
+        compile_unet(model.unet, device)
+    apply_offload(model, offload, device)
+    return model, header

@@ -1,0 +1,81 @@
+"""The folded upsample + 3x3 conv (four 2x2 kernels on the small input) against the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_cli.models import upsample_conv
+from ldm_cli.models.upsample_conv import FoldedKernels, folded_kernels, upsample2x_conv3x3
+from ldm_cli.models.vae import Upsample as VAEUpsample
+
+
+def plain(x, weight, bias):
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+@pytest.fixture(autouse=True)
+def always_folded(monkeypatch):
+    monkeypatch.setattr(upsample_conv, "MIN_ELEMENTS", 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 4, 7), (1, 8, 9, 6), (3, 2, 16, 16)])
+@pytest.mark.parametrize("out_channels", [1, 4])
+def test_equals_upsample_then_conv_in_float64(shape, out_channels):
+    g = torch.Generator().manual_seed(sum(shape) + out_channels)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(out_channels, shape[1], 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(out_channels, generator=g, dtype=torch.float64)
+    got = upsample2x_conv3x3(x, w, b)
+    assert got.shape == (shape[0], out_channels, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(got, plain(x, w, b), rtol=0, atol=1e-12)
+    torch.testing.assert_close(upsample2x_conv3x3(x, w, None), plain(x, w, None), rtol=0, atol=1e-12)
+
+
+def test_float32_error_is_rounding_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 12, 12, generator=g)
+    w = torch.randn(64, 64, 3, 3, generator=g) / 24
+    err = (upsample2x_conv3x3(x, w, None) - plain(x, w, None)).abs().max().item()
+    assert err < 1e-5
+
+
+def test_each_folded_kernel_sums_the_taps_its_parity_sees():
+    w = torch.arange(9.0).view(1, 1, 3, 3)  # w[y, x] = 3y + x
+    k = folded_kernels(w).view(2, 2, 2, 2)  # parity a, parity b, window row, window column
+    # parity (0, 0): rows {0} and {1, 2}, columns {0} and {1, 2}
+    assert k[0, 0].tolist() == [[0.0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    # parity (1, 1): rows {0, 1} and {2}, columns {0, 1} and {2}
+    assert k[1, 1].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+
+
+def test_cache_follows_in_place_weight_edits():
+    up = VAEUpsample(4)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        first = up(x)
+        up.conv.weight.mul_(2)  # a LoRA patch is such an in-place edit
+        torch.testing.assert_close(up(x), plain(x, up.conv.weight, up.conv.bias))
+        up.conv.weight = torch.nn.Parameter(torch.zeros_like(up.conv.weight))
+        torch.testing.assert_close(up(x), plain(x, up.conv.weight, up.conv.bias))
+    assert not torch.equal(first, up(x).detach())
+
+
+def test_gradients_reach_the_weight_as_through_the_plain_path():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    w = torch.randn(6, 3, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    cache = FoldedKernels()
+    grads = torch.autograd.grad(upsample2x_conv3x3(x, w, b, cache).square().sum(), (x, w, b))
+    want = torch.autograd.grad(plain(x, w, b).square().sum(), (x, w, b))
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_module_built_under_inference_mode_still_upsamples():
+    with torch.inference_mode():
+        up = VAEUpsample(3)
+        x = torch.randn(1, 3, 4, 4)
+        torch.testing.assert_close(up(x), plain(x, up.conv.weight, up.conv.bias))
