@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -32,3 +33,16 @@ def written(proc: subprocess.CompletedProcess) -> list[Path]:
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_command():
+    """Import into a test module to run its `ldm` subprocesses on one thread each: tiny models
+    gain nothing from threads, and on a busy 2-core machine they cost 4x."""
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    if previous is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = previous

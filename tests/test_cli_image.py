@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -13,20 +12,13 @@ from ldm_cli.config import TINY_SD1
 from ldm_cli.image_inputs import blur_mask
 from ldm_cli.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
-from tests.cli_helpers import ldm, pixels, written
+from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
+    ldm,
+    one_thread_per_command,
+    pixels,
+    written,
+)
 from tests.image_helpers import box_mask, photo
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread_per_command():
-    # Tiny models gain nothing from threads; on a busy 2-core machine they cost 4x.
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    if previous is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = previous
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,14 @@ from ldm_cli import cli_upscale, upscale
 from ldm_cli.config import TINY_SD1, TINY_X4, X4_UPSCALER
 from ldm_cli.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
-from tests.cli_helpers import ldm, pixels, written
+from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
+    ldm,
+    one_thread_per_command,
+    pixels,
+    written,
+)
 from tests.image_helpers import photo
 from tests.upscaler_helpers import real_layout_shapes, write_sparse_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread_per_command():
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    if previous is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = previous
 
 
 @pytest.fixture(scope="module")

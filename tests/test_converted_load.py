@@ -21,9 +21,7 @@ def test_values_shapes_and_alignment(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path))
     header = read_header(path)
-    wanted = {
-        k: (TORCH_DTYPES[i.dtype], i.shape, i.offset) for k, i in header.tensors.items()
-    }
+    wanted = {k: (TORCH_DTYPES[i.dtype], i.shape, i.offset) for k, i in header.tensors.items()}
     out = read_converted(path, wanted, torch.float32)
     for key, ref in tensors.items():
         assert out[key].dtype == torch.float32 and out[key].shape == ref.shape

@@ -3,7 +3,6 @@ CLI option, on a tiny random checkpoint (its f=2 VAE makes a 64-cell tile 128 px
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -15,19 +14,13 @@ from ldm_cli.errors import UserError
 from ldm_cli.pipeline import Request
 from ldm_cli.pngmeta import read_parameters
 from ldm_cli.testing import random_checkpoint
-from tests.cli_helpers import ldm, pixels, written
+from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
+    ldm,
+    one_thread_per_command,
+    pixels,
+    written,
+)
 from tests.image_helpers import photo
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread_per_command():
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    if previous is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = previous
 
 
 @pytest.fixture(scope="module")
