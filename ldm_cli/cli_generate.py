@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR
 from .cli_performance import COMPILE, OFFLOAD, PREVIEW, PREVIEW_EVERY, Performance
-from .cli_vae import VAE_TILING, check_vae_tiling
+from .cli_vae import VAE_TILING
 from .errors import UserError
 
 DTYPE_HELP = (
@@ -148,9 +149,8 @@ def generate(
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     check_model_options(prediction, clip_skip)
-    performance = Performance(use_compile, offload, preview, preview_every)
+    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
     performance.check()
-    check_vae_tiling(vae_tiling)
     from .batch_resume import check_output_dir
 
     check_output_dir(out)
@@ -163,7 +163,7 @@ def generate(
     if clip_skip is None:
         clip_skip = jobs[0].get("clip_skip")
     if vae_tiling == "auto":  # --from-png: as the image was made
-        vae_tiling = jobs[0].get("vae_tiling", "auto")
+        performance = replace(performance, vae_tiling=jobs[0].get("vae_tiling", "auto"))
     from .hires import HiresFix
 
     hires = jobs[0].get("hires")
@@ -174,7 +174,6 @@ def generate(
     from .pipeline import Request, seeded_batches
 
     pipe = performance.load(model, device, dtype, prediction=prediction, clip_skip=clip_skip)
-    pipe.vae_tiling = vae_tiling  # large images through VAE tiles (ldm_cli.vae_tiling)
     if refiner is not None:  # SDXL base + refiner (ldm_cli.refiner)
         from .refiner import attach_refiner
 

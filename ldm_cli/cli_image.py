@@ -13,7 +13,7 @@ import typer
 from .cli_generate import DTYPE_HELP, SAMPLER_HELP, SCHEDULER_HELP, check_options, save_all
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
 from .cli_performance import COMPILE, OFFLOAD, PREVIEW, PREVIEW_EVERY, Performance
-from .cli_vae import VAE_TILING, check_vae_tiling
+from .cli_vae import VAE_TILING
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -104,9 +104,8 @@ def img2img(
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(use_compile, offload, preview, preview_every)
+    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
     performance.check()
-    check_vae_tiling(vae_tiling)
     _check_image_options(strength)
     from .image_inputs import load_image
 
@@ -115,7 +114,6 @@ def img2img(
     from .img2img import iter_img2img
 
     pipe = performance.load(model, device, dtype)
-    pipe.vae_tiling = vae_tiling
     configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
 
@@ -180,9 +178,8 @@ def inpaint(
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(use_compile, offload, preview, preview_every)
+    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
     performance.check()
-    check_vae_tiling(vae_tiling)
     _check_image_options(strength, mask_blur, full_res_padding)
     if (width or height) and not full_res:
         from .errors import UserError
@@ -203,7 +200,7 @@ def inpaint(
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     _inpaint_and_save(
         picture, stencil, base, options, num_images, batch_size, model, device, dtype, out,
-        networks=(lora, lora_dir, embeddings), vae_tiling=vae_tiling, performance=performance,
+        networks=(lora, lora_dir, embeddings), performance=performance,
     )  # fmt: skip
 
 
@@ -239,9 +236,8 @@ def outpaint(
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(use_compile, offload, preview, preview_every)
+    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
     performance.check()
-    check_vae_tiling(vae_tiling)
     _check_image_options(strength, mask_blur)
     from .inpaint_regions import outpaint_inputs
 
@@ -253,18 +249,17 @@ def outpaint(
     base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     _inpaint_and_save(
         canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra,
-        networks=(lora, lora_dir, embeddings), vae_tiling=vae_tiling, performance=performance,
+        networks=(lora, lora_dir, embeddings), performance=performance,
     )  # fmt: skip
 
 
 def _inpaint_and_save(
     picture, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra=None,
-    networks=None, vae_tiling="auto", performance=None,
+    networks=None, performance=None,
 ) -> None:  # fmt: skip
     from .inpaint import iter_inpaint
 
     pipe = (performance or Performance()).load(model, device, dtype)
-    pipe.vae_tiling = vae_tiling
     if networks is not None:
         configure(pipe, *networks)  # LoRA and textual inversion
 

@@ -1,6 +1,6 @@
-"""The `--compile`, `--offload` and `--preview` options shared by `ldm generate`, `img2img`,
-`inpaint` and `outpaint` (see ldm_cli.compile_unet, ldm_cli.offload, ldm_cli.preview).
-torch is not imported here."""
+"""The `--compile`, `--offload`, `--preview` and `--vae-tiling` options shared by `ldm generate`,
+`img2img`, `inpaint` and `outpaint` (see ldm_cli.compile_unet, ldm_cli.offload, ldm_cli.preview,
+ldm_cli.vae_tiling). torch is not imported here."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from .cli_vae import check_vae_tiling
 from .errors import UserError
 
 COMPILE = typer.Option(
@@ -45,11 +46,13 @@ class Performance:
     offload: str = "none"
     preview: Path | None = None
     preview_every: int = 5
+    vae_tiling: str = "auto"
 
     def check(self) -> None:
         from .offload import check_offload_mode
 
         check_offload_mode(self.offload)
+        check_vae_tiling(self.vae_tiling)
         if self.preview_every < 1:
             raise UserError(f"--preview-every must be at least 1, got {self.preview_every}")
         if self.preview is not None:
@@ -62,7 +65,10 @@ class Performance:
         """`ldm_cli.load` with these options; the pipeline writes previews when asked to."""
         from .pipeline import load
 
-        pipe = load(model, device, dtype, compile=self.compile, offload=self.offload, **options)
+        pipe = load(
+            model, device, dtype, compile=self.compile, offload=self.offload,
+            vae_tiling=self.vae_tiling, **options,
+        )  # fmt: skip
         if self.preview is not None:
             from .preview import PreviewWriter
 

@@ -81,8 +81,7 @@ def upscale(
     from .pipeline import load
     from .upscale import UpscaleOptions, iter_upscale
 
-    pipe = load(path, device=device, dtype=dtype)
-    pipe.vae_tiling = vae_tiling  # matters with --tile-size 0 or large tiles
+    pipe = load(path, device=device, dtype=dtype, vae_tiling=vae_tiling)  # --tile-size 0, big tiles
     base = base_request(
         prompt,
         negative_prompt,

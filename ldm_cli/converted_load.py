@@ -12,6 +12,7 @@ compacts memory to find them.)
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def read_converted(
     path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]], target: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """{key: (stored dtype, shape, byte offset in the file)} -> CPU tensors in `target`."""
-    itemsize = _itemsize(target)
-    sizes = {k: _aligned(_numel(shape) * itemsize) for k, (_, shape, _) in tensors.items()}
+    itemsize = target.itemsize
+    sizes = {k: _aligned(math.prod(shape) * itemsize) for k, (_, shape, _) in tensors.items()}
     private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     arena = mmap.mmap(-1, max(ALIGN, sum(sizes.values())), flags=private or mmap.MAP_SHARED)
     out = {}
@@ -64,7 +65,7 @@ def read_converted(
             _advise(source, "MADV_SEQUENTIAL")
             position = 0
             for key, (stored, shape, offset) in tensors.items():
-                count = _numel(shape)
+                count = math.prod(shape)
                 if count == 0:
                     out[key] = torch.empty(shape, dtype=target)
                     continue
@@ -72,21 +73,10 @@ def read_converted(
                 src = torch.frombuffer(source, dtype=stored, count=count, offset=offset)
                 dst.copy_(src)
                 del src
-                _drop_pages(source, offset, count * _itemsize(stored))
+                _drop_pages(source, offset, count * stored.itemsize)
                 out[key] = dst.view(shape)
                 position += sizes[key]
         finally:
             with contextlib.suppress(BufferError):  # a tensor still views it: closed when freed
                 source.close()
     return out
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
