@@ -9,7 +9,15 @@ from pathlib import Path
 import typer
 
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR
-from .cli_performance import COMPILE, OFFLOAD, PREVIEW, PREVIEW_EVERY, Performance
+from .cli_performance import (
+    COMPILE,
+    DEEP_CACHE,
+    OFFLOAD,
+    PREVIEW,
+    PREVIEW_EVERY,
+    TOKEN_MERGING,
+    Performance,
+)
 from .cli_vae import VAE_TILING
 from .errors import UserError
 
@@ -145,11 +153,15 @@ def generate(
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
+    deep_cache: int = DEEP_CACHE,
+    token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     check_model_options(prediction, clip_skip)
-    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
+    performance = Performance(
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
+    )
     performance.check()
     from .batch_resume import check_output_dir
 
@@ -207,6 +219,7 @@ def generate(
             width=o.get("width", width or size),
             height=o.get("height", height or size),
             rescale_cfg=o.get("rescale_cfg", rescale_cfg),
+            **{name: o.get(name, value) for name, value in performance.speedups().items()},
         )
         pipe.validate(req)
         n = o.get("num_images", num_images)
@@ -275,6 +288,15 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
             options["rescale_cfg"] = float(p.extra["CFG rescale"])
         except ValueError:
             raise UserError(f"{from_png}: bad 'CFG rescale' value") from None
+    if "Deep cache" in p.extra:  # written by --deep-cache
+        if not p.extra["Deep cache"].isdigit():
+            raise UserError(f"{from_png}: bad 'Deep cache' value")
+        options["deep_cache"] = int(p.extra["Deep cache"])
+    if "Token merging ratio" in p.extra:  # written by --token-merging
+        try:
+            options["token_merging"] = float(p.extra["Token merging ratio"])
+        except ValueError:
+            raise UserError(f"{from_png}: bad 'Token merging ratio' value") from None
     job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
     tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
     tiling = tiling if tiling in ("on", "auto") else "off"

@@ -12,7 +12,15 @@ import typer
 
 from .cli_generate import DTYPE_HELP, SAMPLER_HELP, SCHEDULER_HELP, check_options, save_all
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
-from .cli_performance import COMPILE, OFFLOAD, PREVIEW, PREVIEW_EVERY, Performance
+from .cli_performance import (
+    COMPILE,
+    DEEP_CACHE,
+    OFFLOAD,
+    PREVIEW,
+    PREVIEW_EVERY,
+    TOKEN_MERGING,
+    Performance,
+)
 from .cli_vae import VAE_TILING
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
@@ -59,7 +67,7 @@ def _notice(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler):
+def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance):
     from .img2img import base_request
 
     return base_request(
@@ -70,6 +78,7 @@ def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler):
         seed=seed,
         sampler=sampler,
         scheduler=scheduler,
+        **performance.speedups(),
     )
 
 
@@ -101,10 +110,14 @@ def img2img(
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
+    deep_cache: int = DEEP_CACHE,
+    token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
+    performance = Performance(
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
+    )
     performance.check()
     _check_image_options(strength)
     from .image_inputs import load_image
@@ -115,7 +128,7 @@ def img2img(
 
     pipe = performance.load(model, device, dtype)
     configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion
-    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
+    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance)
 
     def results(on_step):
         return iter_img2img(
@@ -175,10 +188,14 @@ def inpaint(
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
+    deep_cache: int = DEEP_CACHE,
+    token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
+    performance = Performance(
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
+    )
     performance.check()
     _check_image_options(strength, mask_blur, full_res_padding)
     if (width or height) and not full_res:
@@ -197,7 +214,7 @@ def inpaint(
     from .inpaint import InpaintOptions
 
     options = InpaintOptions(strength, mask_blur, full_res, full_res_padding, width, height)
-    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
+    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance)
     _inpaint_and_save(
         picture, stencil, base, options, num_images, batch_size, model, device, dtype, out,
         networks=(lora, lora_dir, embeddings), performance=performance,
@@ -233,10 +250,14 @@ def outpaint(
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
+    deep_cache: int = DEEP_CACHE,
+    token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(use_compile, offload, preview, preview_every, vae_tiling)
+    performance = Performance(
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
+    )
     performance.check()
     _check_image_options(strength, mask_blur)
     from .inpaint_regions import outpaint_inputs
@@ -246,7 +267,7 @@ def outpaint(
     from .inpaint import InpaintOptions
 
     options = InpaintOptions(strength, mask_blur)
-    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
+    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance)
     _inpaint_and_save(
         canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra,
         networks=(lora, lora_dir, embeddings), performance=performance,

@@ -34,10 +34,15 @@ def base_request(
     seed: int | None = None,
     sampler: str = "euler_a",
     scheduler: str = "auto",
+    deep_cache: int = 0,
+    token_merging: float = 0.0,
 ) -> Request:
     """A request whose size the image decides later."""
     seed = random_seed() if seed is None else seed
-    return Request(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, 0, 0)
+    return Request(
+        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, 0, 0,
+        deep_cache=deep_cache, token_merging=token_merging,
+    )  # fmt: skip
 
 
 def check_strength(strength: float) -> None:
@@ -168,7 +173,8 @@ def img2img(
     """Redraw `image` (a path or PIL image) towards `prompt`.
 
     strength 0 returns the VAE round trip, 1 ignores the image (plain generation). `settings`
-    are `steps`, `cfg`, `seed`, `sampler` and `scheduler` as in `Pipeline.generate`.
+    are `steps`, `cfg`, `seed`, `sampler`, `scheduler`, `deep_cache` and `token_merging` as in
+    `Pipeline.generate`.
     """
     base = base_request(prompt, negative_prompt, **settings)
     pairs = iter_img2img(

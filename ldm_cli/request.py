@@ -22,6 +22,8 @@ class Request:
     width: int = 512
     height: int = 512
     rescale_cfg: float = 0.0  # guidance rescale PHI (--rescale-cfg; ldm_cli.cfg_rescale)
+    deep_cache: int = 0  # reuse deep U-Net features N-1 calls in N (--deep-cache; 0, 1: off)
+    token_merging: float = 0.0  # ratio of merged self-attention tokens (--token-merging)
 
     @property
     def spacing(self) -> str:

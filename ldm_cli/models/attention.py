@@ -71,6 +71,9 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention (or cross-attention when disabled), cross-attention, GEGLU MLP."""
 
+    # Set for the duration of a run by ldm_cli.token_merging (--token-merging).
+    token_merger = None
+
     def __init__(
         self,
         dim: int,
@@ -91,7 +94,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
+        merger = self.token_merger
+        if merger is not None and not self.disable_self_attn and merger.applies(x):
+            merge, unmerge = merger.plan(x)
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
+        else:
+            x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

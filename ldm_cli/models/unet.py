@@ -42,6 +42,10 @@ class UNetModel(nn.Module):
     upscaler, integer noise-level labels (``num_classes``).
     """
 
+    # Set for the duration of a run by ldm_cli.deep_cache (--deep-cache); None: every call
+    # computes every block.
+    feature_cache = None
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         _check_config(cfg)
@@ -163,12 +167,22 @@ class UNetModel(nn.Module):
             context = context.to(dtype)
 
         h = x.to(dtype)
+        cache = self.feature_cache
+        reuse = cache is not None and cache.reusable(h)
+        inputs = self.input_blocks[: cache.depth] if reuse else self.input_blocks
         skips = []
-        for block in self.input_blocks:
+        for block in inputs:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        if reuse:
+            h = cache.features
+            outputs = self.output_blocks[len(self.output_blocks) - cache.depth :]
+        else:
+            h = self.middle_block(h, emb, context)
+            outputs = self.output_blocks
+        for i, block in enumerate(outputs):
+            if cache is not None and not reuse and i == len(outputs) - cache.depth:
+                cache.store(h)
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
 
