@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from . import outputs
 from .errors import UserError
+from .interrupts import interrupt_after
 from .outputs import output_name, slugify
 
 if TYPE_CHECKING:
@@ -305,8 +306,9 @@ def _save(results, total: int, out: Path, base: int) -> list[Path]:
 
         for p, req, image in results(on_step):
             text = image.info.get("parameters", p.parameters)
-            path = save_png_numbered(image, out, base + p.index, req.seed, req.prompt, text)
-            print(path, flush=True)
+            with interrupt_after():
+                path = save_png_numbered(image, out, base + p.index, req.seed, req.prompt, text)
+                print(path, flush=True)
             written.append(path)
             bar.advance(images_task)
     return written

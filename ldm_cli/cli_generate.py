@@ -326,6 +326,7 @@ def save_all(results, total_images: int, out: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .batch_resume import check_output_dir, only_main_process
+    from .interrupts import interrupt_after
     from .outputs import save_png_atomic
 
     check_output_dir(out)  # before anything is rendered
@@ -346,6 +347,7 @@ def save_all(results, total_images: int, out: Path) -> None:
             bar.update(steps_task, completed=i, total=total)
 
         for req, image in results(on_step):
-            path = save_png_atomic(image, out, req.seed, req.prompt, image.info["parameters"])
-            print(path)
+            with interrupt_after():
+                path = save_png_atomic(image, out, req.seed, req.prompt, image.info["parameters"])
+                print(path, flush=True)
             bar.advance(images_task)

@@ -273,3 +273,15 @@ def test_clean_leftovers_of_dead_processes(tmp_path):
     removed = clean_leftovers(tmp_path, planned, base=3)
     assert sorted(removed) == sorted([stale.name, old_reservation.name])
     assert alive.exists() and foreign.exists() and new_reservation.exists()
+
+
+def test_an_interrupt_while_publishing_waits_for_the_path_to_be_printed(capsys):
+    from ldm_cli.interrupts import interrupt_after
+
+    with pytest.raises(KeyboardInterrupt), interrupt_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        print("published", flush=True)  # still runs: the interrupt waits for the block
+    assert capsys.readouterr().out == "published\n"
+    with interrupt_after():
+        pass  # nothing arrived: no interrupt, and the default handler is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

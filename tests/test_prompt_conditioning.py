@@ -147,8 +147,12 @@ def test_and_sub_prompts_share_one_unet_call_and_combine_as_a1111(pipe):
     contexts = unet_contexts(pipe, lambda: pipe.generate("a cat AND a dog:0.5", steps=2, seed=0))
     assert [c.shape[0] for c in contexts] == [3, 3]
     cat, dog, empty = pipe.encode_prompts(["a cat", " a dog", ""])
-    assert all(torch.equal(c[0], empty) and torch.equal(c[1], cat) for c in contexts)
-    assert all(torch.equal(c[2], dog) for c in contexts)
+
+    def same(a, b):  # a batch of another size may take another BLAS kernel: last bits differ
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    assert all(same(c[0], empty) and same(c[1], cat) for c in contexts)
+    assert all(same(c[2], dog) for c in contexts)
 
 
 def test_and_combination_formula():

@@ -64,6 +64,13 @@ def text_and_y(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, :TEXT], y[0]
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float rounding: rows encoded in batches of different sizes may take
+    different BLAS kernels (a pooled row alone is a matrix-vector product), so the last
+    bits can differ between two calls that compute the same thing."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def packed(pipe, prompt: str, negative: bool = False) -> torch.Tensor:
     """The rows of the plain (pre-syntax) SDXL path: one 77-token row, the prompt as text."""
     return pipe.packed_conditioning([prompt], 64, 64, negative)[0]
@@ -89,8 +96,8 @@ def test_a_150_token_prompt_gives_154_positions_and_the_first_chunks_y(pipe):
     assert rows.shape == (154, TEXT + ADM)
     text, y = text_and_y(rows)
     cats, dogs = packed(pipe, words(75)), packed(pipe, words(75, "dog"))
-    assert torch.equal(text[:77], cats[:, :TEXT]) and torch.equal(text[77:], dogs[:, :TEXT])
-    assert torch.equal(y, cats[0, TEXT:])  # the pooled output of the first chunk, as A1111
+    assert same(text[:77], cats[:, :TEXT]) and same(text[77:], dogs[:, :TEXT])
+    assert same(y, cats[0, TEXT:])  # the pooled output of the first chunk, as A1111
     assert not torch.equal(y, dogs[0, TEXT:])
 
 
@@ -98,9 +105,9 @@ def test_break_starts_a_new_chunk(pipe):
     cond, _ = pipe.conditioning([request("a red square BREAK blue")])
     text, y = text_and_y(features(cond))
     assert text.shape[0] == 154
-    assert torch.equal(text[:77], packed(pipe, "a red square")[:, :TEXT])
-    assert torch.equal(text[77:], packed(pipe, "blue")[:, :TEXT])
-    assert torch.equal(y, packed(pipe, "a red square")[0, TEXT:])
+    assert same(text[:77], packed(pipe, "a red square")[:, :TEXT])
+    assert same(text[77:], packed(pipe, "blue")[:, :TEXT])
+    assert same(y, packed(pipe, "a red square")[0, TEXT:])
 
 
 def test_emphasis_changes_the_text_features_but_never_y(pipe):
@@ -114,10 +121,10 @@ def test_emphasis_changes_the_text_features_but_never_y(pipe):
     assert torch.allclose(text, scaled * (plain_text.mean() / scaled.mean()), atol=1e-6)
     assert torch.allclose(text.mean(), plain_text.mean(), atol=1e-7)  # the mean restored
     assert not torch.allclose(text, plain_text)
-    assert torch.equal(y, plain[0, TEXT:])
+    assert same(y, plain[0, TEXT:])
     weaker, _ = pipe.conditioning([request("a [red] square, (((square)))")])
     _, weaker_y = text_and_y(features(weaker))
-    assert torch.equal(weaker_y, packed(pipe, "a red square, square")[0, TEXT:])
+    assert same(weaker_y, packed(pipe, "a red square, square")[0, TEXT:])
 
 
 def test_prompt_editing_switches_the_conditioning_at_half_the_steps(pipe):
@@ -127,7 +134,7 @@ def test_prompt_editing_switches_the_conditioning_at_half_the_steps(pipe):
     schedule = cond.images[0][0][0]
     assert schedule.ends == (3, steps)
     cat, dog = packed(pipe, "a cat photo"), packed(pipe, "a dog photo")
-    assert torch.equal(schedule.features[0], cat) and torch.equal(schedule.features[1], dog)
+    assert same(schedule.features[0], cat) and same(schedule.features[1], dog)
     assert not torch.equal(cat[0, TEXT:], dog[0, TEXT:])  # y follows the text too
     # what the U-Net sees at each sampler step (euler: one call per step)
     seen = []
@@ -142,19 +149,19 @@ def test_prompt_editing_switches_the_conditioning_at_half_the_steps(pipe):
     assert len(seen) == steps
     expected = [cat if schedule.index_at(step) == 0 else dog for step in range(steps)]
     for (context, y), rows in zip(seen, expected, strict=True):  # row 1: the prompt
-        assert torch.equal(context[1], rows[:, :TEXT]) and torch.equal(y[1], rows[0, TEXT:])
+        assert same(context[1], rows[:, :TEXT]) and same(y[1], rows[0, TEXT:])
     # A1111's schedule [[3, cat], [6, dog]]: "cat" while the (0-based) step is <= 3
-    assert [torch.equal(y[1], cat[0, TEXT:]) for _, y in seen] == [True] * 4 + [False] * 2
+    assert [same(y[1], cat[0, TEXT:]) for _, y in seen] == [True] * 4 + [False] * 2
     negative = packed(pipe, "blurry", negative=True)
-    assert all(torch.equal(y[0], negative[0, TEXT:]) for _, y in seen)
+    assert all(same(y[0], negative[0, TEXT:]) for _, y in seen)
 
 
 def test_and_gives_each_part_its_own_y(pipe):
     cond, uncond = pipe.conditioning([request("a cat AND a dog :0.5", "blurry")])
     (cat, w1), (dog, w2) = cond.images[0]
     assert (w1, w2) == (1.0, 0.5)
-    assert torch.equal(cat.features[0], packed(pipe, "a cat"))
-    assert torch.equal(dog.features[0], packed(pipe, "a dog"))
+    assert same(cat.features[0], packed(pipe, "a cat"))
+    assert same(dog.features[0], packed(pipe, "a dog"))
 
 
 def test_the_short_side_is_padded_with_empty_text_and_keeps_its_y(pipe):
@@ -164,10 +171,10 @@ def test_the_short_side_is_padded_with_empty_text_and_keeps_its_y(pipe):
     assert context.shape == (2, 154, TEXT + ADM)
     negative_text, negative_y = text_and_y(context[0])
     blurry, empty = packed(pipe, "blurry", negative=True), packed(pipe, "")
-    assert torch.equal(negative_text[:77], blurry[:, :TEXT])
-    assert torch.equal(negative_text[77:], empty[:, :TEXT])
-    assert torch.equal(negative_y, blurry[0, TEXT:])
-    assert torch.equal(context[1], features(cond))
+    assert same(negative_text[:77], blurry[:, :TEXT])
+    assert same(negative_text[77:], empty[:, :TEXT])
+    assert same(negative_y, blurry[0, TEXT:])
+    assert same(context[1], features(cond))
     (image,) = pipe.generate(long, "blurry", steps=1, seed=1, width=64, height=64)
     assert image.size == (64, 64)
 
@@ -189,8 +196,8 @@ def test_textual_inversion_in_a_long_prompt(pipe, tmp_path):
         cond, _ = pipe.conditioning([request("a (xlstyle:1.0) cat BREAK dog")])
         text, y = text_and_y(features(cond))
         assert text.shape[0] == 154
-        assert torch.equal(text[:77], with_embedding[:, :TEXT])
-        assert torch.equal(y, with_embedding[0, TEXT:])
+        assert same(text[:77], with_embedding[:, :TEXT])
+        assert same(y, with_embedding[0, TEXT:])
     finally:
         pipe.networks.embeddings = None
 
@@ -199,7 +206,7 @@ def test_refiner_rows_follow_the_prompt_path(pipe, refiner):
     attach_refiner(pipe, refiner, 0.5)
     try:
         cond, uncond = pipe.conditioning([request("a red square", "blurry", cfg=5.0)])
-        assert torch.equal(features(cond), pipe.packed_conditioning(["a red square"], 64, 64)[0])
+        assert same(features(cond), pipe.packed_conditioning(["a red square"], 64, 64)[0])
         req = request(f"a (red:1.2) square, {words(80)}", "blurry", cfg=5.0)
         cond, uncond = pipe.conditioning([req])
         rows = features(cond)
@@ -208,10 +215,10 @@ def test_refiner_rows_follow_the_prompt_path(pipe, refiner):
         theirs = refiner.scheduled_conditioning([req.prompt], req.steps, 64, 64)[req.prompt]
         theirs = theirs.features[0]
         split = TEXT + REFINER_TEXT
-        assert torch.equal(rows[:, :TEXT], own[:, :TEXT])
-        assert torch.equal(rows[:, TEXT:split], theirs[:, :REFINER_TEXT])
-        assert torch.equal(rows[:, split : split + ADM], own[:, TEXT:])
-        assert torch.equal(rows[:, split + ADM :], theirs[:, REFINER_TEXT:])
+        assert same(rows[:, :TEXT], own[:, :TEXT])
+        assert same(rows[:, TEXT:split], theirs[:, :REFINER_TEXT])
+        assert same(rows[:, split : split + ADM], own[:, TEXT:])
+        assert same(rows[:, split + ADM :], theirs[:, REFINER_TEXT:])
         (image,) = pipe.generate(req.prompt, "blurry", steps=2, seed=1, width=64, height=64)
         assert image.size == (64, 64)
     finally:
@@ -223,5 +230,5 @@ def test_refiner_alone_takes_the_syntax(refiner):
     rows = features(cond)
     plain = refiner.packed_conditioning(["a red square"], 64, 64)[0]
     width = TINY_SDXL_REFINER.unet.context_dim
-    assert torch.equal(rows[:, width:], plain[:, width:])  # the aesthetic-score y unchanged
+    assert same(rows[:, width:], plain[:, width:])  # the aesthetic-score y unchanged
     assert not torch.equal(rows[:, :width], plain[:, :width])

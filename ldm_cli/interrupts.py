@@ -1,0 +1,28 @@
+"""Ctrl-C that waits for a short step to finish, so what a user sees matches what is on disk."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Hold SIGINT while the block runs, then raise KeyboardInterrupt if one arrived.
+
+    Used around "publish the PNG, print its path": an interrupt between the two would leave a
+    finished image on disk that the output never named. Outside the main thread (where no
+    handler can be set) the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if arrived:
+        raise KeyboardInterrupt
