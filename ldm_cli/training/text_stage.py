@@ -21,6 +21,7 @@ from torch import nn
 from ldm_cli.config import TextConfig
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.training.dataset import CaptionedImages, to_model_range
+from ldm_cli.training.hard_negatives import hard_negatives, swapped_word
 from ldm_cli.training.loop import (
     LoopOptions,
     StageSettings,
@@ -105,11 +106,29 @@ class ClipModel(nn.Module):
         text = self.heads.text_embeddings(self.text_encoder.pooled(tokens))
         return text @ self.heads.image_embeddings(images).T
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        negative_tokens: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """CLIP's symmetric loss; with ``negative_tokens`` (one hard negative caption per image,
+        ``negative_mask`` False where there is none) each image also ranks its true caption
+        above every negative, its own first (NegCLIP)."""
         scale = self.heads.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        logits = scale * self.similarities(images, tokens).float()
+        image = self.heads.image_embeddings(images)
+        text = self.heads.text_embeddings(self.text_encoder.pooled(tokens))
+        logits = scale * (text @ image.T).float()
         targets = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        image_to_text = logits.T
+        if negative_tokens is not None:
+            negative = self.heads.text_embeddings(self.text_encoder.pooled(negative_tokens))
+            negative_logits = scale * (image @ negative.T).float()
+            if negative_mask is not None:
+                negative_logits = negative_logits.masked_fill(~negative_mask[None, :], -torch.inf)
+            image_to_text = torch.cat([image_to_text, negative_logits], dim=1)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(image_to_text, targets)) / 2
 
 
 @dataclass
@@ -152,7 +171,13 @@ def train_text(
     def loss_fn(prepared, draws: StepRandom) -> torch.Tensor:
         indices = draws.batch_indices(len(images), settings.batch_size)
         device = next(prepared.parameters()).device
-        return prepared(to_model_range(images[indices]).to(device), tokens[indices].to(device))
+        negatives, mask = hard_negatives([train.captions[i] for i in indices.tolist()], draws.local)
+        return prepared(
+            to_model_range(images[indices]).to(device),
+            tokens[indices].to(device),
+            tokenize(negatives, cfg.pad_token_id).to(device),
+            mask.to(device),
+        )
 
     result = train_stage(STAGE, model, loss_fn, settings, options)
     if not result.finished:
@@ -163,6 +188,10 @@ def train_text(
         "retrieval_top1": round(accuracy, 4),
         "retrieval_batch": batch,
         "chance": round(1 / batch, 4),
+        **{
+            f"{group}_swap_accuracy": round(swap_accuracy(model, heldout, group), 4)
+            for group in ("shape", "colour", "size")
+        },
         "steps": result.step,
         "final_loss": round(result.losses[-1], 4) if result.losses else None,
     }
@@ -186,6 +215,31 @@ def retrieval_accuracy(model: ClipModel, heldout: CaptionedImages) -> tuple[floa
         correct += int((sims.argmax(dim=1) == torch.arange(batch, device=device)).sum())
         total += batch
     return correct / total, batch
+
+
+@torch.inference_mode()
+def swap_accuracy(model: ClipModel, heldout: CaptionedImages, group: str) -> float:
+    """How often a held-out image is closer to its caption than to the caption with the first
+    word of ``group`` (e.g. its shape) replaced by the group's next word; chance is 0.5."""
+    pairs = [(i, swapped_word(c, group)) for i, c in enumerate(heldout.captions)]
+    pairs = [(i, c) for i, c in pairs if c is not None]
+    if not pairs:
+        return float("nan")
+    device = next(model.parameters()).device
+    pad = model.text_encoder.cfg.pad_token_id
+    wins = 0
+    for start in range(0, len(pairs), ENCODE_BATCH):
+        chunk = pairs[start : start + ENCODE_BATCH]
+        index = [i for i, _ in chunk]
+        image = model.heads.image_embeddings(to_model_range(heldout.images[index]).to(device))
+        true = tokenize([heldout.captions[i] for i in index], pad).to(device)
+        false = tokenize([c for _, c in chunk], pad).to(device)
+        sims = [
+            (image * model.heads.text_embeddings(model.text_encoder.pooled(t))).sum(-1)
+            for t in (true, false)
+        ]
+        wins += int((sims[0] > sims[1]).sum())
+    return wins / len(pairs)
 
 
 def save_text(
