@@ -168,11 +168,11 @@ def test_jittered_objects_stay_apart_and_inside_the_canvas():
         scene = random_scene(rng, allow_heldout=True)
         boxes = [_bounds(obj, object_layout(obj, rng)) for obj in scene.objects]
         for x0, y0, x1, y1 in boxes:
-            assert min(x0, y0) > 0.005 and max(x1, y1) < 0.995
+            assert min(x0, y0) > 0.001 and max(x1, y1) < 0.999
         if len(boxes) == 2:
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
             gap = max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
-            assert gap > 0.02
+            assert gap > 0.002
 
 
 def _read_tree(root):
