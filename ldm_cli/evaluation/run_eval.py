@@ -20,18 +20,23 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     keep_images: bool = False,
     clip=None,
+    request_options: dict | None = None,
 ) -> dict:
     """Scores for all prompts and separately for in-distribution and held-out scenes.
 
     Prompt k is rendered with seed `seed + k`; the prompt set is `sample_eval_prompts(seed)`.
     ``clip`` (a ``ClipScorer``) adds the in-domain CLIP score of each image and, as the
-    ceiling, of the exact render of its scene.
+    ceiling, of the exact render of its scene. ``request_options`` are further Request fields
+    (e.g. ``deep_cache``) for every image.
     """
     from ..pipeline import Request
 
     prompts = sample_eval_prompts(seed, num)
     size = pipe.config.default_size
-    base = Request(prompt="", steps=steps, cfg=cfg, sampler=sampler, width=size, height=size)
+    base = Request(
+        prompt="", steps=steps, cfg=cfg, sampler=sampler, width=size, height=size,
+        **(request_options or {}),
+    )  # fmt: skip
     results, images = [], []
     for start in range(0, num, batch_size):
         chunk = prompts[start : start + batch_size]
