@@ -193,6 +193,21 @@ def tiled_vae_lines(size: int) -> list[str]:
     ]
 
 
+def winograd_lines(wino: dict, plain: dict, diff: int) -> list[str]:
+    """ldm with and without its opt-in Winograd convolutions, from two fresh processes."""
+    rows = [
+        "ldm with Winograd F(2x2, 3x3) convolutions against ldm with F.conv2d everywhere:",
+        "",
+        "| metric | Winograd | F.conv2d | ratio |",
+        "|---|---|---|---|",
+    ]
+    for key, label in METRICS[2:5]:
+        rows.append(
+            f"| {label} | {wino[key]:.2f} | {plain[key]:.2f} | {wino[key] / plain[key]:.2f} |"
+        )
+    return [*rows, "", f"Max pixel difference between the two: {diff}/255.", ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="256,512")
@@ -211,6 +226,11 @@ def main() -> None:
         type=int,
         default=2048,
         help="also time a tiled SD 1.5 VAE decode at this size, with its peak RSS (0: skip)",
+    )
+    ap.add_argument(
+        "--ablate-winograd",
+        action="store_true",
+        help="also run ldm with its opt-in Winograd convolutions and report what they buy",
     )
     ap.add_argument(
         "--startup-only",
@@ -241,6 +261,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             run = (size, args.steps)
+            start = len(lines)
             ours = worker("ldm", model, *run, Path(tmp) / f"ldm-{size}.png", device, dtype)
             ref = worker("diffusers", model, *run, Path(tmp) / f"ref-{size}.png", device, dtype)
             diff = max_pixel_diff(Path(tmp) / f"ldm-{size}.png", Path(tmp) / f"ref-{size}.png")
@@ -264,7 +285,13 @@ def main() -> None:
                     f"{gf / ref[key]:.0f} | peak {peak:.0f} |"
                 )
             lines += ["", f"Same image: max pixel difference {diff}/255.", ""]
-            print("\n".join(lines[-(len(METRICS) + 6) :]), flush=True)
+            if args.ablate_winograd:
+                wino_png = Path(tmp) / f"winograd-{size}.png"
+                wino = worker("ldm-winograd", model, *run, wino_png, device, dtype)
+                lines += winograd_lines(
+                    wino, ours, max_pixel_diff(Path(tmp) / f"ldm-{size}.png", wino_png)
+                )
+            print("\n".join(lines[start:]), flush=True)
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]
     print("\n".join(extra))

@@ -116,7 +116,8 @@ def run_diffusers(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("tool", choices=["ldm", "diffusers"])
+    # ldm-winograd: ldm with its opt-in Winograd 3x3 convolutions, to show what they buy
+    ap.add_argument("tool", choices=["ldm", "ldm-winograd", "diffusers"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--config", help="diffusers config folder (for from_single_file)")
     ap.add_argument("--size", type=int, default=512)
@@ -127,7 +128,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     args = ap.parse_args()
     t0 = float(os.environ.get("LDM_BENCH_T0", time.time()))
-    t = run_ldm(args) if args.tool == "ldm" else run_diffusers(args)
+    if args.tool == "ldm-winograd":
+        from ldm_cli.models.winograd_conv import set_winograd
+
+        set_winograd("auto")
+    t = run_diffusers(args) if args.tool == "diffusers" else run_ldm(args)
     steps = t.pop("step_times")
     per_step = [b - a for a, b in zip([t["encoded"], *steps[:-1]], steps, strict=True)]
     # the first step carries one-off warm-up; report the median of the rest when possible

@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm_cli.models.attention import SpatialTransformer
 from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
+from ldm_cli.models.winograd_conv import WinogradConv2d
 
 RESBLOCK_GROUPNORM_EPS = 1e-5
 TIMESTEP_MAX_PERIOD = 10000
@@ -50,7 +51,9 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions with the timestep embedding added in between, plus a skip path."""
+    """Two 3x3 convolutions with the timestep embedding added in between, plus a skip path.
+
+    The 3x3 convolutions can take the opt-in Winograd path (see ``winograd_conv``)."""
 
     def __init__(
         self,
@@ -64,14 +67,14 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             GroupNorm32(norm_groups, channels, eps=RESBLOCK_GROUPNORM_EPS),
             nn.SiLU(),
-            nn.Conv2d(channels, out_channels, kernel_size=3, padding=1),
+            WinogradConv2d(channels, out_channels, kernel_size=3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(norm_groups, out_channels, eps=RESBLOCK_GROUPNORM_EPS),
             nn.SiLU(),
             nn.Identity(),
-            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+            WinogradConv2d(out_channels, out_channels, kernel_size=3, padding=1),
         )
         if out_channels == channels:
             self.skip_connection = nn.Identity()

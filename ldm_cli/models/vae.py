@@ -18,6 +18,7 @@ from torch import nn
 from ldm_cli.config import VAEConfig
 from ldm_cli.models.attention_slicing import attention
 from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
+from ldm_cli.models.winograd_conv import WinogradConv2d
 
 GROUP_NORM_EPS = 1e-6
 
@@ -33,14 +34,17 @@ def silu_(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    """norm-silu-conv twice plus a skip (a 1x1 ``nin_shortcut`` when the width changes)."""
+    """norm-silu-conv twice plus a skip (a 1x1 ``nin_shortcut`` when the width changes).
+
+    Its 3x3 convolutions, like ``conv_in`` and ``conv_out``, can take the opt-in Winograd path
+    (see ``winograd_conv``)."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = WinogradConv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = WinogradConv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
         else:
@@ -146,7 +150,7 @@ class Encoder(nn.Module):
         super().__init__()
         groups = cfg.norm_groups
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = WinogradConv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         in_width, resolution = cfg.ch, cfg.resolution
         for i, width in enumerate(widths):
@@ -161,7 +165,7 @@ class Encoder(nn.Module):
         self.mid = MidBlock(in_width, groups)
         self.norm_out = group_norm(in_width, groups)
         out_channels = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
-        self.conv_out = nn.Conv2d(in_width, out_channels, 3, padding=1)
+        self.conv_out = WinogradConv2d(in_width, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -180,7 +184,7 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         in_width = widths[-1]
         resolution = cfg.resolution // cfg.downscale
-        self.conv_in = nn.Conv2d(cfg.z_channels, in_width, 3, padding=1)
+        self.conv_in = WinogradConv2d(cfg.z_channels, in_width, 3, padding=1)
         self.mid = MidBlock(in_width, groups)
         # Built from the lowest resolution up, but stored so that up[i] has width widths[i],
         # as in the original (which inserted each new level at the front of the list).
@@ -200,7 +204,7 @@ class Decoder(nn.Module):
             in_width = widths[i]
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(in_width, groups)
-        self.conv_out = nn.Conv2d(in_width, cfg.out_ch, 3, padding=1)
+        self.conv_out = WinogradConv2d(in_width, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
