@@ -262,9 +262,10 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             run = (size, args.steps)
             start = len(lines)
-            ours = worker("ldm", model, *run, Path(tmp) / f"ldm-{size}.png", device, dtype)
-            ref = worker("diffusers", model, *run, Path(tmp) / f"ref-{size}.png", device, dtype)
-            diff = max_pixel_diff(Path(tmp) / f"ldm-{size}.png", Path(tmp) / f"ref-{size}.png")
+            ours_png, ref_png = Path(tmp) / f"ldm-{size}.png", Path(tmp) / f"ref-{size}.png"
+            ours = worker("ldm", model, *run, ours_png, device, dtype)
+            ref = worker("diffusers", model, *run, ref_png, device, dtype)
+            diff = max_pixel_diff(ours_png, ref_png)
             unet_gf, vae_gf = model_gflop(size)
             lines += [
                 f"## {size}x{size}",
@@ -288,9 +289,7 @@ def main() -> None:
             if args.ablate_winograd:
                 wino_png = Path(tmp) / f"winograd-{size}.png"
                 wino = worker("ldm-winograd", model, *run, wino_png, device, dtype)
-                lines += winograd_lines(
-                    wino, ours, max_pixel_diff(Path(tmp) / f"ldm-{size}.png", wino_png)
-                )
+                lines += winograd_lines(wino, ours, max_pixel_diff(ours_png, wino_png))
             print("\n".join(lines[start:]), flush=True)
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,10 @@ def speed_rows(size: int, steps: int, cache: Path) -> list[str]:
     from ldm_cli.pipeline import Request
 
     pipe = ldm_cli.load(checkpoint(cache), device="cpu", dtype="fp32")
+    base_request = Request("a photo", steps=steps, seed=0, sampler="euler", width=size, height=size)
     rows, base, reference = [], None, None
     for name, options in SETTINGS:
-        request = Request("a photo", steps=steps, seed=0, sampler="euler", width=size, height=size)
-        request = Request(**{**request.__dict__, **options})
+        request = replace(base_request, **options)
         cond, uncond = pipe.conditioning([request])
         noise, gen = pipe.initial_noise(0, size, size)
         times = []

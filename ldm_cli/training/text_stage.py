@@ -101,10 +101,13 @@ class ClipModel(nn.Module):
         self.text_encoder = CLIPTextEncoder(text_cfg)
         self.heads = ClipHeads(text_cfg.hidden_size)
 
+    def text_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> unit-norm text embeddings."""
+        return self.heads.text_embeddings(self.text_encoder.pooled(tokens))
+
     def similarities(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Cosine similarities [texts, images]."""
-        text = self.heads.text_embeddings(self.text_encoder.pooled(tokens))
-        return text @ self.heads.image_embeddings(images).T
+        return self.text_embeddings(tokens) @ self.heads.image_embeddings(images).T
 
     def forward(
         self,
@@ -118,13 +121,11 @@ class ClipModel(nn.Module):
         above every negative, its own first (NegCLIP)."""
         scale = self.heads.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         image = self.heads.image_embeddings(images)
-        text = self.heads.text_embeddings(self.text_encoder.pooled(tokens))
-        logits = scale * (text @ image.T).float()
+        logits = scale * (self.text_embeddings(tokens) @ image.T).float()
         targets = torch.arange(len(logits), device=logits.device)
         image_to_text = logits.T
         if negative_tokens is not None:
-            negative = self.heads.text_embeddings(self.text_encoder.pooled(negative_tokens))
-            negative_logits = scale * (image @ negative.T).float()
+            negative_logits = scale * (image @ self.text_embeddings(negative_tokens).T).float()
             if negative_mask is not None:
                 negative_logits = negative_logits.masked_fill(~negative_mask[None, :], -torch.inf)
             image_to_text = torch.cat([image_to_text, negative_logits], dim=1)
@@ -234,10 +235,7 @@ def swap_accuracy(model: ClipModel, heldout: CaptionedImages, group: str) -> flo
         image = model.heads.image_embeddings(to_model_range(heldout.images[index]).to(device))
         true = tokenize([heldout.captions[i] for i in index], pad).to(device)
         false = tokenize([c for _, c in chunk], pad).to(device)
-        sims = [
-            (image * model.heads.text_embeddings(model.text_encoder.pooled(t))).sum(-1)
-            for t in (true, false)
-        ]
+        sims = [(image * model.text_embeddings(t)).sum(-1) for t in (true, false)]
         wins += int((sims[0] > sims[1]).sum())
     return wins / len(pairs)
 
