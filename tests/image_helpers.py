@@ -27,8 +27,3 @@ def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.I
     left, top, right, bottom = box
     mask[top:bottom, left:right] = 255
     return Image.fromarray(mask)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -10,6 +10,7 @@ import ldm_cli
 from ldm_cli.config import TINY_SD1
 from ldm_cli.deep_cache import deep_cache
 from ldm_cli.errors import UserError
+from ldm_cli.image_metrics import psnr
 from ldm_cli.models.unet import UNetModel
 from ldm_cli.pngmeta import params_from_png
 from ldm_cli.testing import random_checkpoint, randomize_
@@ -93,11 +94,6 @@ def test_interval_zero_or_one_is_off_and_negative_is_refused(unet):
         pass
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_pipeline_images_change_a_little_and_record_the_setting(checkpoint):
     pipe = ldm_cli.load(checkpoint, device="cpu", dtype="fp32")
     options = {"steps": 8, "seed": 5, "sampler": "euler"}
@@ -107,7 +103,7 @@ def test_pipeline_images_change_a_little_and_record_the_setting(checkpoint):
     a, b = np.asarray(plain), np.asarray(cached)
     assert np.array_equal(np.asarray(off), a)
     assert not np.array_equal(a, b)
-    assert _psnr(a, b) > 20
+    assert psnr(a, b) > 20
     assert "Deep cache: 2" in cached.info["parameters"]
     assert "Deep cache" not in plain.info["parameters"]
 

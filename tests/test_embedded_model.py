@@ -8,7 +8,6 @@ floating-point noise across CPUs. After retraining the embedded model, rewrite t
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image
 from ldm_cli.data.shapes import Scene, ShapeObject, caption
 from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
 from ldm_cli.evaluation.pixel_analysis import COLOUR_NAMES, analyse, classify_pixels
+from ldm_cli.image_metrics import psnr
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 MODEL = WEIGHTS_DIR / DEFAULT_NAME
@@ -67,11 +67,6 @@ def _golden_path(scene: Scene, seed: int) -> Path:
     return GOLDEN_DIR / f"{seed}-{slug}.png"
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 @pytest.mark.parametrize(("scene", "seed"), GOLDEN, ids=[caption(s) for s, _ in GOLDEN])
 def test_golden_prompts_give_the_asked_colours(pipe, scene, seed):
     (image,) = pipe.generate(caption(scene), seed=seed)
@@ -86,7 +81,7 @@ def test_golden_prompts_give_the_asked_colours(pipe, scene, seed):
         image.save(golden)
     assert golden.is_file(), f"{golden} is missing"
     expected = np.asarray(Image.open(golden).convert("RGB"))
-    assert _psnr(np.asarray(image), expected) >= GOLDEN_MIN_PSNR
+    assert psnr(np.asarray(image), expected) >= GOLDEN_MIN_PSNR
 
 
 def test_the_short_prompt_of_the_readme(pipe):

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_cli.image_metrics import psnr
+
 SETTINGS: list[tuple[str, dict]] = [
     ("off", {}),
     ("--deep-cache 2", {"deep_cache": 2}),
@@ -31,13 +33,6 @@ SETTINGS: list[tuple[str, dict]] = [
     ("--token-merging 0.5", {"token_merging": 0.5}),
     ("--deep-cache 3 --token-merging 0.5", {"deep_cache": 3, "token_merging": 0.5}),
 ]
-
-
-def psnr(a: list, b: list) -> float:
-    x = np.stack([np.asarray(i, dtype=np.float64) for i in a])
-    y = np.stack([np.asarray(i, dtype=np.float64) for i in b])
-    mse = float(np.mean((x - y) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def fidelity(images: list, reference: list) -> str:

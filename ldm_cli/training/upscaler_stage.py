@@ -11,7 +11,6 @@ EMA and the training loop are the main U-Net stage's (`unet_stage`, `loop`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from ldm_cli.config import ModelConfig
+from ldm_cli.image_metrics import psnr
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.models.unet import UNetModel
 from ldm_cli.models.vae import AutoencoderKL
@@ -155,19 +155,14 @@ def upscale_batch(pipe, low_res: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of uint8 images, from the mean squared error over all of them."""
-    mse = (a.float() - b.float()).square().mean().item()
-    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def evaluate(pipe, heldout: CaptionedImages, seed: int, count: int = EVAL_IMAGES) -> dict:
     """PSNR of the upscaler and of bicubic interpolation on held-out images."""
     originals = heldout.images[:count]
     factor = pipe.latent_factor
     low_res = downsample(originals, factor)
     upscaled = upscale_batch(pipe, low_res, seed)
-    ours, bicubic = psnr(upscaled, originals), psnr(bicubic_upscale(low_res, factor), originals)
+    ours = psnr(upscaled, originals, identical=99.0)
+    bicubic = psnr(bicubic_upscale(low_res, factor), originals, identical=99.0)
     return {
         "images": len(originals),
         "psnr_db": round(ours, 2),

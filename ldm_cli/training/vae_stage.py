@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_cli.config import VAEConfig
+from ldm_cli.image_metrics import psnr
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.training.dataset import CaptionedImages, to_model_range, to_uint8
 from ldm_cli.training.loop import (
@@ -173,9 +174,7 @@ def measure_latent_std(vae: AutoencoderKL, images: torch.Tensor) -> float:
 
 def heldout_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
     """PSNR in dB of the 8-bit reconstructions, from the mean squared error over all images."""
-    reconstructed = reconstruct(vae, images)
-    mse = (reconstructed.float() - images.float()).square().mean().item()
-    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr(reconstruct(vae, images), images, identical=99.0)
 
 
 def save_vae(vae: AutoencoderKL, cfg: VAEConfig, metrics: dict, path: Path) -> None:
