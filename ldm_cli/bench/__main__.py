@@ -193,8 +193,33 @@ def tiled_vae_lines(size: int) -> list[str]:
     ]
 
 
-def winograd_lines(wino: dict, plain: dict, diff: int) -> list[str]:
-    """ldm with and without its opt-in Winograd convolutions, from two fresh processes."""
+def run_order(tools: list[str], repeat: int) -> list[str]:
+    """Repeat r runs the tools rotated by r, so none is always first (or always after the
+    same one) while the machine's speed drifts."""
+    shift = repeat % len(tools)
+    return tools[shift:] + tools[:shift]
+
+
+def compare(a: list[dict], b: list[dict], key: str) -> dict:
+    """Medians of a metric over the repeats, and the median and range of the per-repeat ratios
+    a/b: runs of the same repeat are minutes apart, so their ratio cancels slow drift."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True)]
+    return {
+        "a": statistics.median(x[key] for x in a),
+        "b": statistics.median(y[key] for y in b),
+        "ratio": statistics.median(ratios),
+        "low": min(ratios),
+        "high": max(ratios),
+    }
+
+
+def ratio_cell(c: dict) -> str:
+    spread = f" ({c['low']:.2f}-{c['high']:.2f})" if c["low"] != c["high"] else ""
+    return f"{c['ratio']:.2f}{spread}"
+
+
+def winograd_lines(wino: list[dict], plain: list[dict], diff: int) -> list[str]:
+    """ldm with and without its opt-in Winograd convolutions, from fresh processes."""
     rows = [
         "ldm with Winograd F(2x2, 3x3) convolutions against ldm with F.conv2d everywhere:",
         "",
@@ -202,10 +227,18 @@ def winograd_lines(wino: dict, plain: dict, diff: int) -> list[str]:
         "|---|---|---|---|",
     ]
     for key, label in METRICS[2:5]:
-        rows.append(
-            f"| {label} | {wino[key]:.2f} | {plain[key]:.2f} | {wino[key] / plain[key]:.2f} |"
-        )
+        c = compare(wino, plain, key)
+        rows.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {ratio_cell(c)} |")
     return [*rows, "", f"Max pixel difference between the two: {diff}/255.", ""]
+
+
+def repeats_note(repeats: int) -> str:
+    if repeats <= 1:
+        return ""
+    return (
+        f", {repeats} times interleaved (medians; ratio: median and range of the {repeats} "
+        "per-repeat ratios)"
+    )
 
 
 def main() -> None:
@@ -233,6 +266,13 @@ def main() -> None:
         help="also run ldm with its opt-in Winograd convolutions and report what they buy",
     )
     ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every tool this many times, interleaved; the table shows medians and the "
+        "median (range) of the per-repeat ratios",
+    )
+    ap.add_argument(
         "--startup-only",
         action="store_true",
         help="only time `ldm --help` and the embedded model end to end (prints, writes nothing)",
@@ -255,17 +295,21 @@ def main() -> None:
         f"{dtype} matmul peak {peak:.0f} GFLOP/s.",
         f"Settings: random SD 1.5 checkpoint (fp16 file, {dtype} compute on {device}), Euler, "
         f"{args.steps} steps, CFG 7.5 (batch 2), each tool in a fresh process, run one after "
-        "the other. Produced by `make bench`.",
+        f"the other{repeats_note(args.repeats)}. Produced by `make bench`.",
         "",
     ]
+    tools = ["ldm", "diffusers"] + (["ldm-winograd"] if args.ablate_winograd else [])
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             run = (size, args.steps)
             start = len(lines)
-            ours_png, ref_png = Path(tmp) / f"ldm-{size}.png", Path(tmp) / f"ref-{size}.png"
-            ours = worker("ldm", model, *run, ours_png, device, dtype)
-            ref = worker("diffusers", model, *run, ref_png, device, dtype)
-            diff = max_pixel_diff(ours_png, ref_png)
+            pngs = {tool: Path(tmp) / f"{tool}-{size}.png" for tool in tools}
+            results: dict[str, list[dict]] = {tool: [] for tool in tools}
+            for repeat in range(max(1, args.repeats)):
+                for tool in run_order(tools, repeat):
+                    results[tool].append(worker(tool, model, *run, pngs[tool], device, dtype))
+            ours, ref = results["ldm"], results["diffusers"]
+            diff = max_pixel_diff(pngs["ldm"], pngs["diffusers"])
             unet_gf, vae_gf = model_gflop(size)
             lines += [
                 f"## {size}x{size}",
@@ -274,22 +318,21 @@ def main() -> None:
                 "|---|---|---|---|",
             ]
             for key, label in METRICS:
-                lines.append(
-                    f"| {label} | {ours[key]:.2f} | {ref[key]:.2f} | {ours[key] / ref[key]:.2f} |"
-                )
+                c = compare(ours, ref, key)
+                lines.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {ratio_cell(c)} |")
             for name, gf, key in (
                 ("U-Net step", unet_gf, "unet_step_s"),
                 ("VAE decode", vae_gf, "decode_s"),
             ):
+                c = compare(ours, ref, key)
                 lines.append(
-                    f"| {name} GFLOP/s ({gf:.0f} GFLOP) | {gf / ours[key]:.0f} | "
-                    f"{gf / ref[key]:.0f} | peak {peak:.0f} |"
+                    f"| {name} GFLOP/s ({gf:.0f} GFLOP) | {gf / c['a']:.0f} | "
+                    f"{gf / c['b']:.0f} | peak {peak:.0f} |"
                 )
             lines += ["", f"Same image: max pixel difference {diff}/255.", ""]
             if args.ablate_winograd:
-                wino_png = Path(tmp) / f"winograd-{size}.png"
-                wino = worker("ldm-winograd", model, *run, wino_png, device, dtype)
-                lines += winograd_lines(wino, ours, max_pixel_diff(ours_png, wino_png))
+                wino_diff = max_pixel_diff(pngs["ldm"], pngs["ldm-winograd"])
+                lines += winograd_lines(results["ldm-winograd"], ours, wino_diff)
             print("\n".join(lines[start:]), flush=True)
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]

@@ -1,0 +1,25 @@
+"""How `make bench` interleaves repeated runs and summarises them."""
+
+from __future__ import annotations
+
+import math
+
+from ldm_cli.bench.__main__ import compare, ratio_cell, run_order
+
+
+def test_each_repeat_starts_with_another_tool():
+    tools = ["ldm", "diffusers", "ldm-winograd"]
+    orders = [run_order(tools, r) for r in range(3)]
+    assert [o[0] for o in orders] == tools
+    assert all(sorted(o) == sorted(tools) for o in orders)
+
+
+def test_ratio_is_the_median_of_paired_ratios():
+    # the machine slows down 2x between repeats; paired ratios stay 0.8
+    ours = [{"t": 8.0}, {"t": 16.0}, {"t": 8.8}]
+    ref = [{"t": 10.0}, {"t": 20.0}, {"t": 10.0}]
+    c = compare(ours, ref, "t")
+    assert (c["a"], c["b"]) == (8.8, 10.0)
+    assert c["ratio"] == 0.8 and c["low"] == 0.8 and math.isclose(c["high"], 0.88)
+    assert ratio_cell(c) == "0.80 (0.80-0.88)"
+    assert ratio_cell(compare(ours[:1], ref[:1], "t")) == "0.80"
