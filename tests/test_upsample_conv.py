@@ -34,6 +34,17 @@ def test_equals_upsample_then_conv_in_float64(shape, out_channels):
     torch.testing.assert_close(no_bias, plain(x, w, None), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 4 * 10 * 8])
+def test_output_channels_in_chunks_give_the_same_result(monkeypatch, chunk_bytes):
+    # 1 byte: one channel at a time; otherwise 3 of the 7 channels (batch 4, 9x7 input)
+    monkeypatch.setattr(upsample_conv, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 9, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(upsample2x_conv3x3(x, w, b), plain(x, w, b), rtol=0, atol=1e-12)
+
+
 def test_float32_error_is_rounding_only():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, 12, 12, generator=g)

@@ -29,6 +29,8 @@ def _fold_taps(t: torch.Tensor, parity: int, dim: int) -> torch.Tensor:
 # Below this many input values per image (channels x pixels) the folded path's few extra
 # small ops cost more than the multiply-adds they save.
 MIN_ELEMENTS = 32 * 1024
+# Output channels are done in groups whose 2x2-convolution result is at most this big.
+CHUNK_BYTES = 64 << 20
 
 
 def folded_kernels(weight: torch.Tensor) -> torch.Tensor:
@@ -70,11 +72,17 @@ def upsample2x_conv3x3(
         return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
     out = weight.shape[0]
     folded = kernels(weight) if kernels is not None else folded_kernels(weight)
-    # (n, 4*out, h+1, w+1); parity (a, b) of output pixel (2i+a, 2j+b) is at [.., i+a, j+b]
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), folded).view(n, 2, 2, out, h + 1, w + 1)
+    by_parity = folded.view(4, out, *folded.shape[1:])
     result = x.new_empty(n, out, h, 2, w, 2)
-    for a in (0, 1):
-        for b in (0, 1):
-            result[:, :, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
+    # A few output channels at a time: the 2x2 result is 4x the size of their share of the output
+    chunk = max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
+    for c0 in range(0, out, chunk):
+        c1 = min(out, c0 + chunk)
+        kernel = by_parity[:, c0:c1].reshape(4 * (c1 - c0), *folded.shape[1:])
+        # (n, 4*k, h+1, w+1); parity (a, b) of output pixel (2i+a, 2j+b) is at [.., i+a, j+b]
+        y = F.conv2d(x, kernel, padding=1).view(n, 2, 2, c1 - c0, h + 1, w + 1)
+        for a in (0, 1):
+            for b in (0, 1):
+                result[:, c0:c1, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
     result = result.view(n, out, 2 * h, 2 * w)
     return result if bias is None else result.add_(bias[:, None, None])

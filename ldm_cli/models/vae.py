@@ -17,8 +17,9 @@ from torch import nn
 
 from ldm_cli.config import VAEConfig
 from ldm_cli.models.attention_slicing import attention
+from ldm_cli.models.strip_conv import norm_silu_conv, use_strips
 from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
-from ldm_cli.models.winograd_conv import WinogradConv2d
+from ldm_cli.models.winograd_conv import WinogradConv2d, winograd_tile
 
 GROUP_NORM_EPS = 1e-6
 
@@ -37,7 +38,8 @@ class ResnetBlock(nn.Module):
     """norm-silu-conv twice plus a skip (a 1x1 ``nin_shortcut`` when the width changes).
 
     Its 3x3 convolutions, like ``conv_in`` and ``conv_out``, can take the opt-in Winograd path
-    (see ``winograd_conv``)."""
+    (see ``winograd_conv``). Big inputs at inference go through ``strip_conv`` instead, which
+    never holds a full-size normalised copy."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -51,11 +53,25 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(silu_(self.norm1(x)))
+        if self._strips(x, self.conv1):
+            h = norm_silu_conv(x, self.norm1, self.conv1)
+        else:
+            h = self.conv1(silu_(self.norm1(x)))
+        if self._strips(h, self.conv2):
+            return norm_silu_conv(h, self.norm2, self.conv2, residual=self._skip_rows(x))
         h = self.conv2(silu_(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         # conv2's output is not needed for its backward, so adding in place is safe
         return h.add_(skip)
+
+    @staticmethod
+    def _strips(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+        return use_strips(x, conv) and not winograd_tile(x, conv.weight)
+
+    def _skip_rows(self, x: torch.Tensor):
+        if self.nin_shortcut is None:
+            return lambda r0, r1: x[:, :, r0:r1]
+        return lambda r0, r1: self.nin_shortcut(x[:, :, r0:r1])
 
 
 class AttnBlock(nn.Module):
