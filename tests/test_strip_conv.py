@@ -1,4 +1,4 @@
-"""GroupNorm -> SiLU -> conv over row strips (big VAE inputs at inference) against the plain path."""
+"""GroupNorm -> SiLU -> conv over row strips (big VAE inputs at inference) vs the plain path."""
 
 from __future__ import annotations
 
