@@ -15,7 +15,9 @@ app = typer.Typer(
     help="Text-to-image latent diffusion from the terminal: Stable Diffusion 1.x, 2.x, XL and "
     "x4-upscaler checkpoints, and an embedded default model that needs no download.",
     no_args_is_help=True,
-    rich_markup_mode="markdown",
+    # Plain click help: typer's rich help imports rich.markdown and markdown_it, which took
+    # `ldm --help` from 0.25 s to 0.45 s on a 2-core EPYC.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
