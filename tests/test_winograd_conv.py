@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldm_cli.errors import UserError
 from ldm_cli.models import winograd_conv
 from ldm_cli.models.unet_blocks import ResBlock
 from ldm_cli.models.vae import ResnetBlock
@@ -128,6 +129,7 @@ def test_policy():
     assert winograd_tile(x, weight) == 2
     assert winograd_tile(x.double(), weight.double()) == 2
     assert winograd_tile(x[:, :64], weight[:, :64]) == 0  # too few channels to pay off
+    assert winograd_tile(x[:, :256], weight[:, :256]) == 0  # even at 256 on the EPYC
     assert winograd_tile(x[:1, :, :4, :4], weight) == 0  # too few pixels
     assert winograd_tile(x.half(), weight.half()) == 0
     assert winograd_tile(x.bfloat16(), weight) == 0
@@ -140,6 +142,18 @@ def test_policy():
     assert winograd_tile(x[:, :4, :1, :1], weight[:, :4]) == 4
     with pytest.raises(ValueError):
         set_winograd("sometimes")
+
+
+def test_default_follows_the_cpu_and_the_environment(monkeypatch):
+    monkeypatch.delenv(winograd_conv.ENV_VAR, raising=False)
+    for capability, mode in (("AVX2", "auto"), ("AVX512", "never"), ("DEFAULT", "never")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert winograd_conv.default_mode() == mode
+    monkeypatch.setenv(winograd_conv.ENV_VAR, "Always")
+    assert winograd_conv.default_mode() == "always"
+    monkeypatch.setenv(winograd_conv.ENV_VAR, "sometimes")
+    with pytest.raises(UserError, match="LDM_WINOGRAD='sometimes'"):
+        winograd_conv.default_mode()
 
 
 @pytest.mark.parametrize("mode", ["auto", "always"])

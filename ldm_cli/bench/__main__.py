@@ -219,7 +219,7 @@ def ratio_cell(c: dict) -> str:
 
 
 def winograd_lines(wino: list[dict], plain: list[dict], diff: int) -> list[str]:
-    """ldm with and without its opt-in Winograd convolutions, from fresh processes."""
+    """ldm with and without its Winograd convolutions, from fresh processes."""
     rows = [
         "ldm with Winograd F(2x2, 3x3) convolutions against ldm with F.conv2d everywhere:",
         "",
@@ -230,6 +230,13 @@ def winograd_lines(wino: list[dict], plain: list[dict], diff: int) -> list[str]:
         c = compare(wino, plain, key)
         rows.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {ratio_cell(c)} |")
     return [*rows, "", f"Max pixel difference between the two: {diff}/255.", ""]
+
+
+def ablation_tool() -> str:
+    """The worker that runs ldm with Winograd flipped from this CPU's default."""
+    from ldm_cli.models.winograd_conv import default_mode
+
+    return "ldm-conv2d" if default_mode() == "auto" else "ldm-winograd"
 
 
 def repeats_note(repeats: int) -> str:
@@ -263,7 +270,8 @@ def main() -> None:
     ap.add_argument(
         "--ablate-winograd",
         action="store_true",
-        help="also run ldm with its opt-in Winograd convolutions and report what they buy",
+        help="also run ldm with its Winograd convolutions flipped from this CPU's default (on for "
+        "AVX2, off otherwise) and report what they buy",
     )
     ap.add_argument(
         "--repeats",
@@ -298,7 +306,8 @@ def main() -> None:
         f"the other{repeats_note(args.repeats)}. Produced by `make bench`.",
         "",
     ]
-    tools = ["ldm", "diffusers"] + (["ldm-winograd"] if args.ablate_winograd else [])
+    ablation = ablation_tool() if args.ablate_winograd else None
+    tools = ["ldm", "diffusers"] + ([ablation] if ablation else [])
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             run = (size, args.steps)
@@ -330,9 +339,11 @@ def main() -> None:
                     f"{gf / c['b']:.0f} | peak {peak:.0f} |"
                 )
             lines += ["", f"Same image: max pixel difference {diff}/255.", ""]
-            if args.ablate_winograd:
-                wino_diff = max_pixel_diff(pngs["ldm"], pngs["ldm-winograd"])
-                lines += winograd_lines(results["ldm-winograd"], ours, wino_diff)
+            if ablation:
+                wino_diff = max_pixel_diff(pngs["ldm"], pngs[ablation])
+                other = results[ablation]
+                wino, plain = (other, ours) if ablation == "ldm-winograd" else (ours, other)
+                lines += winograd_lines(wino, plain, wino_diff)
             print("\n".join(lines[start:]), flush=True)
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]

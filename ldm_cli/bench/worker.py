@@ -116,8 +116,9 @@ def run_diffusers(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    # ldm-winograd: ldm with its opt-in Winograd 3x3 convolutions, to show what they buy
-    ap.add_argument("tool", choices=["ldm", "ldm-winograd", "diffusers"])
+    # ldm-winograd / ldm-conv2d: ldm with its Winograd 3x3 convolutions forced on ("auto") or
+    # off, whichever is not this CPU's default, to show what they buy
+    ap.add_argument("tool", choices=["ldm", "ldm-winograd", "ldm-conv2d", "diffusers"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--config", help="diffusers config folder (for from_single_file)")
     ap.add_argument("--size", type=int, default=512)
@@ -128,10 +129,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     args = ap.parse_args()
     t0 = float(os.environ.get("LDM_BENCH_T0", time.time()))
-    if args.tool == "ldm-winograd":
+    if args.tool in ("ldm-winograd", "ldm-conv2d"):
         from ldm_cli.models.winograd_conv import set_winograd
 
-        set_winograd("auto")
+        set_winograd("auto" if args.tool == "ldm-winograd" else "never")
     t = run_diffusers(args) if args.tool == "diffusers" else run_ldm(args)
     steps = t.pop("step_times")
     per_step = [b - a for a, b in zip([t["encoded"], *steps[:-1]], steps, strict=True)]

@@ -39,9 +39,12 @@ default.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
+
+from ldm_cli.errors import UserError
 
 # Bytes of transformed tiles, products and outputs per band (measured: 8 MiB was fastest on a
 # 2 MiB-L2 Xeon; 16-64 MiB lose 5-30% at 128x128 and above).
@@ -49,8 +52,10 @@ BAND_BYTES = 8 << 20
 # Fewer tiles than this per matmul and re-reading the 16 transformed weight matrices dominates.
 MIN_BAND_TILES = 128
 # Below these (the smaller of Cin and Cout; output pixels over the whole batch) the transforms
-# cost more than the multiplies saved, measured with ldm_cli.bench.winograd --sweep.
-MIN_CHANNELS = 128
+# cost more than the multiplies saved, measured with ldm_cli.bench.winograd --sweep at 2
+# threads on a 2-core AMD EPYC (AVX2): 1.1-1.3x faster at 320 channels and up (640>320 at 64x64
+# too), even at 256, 0.3-0.8x at 128-192, 0.7x for SD 1.5's 1280 channels at 8x8 (128 pixels).
+MIN_CHANNELS = 320
 MIN_PIXELS = 512
 
 _MATRICES = {  # (B^T, G, A^T) for F(m x m, 3x3), interpolation points 0, +-1 (and +-2 for m=4)
@@ -68,10 +73,30 @@ _MATRICES = {  # (B^T, G, A^T) for F(m x m, 3x3), interpolation points 0, +-1 (a
     ),
 }  # fmt: skip
 
-# Off by default: on the 2-core Xeon of docs/benchmarks.md it made the SD 1.5 U-Net step 12-18%
-# slower and the VAE decode 2% faster (`make bench BENCH_ARGS=--ablate-winograd`), although on
-# an AMD EPYC at one thread its eligible layers ran 1.1-1.3x faster than oneDNN's.
-_settings = {"mode": "never", "tile": 2}
+# The default mode follows the CPU: "auto" where torch's best CPU kernels are AVX2 (there, on a
+# 2-core AMD EPYC, the eligible layers ran 1.1-1.3x faster than oneDNN's; docs/benchmarks.md has
+# the whole-model effect), "never" on AVX-512 CPUs, where on the 2-core Xeon of
+# docs/benchmarks.md it made the SD 1.5 U-Net step 12-18% slower. LDM_WINOGRAD=auto|always|never
+# overrides it; None until first asked.
+_settings: dict = {"mode": None, "tile": 2}
+MODES = ("auto", "always", "never")
+ENV_VAR = "LDM_WINOGRAD"
+
+
+def default_mode() -> str:
+    """The mode before any `set_winograd`: $LDM_WINOGRAD, else by the CPU's kernels."""
+    chosen = os.environ.get(ENV_VAR, "").strip().lower()
+    if chosen:
+        if chosen not in MODES:
+            raise UserError(f"{ENV_VAR}={chosen!r}: use one of {', '.join(MODES)}")
+        return chosen
+    return "auto" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "never"
+
+
+def current_mode() -> str:
+    if _settings["mode"] is None:
+        _settings["mode"] = default_mode()
+    return _settings["mode"]
 
 
 @functools.cache
@@ -84,12 +109,12 @@ def _kron(tile: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, to
 def set_winograd(mode: str = "auto", tile: int = 2) -> tuple[str, int]:
     """Choose when `winograd_tile` says yes; returns the previous (mode, tile) to restore.
 
-    The default is "never" (see `_settings`). "auto": CPU fp32/fp64 inference calls above the
+    The default is `default_mode()`. "auto": CPU fp32/fp64 inference calls above the
     measured size thresholds. "always": every CPU fp32/fp64 call, autograd included (for
     tests). "never": F.conv2d everywhere."""
-    if mode not in ("auto", "always", "never") or tile not in _MATRICES:
+    if mode not in MODES or tile not in _MATRICES:
         raise ValueError(f"bad Winograd setting {mode!r}, tile {tile}")
-    previous = (_settings["mode"], _settings["tile"])
+    previous = (current_mode(), _settings["tile"])
     _settings.update(mode=mode, tile=tile)
     return previous
 
@@ -99,7 +124,7 @@ def winograd_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
 
     Only the CPU is measured to gain; CUDA and other devices keep their own kernels. Under
     autograd "auto" keeps F.conv2d, whose backward the Winograd path would reuse anyway."""
-    mode, tile = _settings["mode"], _settings["tile"]
+    mode, tile = current_mode(), _settings["tile"]
     if mode == "never" or torch.compiler.is_compiling():
         return 0
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != x.dtype:
