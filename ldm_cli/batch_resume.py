@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from .pipeline import Request
 
 Progress = Callable[[int, int], None]
-# render(batch, on_step) -> (request, image with its "parameters" info) per request, in order
-Render = Callable[[list["Request"], Progress], Iterable[tuple["Request", "Image.Image"]]]
+# render(batch, on_step, last) -> (request, image with its "parameters" info) per request, in
+# order; `last`: no batch of this process follows (its weights may be given back as it goes)
+Render = Callable[[list["Request"], Progress, bool], Iterable[tuple["Request", "Image.Image"]]]
 
 _FINAL_NAME = re.compile(r"^(\d{5,})-(\d+)-(.+)\.png$")
 _TEMPORARY = re.compile(r"^\.(.+)\.tmp-(\d+)-[0-9a-f]+$")
@@ -278,7 +279,7 @@ def run_batches(
 
     def results(on_step: Progress) -> Iterator[tuple[Planned, Request, Image.Image]]:
         for b in mine:
-            pairs = render(batches[b], on_step)
+            pairs = render(batches[b], on_step, b == mine[-1])
             for p, (req, image) in zip(by_batch[b], pairs, strict=True):
                 if p.index not in finished:
                     yield p, req, image

@@ -306,8 +306,9 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
 def _run(pipe, batches, out: Path, hires=None, resume: bool = False) -> None:
     extra = hires.parameters() if hires is not None else None
 
-    def render(batch, on_step):
-        pairs = pipe.render(batch, on_step)
+    def render(batch, on_step, last):
+        # the hires pass samples again after the decode, so it keeps the U-Net
+        pairs = pipe.render(batch, on_step, last=last and hires is None)
         if hires is not None:
             pairs = hires.apply(pipe, list(pairs), on_step)
         for req, image in pairs:

@@ -51,9 +51,11 @@ class Pipeline:
         self.tokenizer = get_tokenizer(self.config.text.pad_token_id)
         self.vae_tiling = "auto"  # "auto", "on" or "off": see ldm_cli.vae_tiling
         self.preview = None  # called with each step's x0 (ldm_cli.preview.PreviewWriter)
+        self.released: set[str] = set()  # parts whose weights `release` gave back
 
     @property
     def unet(self):
+        self._check_kept("unet")
         return self.model.unet
 
     @property
@@ -62,6 +64,7 @@ class Pipeline:
 
     @property
     def text_encoder(self):
+        self._check_kept("text_encoder")
         return self.model.text_encoder
 
     @property
@@ -111,6 +114,19 @@ class Pipeline:
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
         f = self.latent_factor
         return (1, self.config.unet.out_channels, height // f, width // f)
+
+    def release(self, part: str) -> None:
+        """Give back the memory of "unet" or "text_encoder", which this pipeline will not use
+        again (a one-shot run's last batch; see release_weights). Only CPU weights are freed;
+        either way the part cannot be used afterwards."""
+        from .release_weights import release_module
+
+        release_module(self.model.unet if part == "unet" else self.model.text_encoder)
+        self.released.add(part)
+
+    def _check_kept(self, part: str) -> None:
+        if part in self.released:
+            raise RuntimeError(f"this pipeline's {part} was released; load the model again")
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -182,7 +198,7 @@ class Pipeline:
                 self.preview(self, i + 1, total, x0)
 
         sigmas = sigmas.to(self.device)
-        unet, (height, width) = self.model.unet, x.shape[-2:]
+        unet, (height, width) = self.unet, x.shape[-2:]
         with (
             deep_cache(unet, req.deep_cache),
             token_merging(unet, req.token_merging, height, width),
@@ -240,11 +256,16 @@ class Pipeline:
         return encode_requests(self, requests)
 
     def render(
-        self, requests: list[Request], progress: Progress | None = None
+        self, requests: list[Request], progress: Progress | None = None, last: bool = False
     ) -> Iterator[tuple[Request, Image.Image]]:
-        """Render requests as one batch; they may differ in prompts and seeds only."""
+        """Render requests as one batch; they may differ in prompts and seeds only.
+
+        `last`: nothing renders after this batch, so the text encoder's and the U-Net's memory
+        is given back as soon as each is done (the VAE decode is where memory peaks)."""
         head = requests[0]
         cond, uncond = self.conditioning(requests)
+        if last:
+            self.release("text_encoder")
         noises, gens = zip(
             *(self.initial_noise(r.seed, r.width, r.height) for r in requests), strict=True
         )
@@ -254,6 +275,8 @@ class Pipeline:
 
             start = blank_inpaint_start(self, head, list(gens))
         latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
+        if last:
+            self.release("unet")
         yield from zip(requests, self.decode(latents), strict=True)
 
     def generate(

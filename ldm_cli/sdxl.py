@@ -237,10 +237,12 @@ class SDXLPipeline(Pipeline):
 
     @property
     def conditioner(self) -> Conditioner:
+        self._check_kept("text_encoder")
         return self.model.conditioner
 
     @property
     def unet(self) -> PackedConditioningUNet:
+        self._check_kept("unet")
         return PackedConditioningUNet(self.model.unet, self.refiner)
 
     @property

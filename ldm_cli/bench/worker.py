@@ -52,12 +52,15 @@ def run_ldm(args) -> dict:
         cond = pipe.encode_prompts([PROMPT])
         uncond = pipe.encode_prompts([NEGATIVE])
         t["encoded"] = now()
+        # as `ldm generate` does on its last batch (Pipeline.render(last=True))
+        pipe.release("text_encoder")
         steps = []
         noise, gen = pipe.initial_noise(args.seed, args.size, args.size)
         latents = pipe.sample(
             cond, uncond, noise, [gen], req, progress=lambda i, n: steps.append(now())
         )
         t["sampled"] = now()
+        pipe.release("unet")
         (image,) = pipe.decode(latents)
     t["decoded"] = now()
     write_png(image, args.png, pipe.parameters_text(req))

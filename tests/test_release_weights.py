@@ -1,0 +1,87 @@
+"""Weights a run will not use again are given back: only their own pages, the rest of a shared
+memory map untouched, and a pipeline refuses to use a released part; the last batch's image is
+the image of a run that keeps everything."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ldm_cli
+from ldm_cli.config import TINY_SD1
+from ldm_cli.pipeline import Request
+from ldm_cli.release_weights import discard_pages, release_module
+from ldm_cli.testing import random_checkpoint
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
+PAGE = mmap.PAGESIZE
+
+
+def arena_tensors(sizes: list[int]) -> tuple[mmap.mmap, list[torch.Tensor]]:
+    """Tensors of `sizes` floats back to back in one anonymous map, as converted_load lays out."""
+    arena = mmap.mmap(-1, sum(sizes) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    out, offset = [], 0
+    for n in sizes:
+        t = torch.frombuffer(arena, dtype=torch.float32, count=n, offset=offset)
+        t.fill_(1.0)
+        out.append(t)
+        offset += n * 4
+    return arena, out
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+@linux
+def test_discard_drops_only_the_whole_pages_of_the_tensor():
+    # the first tensor ends mid-page, so the page it shares with the second must stay
+    first, second = 3 * PAGE // 4 + 100, 2 * PAGE // 4
+    _arena, (a, b) = arena_tensors([first, second])
+    dropped = discard_pages(a)
+    begin, end = a.data_ptr(), a.data_ptr() + first * 4
+    assert dropped == end // PAGE * PAGE - (-(-begin // PAGE) * PAGE) > 0
+    zeros = int((a == 0).sum())
+    assert zeros * 4 == dropped  # the dropped pages read back as fresh zero pages
+    assert bool((a[-1] == 1.0).item()) and bool((b == 1.0).all())
+
+
+@linux
+def test_discard_gives_the_memory_back():
+    _arena, (big,) = arena_tensors([64 << 20])  # 256 MiB
+    before = resident_bytes()
+    assert discard_pages(big) >= (256 << 20) - 2 * PAGE
+    assert before - resident_bytes() > 200 << 20
+
+
+def test_release_module_leaves_it_on_meta_and_skips_what_it_cannot_free():
+    layer = torch.nn.Linear(64, 64)
+    release_module(layer)
+    assert layer.weight.is_meta and layer.bias.is_meta
+    assert release_module(torch.nn.Linear(4, 4).to("meta")) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return random_checkpoint(TINY_SD1, tmp_path_factory.mktemp("m") / "tiny.safetensors", seed=3)
+
+
+def test_last_batch_releases_text_encoder_and_unet_and_renders_the_same(tiny):
+    req = Request("a red circle", "", steps=3, cfg=5.0, seed=7, width=64, height=64)
+    keep = ldm_cli.load(tiny, device="cpu")
+    expected = np.asarray(next(keep.render([req]))[1])
+    pipe = ldm_cli.load(tiny, device="cpu")
+    image = np.asarray(next(pipe.render([req], last=True))[1])
+    np.testing.assert_array_equal(image, expected)
+    assert pipe.released == {"text_encoder", "unet"}
+    assert all(p.is_meta for p in pipe.model.unet.parameters())
+    assert all(p.is_meta for p in pipe.model.text_encoder.parameters())
+    assert not any(p.is_meta for p in pipe.vae.parameters())
+    with pytest.raises(RuntimeError, match="text_encoder was released"):
+        next(pipe.render([req]))
+    assert keep.released == set()
