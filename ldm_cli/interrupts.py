@@ -18,6 +18,9 @@ def interrupt_after() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: keep so
+        yield
+        return
     arrived: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append(signum))
     try:

@@ -118,6 +118,8 @@ def test_ctrl_c_keeps_finished_images_and_leaves_nothing_partial(tiny, tmp_path)
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a test run started in the background (nohup, `&`) ignores SIGINT, and so would ldm
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 600
     try:
@@ -278,10 +280,19 @@ def test_clean_leftovers_of_dead_processes(tmp_path):
 def test_an_interrupt_while_publishing_waits_for_the_path_to_be_printed(capsys):
     from ldm_cli.interrupts import interrupt_after
 
-    with pytest.raises(KeyboardInterrupt), interrupt_after():
-        os.kill(os.getpid(), signal.SIGINT)
-        print("published", flush=True)  # still runs: the interrupt waits for the block
-    assert capsys.readouterr().out == "published\n"
-    with interrupt_after():
-        pass  # nothing arrived: no interrupt, and the default handler is back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # SIGINT as a terminal's foreground run has it (a run started in the background ignores it)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            print("published", flush=True)  # still runs: the interrupt waits for the block
+        assert capsys.readouterr().out == "published\n"
+        with interrupt_after():
+            pass  # nothing arrived: no interrupt, and the default handler is back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupt_after():  # an ignored SIGINT stays ignored
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
