@@ -40,10 +40,14 @@ def _advise(mapped: mmap.mmap, name: str, start: int = 0, length: int | None = N
         pass
 
 
+def whole_pages(offset: int, nbytes: int) -> tuple[int, int]:
+    """[start, end) of the whole pages inside [offset, offset + nbytes); empty when start >= end."""
+    return -(-offset // _PAGE) * _PAGE, (offset + nbytes) // _PAGE * _PAGE
+
+
 def _drop_pages(mapped: mmap.mmap, offset: int, nbytes: int) -> None:
     """Unmap the whole pages inside [offset, offset + nbytes) from this process (Linux)."""
-    start = (offset + _PAGE - 1) // _PAGE * _PAGE
-    end = (offset + nbytes) // _PAGE * _PAGE
+    start, end = whole_pages(offset, nbytes)
     if end > start:
         _advise(mapped, "MADV_DONTNEED", start, end - start)
 

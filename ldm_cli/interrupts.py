@@ -14,11 +14,12 @@ def interrupt_after() -> Iterator[None]:
 
     Used around "publish the PNG, print its path": an interrupt between the two would leave a
     finished image on disk that the output never named. Outside the main thread (where no
-    handler can be set) the block runs unprotected."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: keep so
+    handler can be set) the block runs unprotected, and where SIGINT is ignored (a process
+    started in the background) it stays ignored."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
         yield
         return
     arrived: list[int] = []

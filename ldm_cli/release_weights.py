@@ -14,13 +14,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import mmap
 
 import torch
 from torch import nn
 
+from ldm_cli.converted_load import whole_pages
+
 _MADV_DONTNEED = 4  # Linux, every architecture
-_PAGE = mmap.PAGESIZE
 
 
 @functools.cache
@@ -47,10 +47,7 @@ def discard_pages(t: torch.Tensor) -> int:
     madvise = _madvise()
     if madvise is None or t.device.type != "cpu" or t.is_meta or not t.is_contiguous():
         return 0
-    begin = t.data_ptr()
-    end = begin + t.numel() * t.element_size()
-    start = -(-begin // _PAGE) * _PAGE
-    stop = end // _PAGE * _PAGE
+    start, stop = whole_pages(t.data_ptr(), t.numel() * t.element_size())
     if stop <= start or madvise(start, stop - start, _MADV_DONTNEED) != 0:
         return 0
     return stop - start
