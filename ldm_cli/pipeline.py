@@ -121,7 +121,10 @@ class Pipeline:
         either way the part cannot be used afterwards."""
         from .release_weights import release_module
 
-        release_module(self.model.unet if part == "unet" else self.model.text_encoder)
+        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        if part not in parts:
+            raise ValueError(f"cannot release {part!r}; only {' or '.join(parts)}")
+        release_module(parts[part])
         self.released.add(part)
 
     def _check_kept(self, part: str) -> None:

@@ -85,3 +85,6 @@ def test_last_batch_releases_text_encoder_and_unet_and_renders_the_same(tiny):
     with pytest.raises(RuntimeError, match="text_encoder was released"):
         next(pipe.render([req]))
     assert keep.released == set()
+    with pytest.raises(ValueError, match="cannot release 'vae'"):
+        keep.release("vae")
+    assert keep.released == set()
