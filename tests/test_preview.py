@@ -47,8 +47,10 @@ def test_linear_preview_follows_the_vae_decode_of_a_generated_latent():
     for c in range(3):
         assert target[c].std() > 0.2  # the scene varies in every channel
         r = torch.corrcoef(torch.stack([preview[c].flatten(), target[c].flatten()]))[0, 1]
-        assert r > 0.9, f"channel {c}: correlation {r:.3f}"  # measured 0.985, 0.926, 0.937
-    assert (preview - target).abs().mean() < 0.35  # measured 0.26 (of the range 2)
+        # measured 0.988, 0.802, 0.903 (the VAE of the 16-channel model before: 0.985, 0.926,
+        # 0.937); a linear map is all a preview affords, and this VAE's green is less linear
+        assert r > 0.75, f"channel {c}: correlation {r:.3f}"
+    assert (preview - target).abs().mean() < 0.3  # measured 0.227 (of the range 2; before 0.26)
 
 
 def test_preview_is_written_every_n_steps_and_at_the_last(tiny, tmp_path):
