@@ -140,6 +140,7 @@ def img2img(
             batch_size=batch_size,
             progress=on_step,
             notice=_notice,
+            release=True,  # nothing renders after this command's last batch
         )
 
     save_all(results, num_images, out)
@@ -296,6 +297,7 @@ def _inpaint_and_save(
             progress=on_step,
             notice=_notice,
             extra=extra,
+            release=True,  # nothing renders after this command's last batch
         )
 
     save_all(results, num_images, out)

@@ -109,11 +109,15 @@ def render_img2img(
     images: list[Image.Image],
     strength: float,
     progress: Progress | None = None,
+    last: bool = False,
 ) -> Iterator[Pair]:
-    """One batch: requests[i] starts from images[i] (RGB, the requests' size)."""
+    """One batch: requests[i] starts from images[i] (RGB, the requests' size). `last`: as in
+    `Pipeline.render`, the text encoder and U-Net are given back once each is done."""
     check_strength(strength)
     head = requests[0]
     cond, uncond = pipe.conditioning(requests)
+    if last:
+        pipe.release("text_encoder")
     gens = generators(requests)
     skip = first_step(head.steps, strength)
     latents = None
@@ -126,6 +130,8 @@ def render_img2img(
         concat = blank_inpaint_start(pipe, head, gens).concat
     start = ImageStart(latents, skip, concat)
     out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
+    if last:
+        pipe.release("unet")
     yield from zip(requests, pipe.decode(out), strict=True)
 
 
@@ -139,8 +145,11 @@ def iter_img2img(
     batch_size: int = 1,
     progress: Progress | None = None,
     notice: Notice | None = None,
+    release: bool = False,
 ) -> Iterator[Pair]:
-    """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text."""
+    """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text.
+    `release`: a one-shot run; the last batch gives the text encoder's and U-Net's memory back
+    (`Pipeline.release`), so the pipeline cannot render again."""
     check_strength(strength)
     fitted = fit_to_multiple(load_image(image), pipe.size_multiple)
     message = size_notice(*fitted.size, pipe.size_multiple)
@@ -150,9 +159,11 @@ def iter_img2img(
     base = replace(base, width=width, height=height)
     pipe.validate(base)
     extra = {"Denoising strength": format_number(strength)}
-    for batch in seeded_batches(base, num_images, batch_size):
+    batches = seeded_batches(base, num_images, batch_size)
+    for i, batch in enumerate(batches):
         images = [fitted.image] * len(batch)
-        for req, result in render_img2img(pipe, batch, images, strength, progress):
+        last = release and i == len(batches) - 1
+        for req, result in render_img2img(pipe, batch, images, strength, progress, last):
             result = fitted.restore(result)
             result.info["parameters"] = pipe.parameters_text(req, extra)
             yield req, result

@@ -116,11 +116,15 @@ def render_inpaint(
     mask: np.ndarray,
     strength: float,
     progress: Progress | None = None,
+    last: bool = False,
 ) -> Iterator[Pair]:
-    """One batch over `image` (RGB, the requests' size); `mask` >= 0.5 is repainted."""
+    """One batch over `image` (RGB, the requests' size); `mask` >= 0.5 is repainted. `last`:
+    as in `Pipeline.render`, the text encoder and U-Net are given back once each is done."""
     check_strength(strength)
     head = requests[0]
     cond, uncond = pipe.conditioning(requests)
+    if last:
+        pipe.release("text_encoder")
     gens = generators(requests)
     skip = first_step(head.steps, strength)
     pixels = to_pixels([image])
@@ -135,6 +139,8 @@ def render_inpaint(
         repaint = torch.nn.functional.max_pool2d(binary, pipe.latent_factor)
         start = ImageStart(latents, skip, keep=(1 - repaint).to(pipe.device))
     out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
+    if last:
+        pipe.release("unet")
     yield from zip(requests, pipe.decode(out), strict=True)
 
 
@@ -150,8 +156,10 @@ def iter_inpaint(
     progress: Progress | None = None,
     notice: Notice | None = None,
     extra: dict[str, str] | None = None,
+    release: bool = False,
 ) -> Iterator[Pair]:
-    """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text."""
+    """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text.
+    `release`: as in `iter_img2img`."""
     check_strength(options.strength)
     image = load_image(image)
     mask = load_mask(mask, image)
@@ -165,9 +173,11 @@ def iter_inpaint(
     base = replace(base, width=plan.work_image.width, height=plan.work_image.height)
     pipe.validate(base)
     parameters = {**options.parameters(), **(extra or {})}
-    for batch in seeded_batches(base, num_images, batch_size):
+    batches = seeded_batches(base, num_images, batch_size)
+    for i, batch in enumerate(batches):
+        last = release and i == len(batches) - 1
         for req, generated in render_inpaint(
-            pipe, batch, plan.work_image, plan.work_mask, options.strength, progress
+            pipe, batch, plan.work_image, plan.work_mask, options.strength, progress, last
         ):
             result = plan.finish(generated)
             result.info["parameters"] = pipe.parameters_text(req, parameters)

@@ -88,3 +88,38 @@ def test_last_batch_releases_text_encoder_and_unet_and_renders_the_same(tiny):
     with pytest.raises(ValueError, match="cannot release 'vae'"):
         keep.release("vae")
     assert keep.released == set()
+
+
+def _photo():
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((64, 64))
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_image_modes_release_only_during_their_last_batch(tiny, mode):
+    from PIL import Image
+
+    from ldm_cli.img2img import iter_img2img
+    from ldm_cli.inpaint import InpaintOptions, iter_inpaint
+
+    base = Request("a red circle", "", steps=3, cfg=5.0, seed=7)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+
+    def run(pipe, release):
+        if mode == "img2img":
+            pairs = iter_img2img(pipe, _photo(), base, strength=0.6, num_images=3,
+                                 batch_size=2, release=release)  # fmt: skip
+        else:
+            pairs = iter_inpaint(pipe, _photo(), mask, base, InpaintOptions(0.8, 0),
+                                 num_images=3, batch_size=2, release=release)  # fmt: skip
+        return [np.asarray(image) for _, image in pairs]
+
+    expected = run(ldm_cli.load(tiny, device="cpu"), release=False)
+    pipe = ldm_cli.load(tiny, device="cpu")
+    images = run(pipe, release=True)  # batches of 2 and 1: only the second may release
+    for image, want in zip(images, expected, strict=True):
+        np.testing.assert_array_equal(image, want)
+    assert pipe.released == {"text_encoder", "unet"}
