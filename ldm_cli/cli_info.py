@@ -39,6 +39,8 @@ def info(
     print(f"family:      {cfg.family} ({FAMILY_NAMES.get(cfg.family, cfg.family)})")
     print(f"prediction:  {cfg.prediction}{how}")
     print(f"resolution:  {cfg.default_size}x{cfg.default_size}")
+    if cfg.default_cfg != 7.5:  # named in the file's ldm_config (ldm upscale's default)
+        print(f"guidance:    {cfg.default_cfg:g} by default")
     print(f"tensors:     {len(header.tensors)}")
     for name, prefix in components.items():
         infos = [

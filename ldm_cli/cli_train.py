@@ -140,7 +140,10 @@ def train(
         print(f"CLIP:  held-out top-1 retrieval {metrics['text']['retrieval_top1']:.1%}")
     if "psnr_db" in metrics.get("upscaler_eval", {}):
         e = metrics["upscaler_eval"]
-        print(f"x4:    held-out PSNR {e['psnr_db']} dB (bicubic {e['bicubic_psnr_db']} dB)")
+        print(
+            f"x4:    held-out PSNR {e['psnr_db']} dB with the captions as prompts, "
+            f"{e.get('psnr_no_prompt_db', '-')} dB without (bicubic {e['bicubic_psnr_db']} dB)"
+        )
     if outcome.model_path is None:
         print(f"stopped early; continue with --resume (state in {out})")
     else:

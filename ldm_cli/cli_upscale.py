@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from .cli_generate import SAMPLER_HELP, check_options, save_all
-from .cli_image import CFG, DEVICE, DTYPE, NEGATIVE, NUM_IMAGES, OUT, SCHEDULER, SEED
+from .cli_image import DEVICE, DTYPE, NEGATIVE, NUM_IMAGES, OUT, SCHEDULER, SEED
 from .cli_vae import VAE_TILING, check_vae_tiling
 from .errors import UserError
 
@@ -31,7 +31,12 @@ def upscale(
     ),
     negative_prompt: str = NEGATIVE,
     steps: int = typer.Option(30, "--steps", "-s", help="Sampling steps."),
-    cfg: float = CFG,
+    cfg: float | None = typer.Option(
+        None,
+        "--cfg",
+        help="Classifier-free guidance scale; 1 skips the unconditional pass (default: the "
+        "checkpoint's own, 7.5 unless its metadata names another; the embedded upscaler's is 1).",
+    ),
     seed: int | None = SEED,
     sampler: str = typer.Option(
         DEFAULT_SAMPLER,
@@ -86,7 +91,7 @@ def upscale(
         prompt,
         negative_prompt,
         steps=steps,
-        cfg=cfg,
+        cfg=pipe.config.default_cfg if cfg is None else cfg,
         seed=seed,
         sampler=sampler,
         scheduler=scheduler,

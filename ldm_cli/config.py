@@ -96,6 +96,9 @@ class ModelConfig:
     prediction: str = "eps"  # "eps" or "v"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     default_size: int = 512
+    # The guidance scale `ldm upscale` uses when --cfg is not given (a model trained for another
+    # scale names it in its ldm_config metadata: the embedded upscaler's is 1).
+    default_cfg: float = 7.5
     # SDXL (SGM layout): the text encoders live under `conditioner.embedders.N` instead of
     # `cond_stage_model`: `text` is embedders.0, `text2` (when set) embedders.1.
     conditioner: bool = False

@@ -210,6 +210,7 @@ def config_from_json(text: str, header: CheckpointHeader | None = None) -> Model
             prediction=raw.get("prediction", "eps"),
             schedule=_dataclass_from(ScheduleConfig, raw.get("schedule", {})),
             default_size=int(raw.get("default_size", 512)),
+            default_cfg=float(raw.get("default_cfg", 7.5)),
             conditioner=bool(raw.get("conditioner", False)),
             text2=_dataclass_from(TextConfig, raw["text2"]) if raw.get("text2") else None,
         )

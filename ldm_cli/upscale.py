@@ -250,7 +250,7 @@ def upscale(
     tile_overlap: int | None = None,
     num_images: int = 1,
     steps: int = 30,
-    cfg: float = 7.5,
+    cfg: float | None = None,
     seed: int | None = None,
     sampler: str = DEFAULT_SAMPLER,
     scheduler: str = "auto",
@@ -261,13 +261,14 @@ def upscale(
     `noise_level` (0..350) is how much noise the low-res image gets before the model sees it:
     more lets the model invent more detail and stray further from the input. Inputs wider or
     taller than `tile_size` pixels (0: never) are upscaled in tiles overlapping by
-    `tile_overlap` pixels (default: an eighth of the tile size).
+    `tile_overlap` pixels (default: an eighth of the tile size). `cfg` None is the
+    checkpoint's own scale (`pipe.config.default_cfg`).
     """
     base = base_request(
         prompt,
         negative_prompt,
         steps=steps,
-        cfg=cfg,
+        cfg=pipe.config.default_cfg if cfg is None else cfg,
         seed=seed,
         sampler=sampler,
         scheduler=scheduler,

@@ -67,6 +67,25 @@ def test_upscale_writes_a_4x_png_with_its_parameters(files, tmp_path):
     assert (pixels(again) == pixels(path)).all()
 
 
+def test_cfg_defaults_to_the_checkpoints_own(files, tmp_path):
+    """A checkpoint whose ldm_config names default_cfg (the embedded upscaler: 1) is run at
+    that scale without --cfg; --cfg still overrides it; `ldm info` shows it."""
+    unguided = random_checkpoint(
+        TINY_X4.with_(default_cfg=1.0), tmp_path / "unguided.safetensors", seed=8
+    )
+    args = ("upscale", str(files["cat"]), "a tabby cat", "--steps", "2", "--seed", "1")
+    for model, extra, scale in [
+        (unguided, (), 1.0),
+        (unguided, ("--cfg", "4"), 4.0),
+        (files["x4"], (), 7.5),
+    ]:
+        out = tmp_path / f"{model.stem}-{scale:g}"
+        (path,) = written(ldm(*args, "--model", str(model), *extra, "--out", str(out)))
+        assert parse_parameters(read_parameters(path)).cfg_scale == scale
+    assert "guidance:    1 by default" in ldm("info", str(unguided)).stdout
+    assert "guidance:" not in ldm("info", str(files["x4"])).stdout
+
+
 def test_default_model_tiles_and_odd_sizes(files, tmp_path):
     """No prompt: named after the input; an odd size is padded and cropped back, with a notice;
     --tile-size 8 splits the 20x12 padded input into tiles."""

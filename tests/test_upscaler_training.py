@@ -74,6 +74,7 @@ def test_loss_falls_and_the_export_upscales(run):
     evaluation = metrics["upscaler_eval"]
     assert evaluation["images"] == 4
     assert evaluation["psnr_db"] > 0 and evaluation["bicubic_psnr_db"] > 10
+    assert evaluation["psnr_no_prompt_db"] > 0 and evaluation["cfg"] == TINY_X4.default_cfg
     assert (run / "samples" / f"upscaler_{STEPS:06d}.png").is_file()
 
     from ldm_cli import load

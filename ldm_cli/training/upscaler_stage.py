@@ -52,7 +52,7 @@ STAGE = "upscaler"
 WEIGHTS_FILE = "weights.safetensors"
 SAMPLE_IMAGES = 8
 EVAL_IMAGES = 64
-# What `ldm upscale IMAGE` does by default, without a prompt (so without guidance).
+# What `ldm upscale IMAGE CAPTION` does by default (the guidance scale is the checkpoint's).
 EVAL_STEPS = 30
 EVAL_SAMPLER = "ddim"
 EVAL_NOISE_LEVEL = 20
@@ -139,43 +139,55 @@ def stage_pipeline(cfg: ModelConfig, unet: UNetModel, vae: AutoencoderKL, text: 
 
 
 @torch.inference_mode()
-def upscale_batch(pipe, low_res: torch.Tensor, seed: int) -> torch.Tensor:
-    """uint8 low-res images [N, 3, s, s] -> uint8 upscales, as `ldm upscale IMAGE --seed`
-    would make them (no prompt, so no guidance; image i uses seed + i)."""
+def upscale_batch(
+    pipe, low_res: torch.Tensor, seed: int, captions: list[str] | None = None
+) -> torch.Tensor:
+    """uint8 low-res images [N, 3, s, s] -> uint8 upscales, as `ldm upscale IMAGE [CAPTION]
+    --seed` would make them (image i uses seed + i and captions[i]; the checkpoint's default
+    guidance scale; no prompt, so no guidance, without captions)."""
     from ldm_cli.pipeline import Request
 
     size = low_res.shape[-1] * pipe.latent_factor
-    cond = pipe.encode_prompts([""])
     options = UpscaleOptions(EVAL_NOISE_LEVEL, tile_size=0)
+    cfg = pipe.config.default_cfg
     out = []
     for i, image in enumerate(low_res):
-        req = Request("", "", EVAL_STEPS, 1.0, seed + i, EVAL_SAMPLER, "auto", size, size)
-        pixels = upscale_pixels(pipe, to_model_range(image[None]), req, cond, None, options)
+        prompt = captions[i] if captions else ""
+        req = Request(prompt, "", EVAL_STEPS, cfg, seed + i, EVAL_SAMPLER, "auto", size, size)
+        cond, uncond = pipe.conditioning([req])
+        pixels = upscale_pixels(pipe, to_model_range(image[None]), req, cond, uncond, options)
         out.append((pixels * 255).round().to(torch.uint8))
     return torch.stack(out)
 
 
 def evaluate(pipe, heldout: CaptionedImages, seed: int, count: int = EVAL_IMAGES) -> dict:
-    """PSNR of the upscaler and of bicubic interpolation on held-out images."""
+    """PSNR of the upscaler, prompted with each image's caption and without a prompt, and of
+    bicubic interpolation on held-out images; the gain is the prompted one's."""
     originals = heldout.images[:count]
     factor = pipe.latent_factor
     low_res = downsample(originals, factor)
-    upscaled = upscale_batch(pipe, low_res, seed)
-    ours = psnr(upscaled, originals, identical=99.0)
+    prompted = psnr(
+        upscale_batch(pipe, low_res, seed, heldout.captions[:count]), originals, identical=99.0
+    )
+    unprompted = psnr(upscale_batch(pipe, low_res, seed), originals, identical=99.0)
     bicubic = psnr(bicubic_upscale(low_res, factor), originals, identical=99.0)
     return {
         "images": len(originals),
-        "psnr_db": round(ours, 2),
+        "cfg": pipe.config.default_cfg,
+        "psnr_db": round(prompted, 2),
+        "psnr_no_prompt_db": round(unprompted, 2),
         "bicubic_psnr_db": round(bicubic, 2),
-        "gain_db": round(ours - bicubic, 2),
+        "gain_db": round(prompted - bicubic, 2),
+        "gain_no_prompt_db": round(unprompted - bicubic, 2),
     }
 
 
-def write_samples(pipe, images: torch.Tensor, path: Path, seed: int) -> None:
-    """Rows: bicubic, the upscaler, the original."""
+def write_samples(pipe, samples: CaptionedImages, path: Path, seed: int) -> None:
+    """Rows: bicubic, the upscaler (prompted with the captions), the original."""
     factor = pipe.latent_factor
-    low_res = downsample(images, factor)
-    rows = [bicubic_upscale(low_res, factor), upscale_batch(pipe, low_res, seed), images]
+    low_res = downsample(samples.images, factor)
+    upscaled = upscale_batch(pipe, low_res, seed, samples.captions)
+    rows = [bicubic_upscale(low_res, factor), upscaled, samples.images]
     save_grid(torch.cat(rows), path, rows=3)
 
 
@@ -199,7 +211,7 @@ def train_upscaler(
         indices = draws.batch_indices(len(examples.low_res), settings.batch_size)
         return upscaler_loss(model, examples, alphas_cumprod, cfg.prediction, indices, draws.local)
 
-    samples = heldout.images[:SAMPLE_IMAGES]
+    samples = heldout.subset(torch.arange(min(SAMPLE_IMAGES, len(heldout))))
     samples_dir = options.run_dir / "samples"
 
     def sample_fn(ema_unet: UNetModel, step: int) -> None:
