@@ -31,6 +31,9 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _DEBUG["on"] = debug or bool(os.environ.get("LDM_DEBUG"))
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates anything: see allocator.py
 
 
 def _register() -> None:
