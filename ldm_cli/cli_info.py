@@ -20,6 +20,7 @@ def info(
     from collections import Counter
 
     from .checkpoint_file import KNOWN_EXTRAS, read_header
+    from .config import ModelConfig
     from .detect import FAMILY_NAMES, detect_config
 
     header = read_header(checkpoint)
@@ -39,7 +40,7 @@ def info(
     print(f"family:      {cfg.family} ({FAMILY_NAMES.get(cfg.family, cfg.family)})")
     print(f"prediction:  {cfg.prediction}{how}")
     print(f"resolution:  {cfg.default_size}x{cfg.default_size}")
-    if cfg.default_cfg != 7.5:  # named in the file's ldm_config (ldm upscale's default)
+    if cfg.default_cfg != ModelConfig.default_cfg:  # named in the file's ldm_config
         print(f"guidance:    {cfg.default_cfg:g} by default")
     print(f"tensors:     {len(header.tensors)}")
     for name, prefix in components.items():

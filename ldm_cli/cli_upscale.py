@@ -82,20 +82,11 @@ def upscale(
     _require_upscaler(path)
     picture = load_image(image)
 
-    from .img2img import base_request
     from .pipeline import load
-    from .upscale import UpscaleOptions, iter_upscale
+    from .upscale import UpscaleOptions, iter_upscale, upscale_request
 
     pipe = load(path, device=device, dtype=dtype, vae_tiling=vae_tiling)  # --tile-size 0, big tiles
-    base = base_request(
-        prompt,
-        negative_prompt,
-        steps=steps,
-        cfg=pipe.config.default_cfg if cfg is None else cfg,
-        seed=seed,
-        sampler=sampler,
-        scheduler=scheduler,
-    )
+    base = upscale_request(pipe, prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     options = UpscaleOptions(noise_level, tile_size, tile_overlap)
     # Without a prompt the file is named after the input: NNNNN-SEED-<image>-x4.png
     name = prompt if prompt.strip() else f"{image.stem} x4"

@@ -239,6 +239,28 @@ def iter_upscale(
         yield shown, result_image
 
 
+def upscale_request(
+    pipe: Pipeline,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    cfg: float | None,
+    seed: int | None,
+    sampler: str,
+    scheduler: str,
+) -> Request:
+    """The request every upscale starts from; `cfg` None is the checkpoint's own scale."""
+    return base_request(
+        prompt,
+        negative_prompt,
+        steps=steps,
+        cfg=pipe.config.default_cfg if cfg is None else cfg,
+        seed=seed,
+        sampler=sampler,
+        scheduler=scheduler,
+    )
+
+
 def upscale(
     pipe: Pipeline,
     image: ImageInput,
@@ -264,15 +286,7 @@ def upscale(
     `tile_overlap` pixels (default: an eighth of the tile size). `cfg` None is the
     checkpoint's own scale (`pipe.config.default_cfg`).
     """
-    base = base_request(
-        prompt,
-        negative_prompt,
-        steps=steps,
-        cfg=pipe.config.default_cfg if cfg is None else cfg,
-        seed=seed,
-        sampler=sampler,
-        scheduler=scheduler,
-    )
+    base = upscale_request(pipe, prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
     options = UpscaleOptions(noise_level, tile_size, tile_overlap)
     pairs = iter_upscale(pipe, image, base, options, num_images=num_images, progress=progress)
     return [result for _, result in pairs]
