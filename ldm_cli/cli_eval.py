@@ -18,7 +18,9 @@ def eval_command(
     num: int = typer.Option(200, "--num", help="Number of evaluation prompts (half held out)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt set and of the images."),
     steps: int = typer.Option(30, "--steps", help="Sampling steps."),
-    cfg: float = typer.Option(7.5, "--cfg", help="Guidance scale."),
+    cfg: float | None = typer.Option(
+        None, "--cfg", help="Guidance scale (default: the checkpoint's own, else 7.5)."
+    ),
     sampler: str = typer.Option("euler_a", "--sampler", help="Sampler name (see generate)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Prompts rendered together."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the full report here."),
@@ -46,6 +48,7 @@ def eval_command(
     from .pipeline import load
 
     pipe = load(model, device=device)
+    cfg = pipe.config.default_cfg if cfg is None else cfg  # for the table's title
     scorer = _clip_scorer(clip_tower, pipe)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("prompts", total=num)

@@ -66,8 +66,11 @@ def generate(
         "", "--negative-prompt", "-n", help="What to steer away from."
     ),
     steps: int = typer.Option(30, "--steps", "-s", help="Sampling steps."),
-    cfg: float = typer.Option(
-        7.5, "--cfg", help="Classifier-free guidance scale; 1 skips the unconditional pass."
+    cfg: float | None = typer.Option(
+        None,
+        "--cfg",
+        help="Classifier-free guidance scale (default: the checkpoint's own, else 7.5); 1 "
+        "skips the unconditional pass.",
     ),
     seed: int | None = typer.Option(
         None, "--seed", help="Seed of the first image; image k uses seed+k. Random if omitted."
@@ -212,7 +215,7 @@ def generate(
             prompt=job["prompt"],
             negative_prompt=o.get("negative_prompt", negative_prompt),
             steps=o.get("steps", steps),
-            cfg=o.get("cfg", cfg),
+            cfg=o.get("cfg", pipe.config.default_cfg if cfg is None else cfg),
             seed=o.get("seed", base_seed),
             sampler=o.get("sampler", sampler),
             scheduler=o.get("scheduler", scheduler),

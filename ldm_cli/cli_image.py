@@ -30,7 +30,10 @@ STEPS = typer.Option(
     30, "--steps", "-s", help="Schedule length; int(steps * strength) of them are run."
 )
 CFG = typer.Option(
-    7.5, "--cfg", help="Classifier-free guidance scale; 1 skips the unconditional pass."
+    None,
+    "--cfg",
+    help="Classifier-free guidance scale (default: the checkpoint's own, else 7.5); 1 skips "
+    "the unconditional pass.",
 )
 SEED = typer.Option(
     None, "--seed", help="Seed of the first image; image k uses seed+k. Random if omitted."
@@ -92,7 +95,7 @@ def img2img(
     ),
     negative_prompt: str = NEGATIVE,
     steps: int = STEPS,
-    cfg: float = CFG,
+    cfg: float | None = CFG,
     seed: int | None = SEED,
     sampler: str = SAMPLER,
     scheduler: str = SCHEDULER,
@@ -171,7 +174,7 @@ def inpaint(
     ),
     negative_prompt: str = NEGATIVE,
     steps: int = STEPS,
-    cfg: float = CFG,
+    cfg: float | None = CFG,
     seed: int | None = SEED,
     sampler: str = SAMPLER,
     scheduler: str = SCHEDULER,
@@ -233,7 +236,7 @@ def outpaint(
     mask_blur: int = MASK_BLUR,
     negative_prompt: str = NEGATIVE,
     steps: int = STEPS,
-    cfg: float = CFG,
+    cfg: float | None = CFG,
     seed: int | None = SEED,
     sampler: str = SAMPLER,
     scheduler: str = SCHEDULER,

@@ -42,6 +42,8 @@ def info(
     print(f"resolution:  {cfg.default_size}x{cfg.default_size}")
     if cfg.default_cfg != ModelConfig.default_cfg:  # named in the file's ldm_config
         print(f"guidance:    {cfg.default_cfg:g} by default")
+    if not cfg.conditioner:  # which text layer the U-Net reads; 1 = the last
+        print(f"clip skip:   {cfg.text.clip_skip}")
     print(f"tensors:     {len(header.tensors)}")
     for name, prefix in components.items():
         infos = [

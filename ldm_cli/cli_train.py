@@ -19,13 +19,16 @@ def train(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Run folder: stage states, samples, logs and model.safetensors."
     ),
-    config: str = typer.Option(
-        "embedded",
+    config: str | None = typer.Option(
+        None,
         "--config",
-        help=f"Architecture: {', '.join(recipe.CONFIGS)}, or a ModelConfig .json file.",
+        help=f"Architecture: {', '.join(recipe.CONFIGS)}, or a ModelConfig .json file "
+        "(default: embedded, or with --base the base's own).",
     ),
     size: int | None = typer.Option(
-        None, "--size", help="Training image side in pixels (default: the config's, 64)."
+        None,
+        "--size",
+        help="Training image side in pixels (default: the config's; 64 for embedded).",
     ),
     vae_steps: int = typer.Option(recipe.VAE_STEPS, "--vae-steps", help="VAE training steps."),
     text_steps: int = typer.Option(
@@ -72,11 +75,15 @@ def train(
     base: Path | None = typer.Option(
         None,
         "--base",
-        help="x4 upscaler configs (embedded-x4): the checkpoint whose VAE and text encoder "
-        "it uses, frozen (default: the embedded model).",
+        help="Build on this checkpoint: its VAE and text encoder are used frozen instead of "
+        "trained, and a text-to-image config fine-tunes its U-Net (modules the config adds "
+        "start as identities). x4 upscaler configs (embedded-x4) default to the embedded model.",
     ),
 ) -> None:
     """Train the whole model stage by stage: VAE, CLIP text encoder, U-Net, then export.
+
+    With --base CKPT the VAE and text encoder are the checkpoint's, frozen, and the U-Net is
+    fine-tuned from its own (--config: the checkpoint's architecture unless named).
 
     Each stage is skipped when its weights are already in RUN_DIR; with --resume an
     interrupted stage continues where its last saved state left off. Works unchanged under
@@ -86,7 +93,7 @@ def train(
     from .training import EXPORT_DTYPES, TrainPlan, run_training
     from .training.loop import LoopOptions, StageSettings
 
-    cfg = recipe.training_config(config)
+    cfg = _training_config(config, base)
     size = size or cfg.default_size
     multiple = cfg.vae.downscale * 2 ** (len(cfg.unet.channel_mult) - 1)
     if size < 8 or size % multiple:
@@ -152,3 +159,26 @@ def train(
 
 def _warmup(steps: int) -> int:
     return max(1, min(200, steps // 10))
+
+
+def _training_config(name: str | None, base: Path | None):
+    """--config by name or file; without it the embedded architecture, or the --base
+    checkpoint's own when fine-tuning one."""
+    if name is not None:
+        return recipe.training_config(name)
+    if base is None:
+        return recipe.EMBEDDED
+    from .checkpoint_file import read_header
+    from .detect import detect_config
+
+    if not base.is_file():
+        raise UserError(f"--base {base}: no such file")
+    from .detect import is_upscaler_unet
+
+    cfg = detect_config(read_header(base))
+    if is_upscaler_unet(cfg.unet):
+        raise UserError(
+            "--base is an x4 upscaler; fine-tuning one is not supported (to train a new upscaler "
+            "around a text-to-image model's VAE, pass --config embedded-x4)"
+        )
+    return cfg

@@ -288,7 +288,7 @@ class Pipeline:
         negative_prompt: str = "",
         *,
         steps: int = 30,
-        cfg: float = 7.5,
+        cfg: float | None = None,
         seed: int | None = None,
         sampler: str = "euler_a",
         scheduler: str = "auto",
@@ -304,7 +304,9 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Images k = 0..num_images-1 use seed + k whatever the batch size.
 
-        Each image carries its AUTOMATIC1111 `parameters` text in `image.info`. `hires`
+        `cfg` defaults to the checkpoint's own guidance scale (`config.default_cfg`, 7.5 unless
+        its metadata names another). Each image carries its AUTOMATIC1111 `parameters` text in
+        `image.info`. `hires`
         upscales each image and refines it with img2img (A1111's "hires fix").
         `rescale_cfg` is the guidance rescale PHI (0..1; see ldm_cli.cfg_rescale).
         `deep_cache` N > 1 reuses the U-Net's deep features for N-1 of every N calls: faster,
@@ -316,7 +318,7 @@ class Pipeline:
             prompt,
             negative_prompt,
             steps,
-            cfg,
+            self.config.default_cfg if cfg is None else cfg,
             random_seed() if seed is None else seed,
             sampler,
             scheduler,

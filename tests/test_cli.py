@@ -220,4 +220,5 @@ def test_bad_input_gives_one_line_error(tiny, tmp_path, args, needle):
 def test_info_names_family_and_counts(tiny):
     out = ldm("info", str(tiny)).stdout
     assert "family:      sd1" in out and "prediction:  eps" in out
+    assert "clip skip:   1" in out
     assert "unet:" in out and "parameters" in out

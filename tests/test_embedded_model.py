@@ -1,8 +1,9 @@
 """The embedded default model: it ships, loads like any checkpoint, and follows prompts.
 
-Golden tests: fixed prompts and seeds render images whose regions have the asked colours
-(checked by the same pixel analysis as `ldm eval`), and equal the stored golden PNGs up to
-floating-point noise across CPUs. After retraining the embedded model, rewrite them with
+Golden tests: fixed prompts and seeds render images whose regions have the asked colours,
+places, shapes and sizes (checked by the same pixel analysis as `ldm eval`), and equal the
+stored golden PNGs up to floating-point noise across CPUs. After retraining the embedded model,
+rewrite them with
 `LDM_UPDATE_GOLDEN=1 pytest tests/test_embedded_model.py`.
 """
 
@@ -22,7 +23,8 @@ from ldm_cli.image_metrics import psnr
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 MODEL = WEIGHTS_DIR / DEFAULT_NAME
-# (scene, seed): rendered at the generate defaults (30 steps, cfg 7.5, euler_a, 64x64)
+# (scene, seed): rendered at the generate defaults (30 steps, euler_a, 64x64, the model's own
+# guidance scale: 3)
 GOLDEN = [
     (Scene("blue", (ShapeObject("red", "circle", "large", "center"),)), 1),
     (Scene("yellow", (ShapeObject("black", "square", "large", "left"),)), 2),
@@ -32,8 +34,7 @@ GOLDEN = [
             "purple",
             (
                 ShapeObject("yellow", "circle", "large", "top left"),
-                # a white square here comes out yellow (colour binding leaks between two
-                # objects; `ldm eval` measures it), so the golden asks for green
+                # green squares never appear in training (a held-out pair)
                 ShapeObject("green", "square", "large", "bottom right"),
             ),
         ),
@@ -60,6 +61,9 @@ def test_the_embedded_model_ships_small_and_loads_strictly():
     assert (WEIGHTS_DIR / "ldm-shapes.clip-tower.safetensors").is_file()
     cfg = detect_config(read_header(MODEL))
     assert cfg.family == "sd1" and cfg.default_size == 64
+    # what ldm_cli.training.embedded_config.EMBEDDED names, so `ldm train --config embedded`
+    # remakes this architecture
+    assert (cfg.text.clip_skip, cfg.default_cfg) == (2, 3.0)
 
 
 def _golden_path(scene: Scene, seed: int) -> Path:
@@ -75,6 +79,7 @@ def test_golden_prompts_give_the_asked_colours(pipe, scene, seed):
     assert result["background_ok"], result
     for obj in result["objects"]:
         assert obj["colour_ok"] and obj["place_ok"], result
+        assert obj["shape_ok"] and obj["size_ok"], result
 
     golden = _golden_path(scene, seed)
     if os.environ.get("LDM_UPDATE_GOLDEN") == "1":  # after retraining the embedded model

@@ -14,7 +14,7 @@ def evaluate(
     num: int = 200,
     seed: int = 0,
     steps: int = 30,
-    cfg: float = 7.5,
+    cfg: float | None = None,
     sampler: str = "euler_a",
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
@@ -25,6 +25,7 @@ def evaluate(
     """Scores for all prompts and separately for in-distribution and held-out scenes.
 
     Prompt k is rendered with seed `seed + k`; the prompt set is `sample_eval_prompts(seed)`.
+    ``cfg`` None is the checkpoint's own guidance scale, as `ldm generate` uses it.
     ``clip`` (a ``ClipScorer``) adds the in-domain CLIP score of each image and, as the
     ceiling, of the exact render of its scene. ``request_options`` are further Request fields
     (e.g. ``deep_cache``) for every image.
@@ -33,6 +34,7 @@ def evaluate(
 
     prompts = sample_eval_prompts(seed, num)
     size = pipe.config.default_size
+    cfg = pipe.config.default_cfg if cfg is None else cfg
     base = Request(
         prompt="", steps=steps, cfg=cfg, sampler=sampler, width=size, height=size,
         **(request_options or {}),

@@ -2,6 +2,8 @@
 
 1. VAE (``vae_stage``), 2. CLIP text encoder (``text_stage``), 3. U-Net (``unet_stage``),
 4. export of RUN_DIR/model.safetensors in the original checkpoint layout.
+With a base checkpoint (``fine_tune``) stages 1 and 2 are taken from it and stage 3 starts
+from its U-Net.
 
 A stage whose final weights exist in the run folder is skipped; an unfinished one continues
 from RUN_DIR/<stage>/state with ``resume``.
@@ -40,7 +42,9 @@ class TrainPlan:
     loop: LoopOptions
     holdout: int | None = None
     export_dtype: str = "fp32"  # or "fp16"
-    # x4 upscaler configs: the model whose VAE and text encoder they use (None: the embedded one)
+    # The checkpoint whose VAE and text encoder are used frozen instead of training them; a
+    # text-to-image config also starts its U-Net from it (x4 upscaler configs: None means the
+    # embedded model; others: None trains every stage from scratch).
     base: Path | None = None
 
 
@@ -63,43 +67,56 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     loop = plan.loop
     main = is_main_process()
     started = time.perf_counter()
-    data = load_captioned_images(plan.data_dir, plan.config.default_size)
+    cfg = plan.config
+    base = None
+    if plan.base is not None:
+        from ldm_cli.training.fine_tune import load_fine_tune_base
+
+        base = load_fine_tune_base(plan.base, cfg)
+        cfg = base.config
+    data = load_captioned_images(plan.data_dir, cfg.default_size)
     train, heldout = split(data, plan.holdout, loop.seed)
     if main:
         loop.run_dir.mkdir(parents=True, exist_ok=True)
-        check_run_config(loop.run_dir / CONFIG_FILE, plan.config)
+        check_run_config(loop.run_dir / CONFIG_FILE, cfg)
         counts = {"images": len(data), "train": len(train), "heldout": len(heldout)}
         merge_json(loop.run_dir / METRICS_FILE, {"data": counts})
+        if base is not None:
+            base.record(loop.run_dir)
     wait_for_everyone()
-    cfg = plan.config
 
-    if vae_stage.weights_path(loop).is_file():
-        vae = vae_stage.load_vae(cfg.vae, vae_stage.weights_path(loop))
+    if base is not None:
+        vae_model, text_model, init = base.vae, base.text_encoder, base.unet
     else:
-        vae = vae_stage.train_vae(cfg.vae, train, heldout, plan.vae, loop)
-        if vae is None:
-            return TrainOutcome(None, _read_metrics(loop))
-    cfg = cfg.with_(vae=vae.config)
+        vae_model, text_model, init = None, None, None
+        if vae_stage.weights_path(loop).is_file():
+            vae = vae_stage.load_vae(cfg.vae, vae_stage.weights_path(loop))
+        else:
+            vae = vae_stage.train_vae(cfg.vae, train, heldout, plan.vae, loop)
+            if vae is None:
+                return TrainOutcome(None, _read_metrics(loop))
+        cfg, vae_model = cfg.with_(vae=vae.config), vae.vae
 
-    if text_stage.weights_path(loop).is_file() and text_stage.tower_path(loop).is_file():
-        text = text_stage.load_text(cfg.text, loop)
-    else:
-        text = text_stage.train_text(cfg.text, train, heldout, plan.text, loop)
-        if text is None:
-            return TrainOutcome(None, _read_metrics(loop))
+        if text_stage.weights_path(loop).is_file() and text_stage.tower_path(loop).is_file():
+            text_model = text_stage.load_text(cfg.text, loop).text_encoder
+        else:
+            text = text_stage.train_text(cfg.text, train, heldout, plan.text, loop)
+            if text is None:
+                return TrainOutcome(None, _read_metrics(loop))
+            text_model = text.text_encoder
 
     if unet_stage.weights_path(loop).is_file():
         unet = unet_stage.load_unet(cfg, loop)
     else:
         unet = unet_stage.train_unet(
-            cfg, vae.vae, text.text_encoder, train, heldout, plan.unet, loop
+            cfg, vae_model, text_model, train, heldout, plan.unet, loop, init=init
         )
         if unet is None:
             return TrainOutcome(None, _read_metrics(loop))
 
     path = loop.run_dir / MODEL_FILE
     if main:
-        model = unet_stage.assemble_model(cfg, unet.unet, vae.vae, text.text_encoder)
+        model = unet_stage.assemble_model(cfg, unet.unet, vae_model, text_model)
         sizes = export_model(model, path, plan.export_dtype)
         minutes = round((time.perf_counter() - started) / 60, 2)
         merge_json(loop.run_dir / METRICS_FILE, {"export": {**sizes, "minutes_this_run": minutes}})

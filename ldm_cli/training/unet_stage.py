@@ -189,13 +189,21 @@ def train_unet(
     heldout: CaptionedImages,
     settings: StageSettings,
     options: LoopOptions,
+    init: UNetModel | None = None,
 ) -> UnetResult | None:
     """Train (or resume) the U-Net; ``cfg.vae.scale_factor`` must be the measured one.
 
-    Returns None when stopped early by ``stop_after``.
+    ``init``: a trained U-Net to start from (fine-tuning); parts of ``cfg.unet`` it lacks keep
+    their fresh initialisation. Returns None when stopped early by ``stop_after``.
     """
     torch.manual_seed(options.seed + 2)
     unet = zero_init_like_ldm(UNetModel(cfg.unet))
+    if init is not None:
+        from ldm_cli.training.fine_tune import start_from
+
+        added = start_from(unet, init)
+        if added:
+            note(options, f"unet: {len(added)} modules new to the base start as identities")
     note(options, f"unet: caching the latents and text features of {len(train)} images")
     examples = prepare_examples(vae, text_encoder, train, cfg.vae.scale_factor)
     alphas_cumprod = DiscreteSchedule(cfg.schedule).alphas_cumprod
