@@ -120,6 +120,14 @@ def test_an_upscaler_base_is_refused_for_text_to_image(tmp_path):
         base_config(BASE, TINY_X4)
 
 
+def test_an_sdxl_base_is_refused():
+    from ldm_cli.config import TINY_SDXL
+    from ldm_cli.training.fine_tune import base_config
+
+    with pytest.raises(UserError, match="SD 1.x/2.x-shaped models only"):
+        base_config(BASE, TINY_SDXL)
+
+
 def test_without_config_a_base_is_fine_tuned_as_it_is(tmp_path):
     from ldm_cli.cli_train import _training_config
     from ldm_cli.config import TINY_X4
@@ -142,3 +150,25 @@ def test_the_config_chooses_the_text_layer_the_unet_reads():
     skip2 = BASE.with_(text=replace(BASE.text, clip_skip=2))
     assert base_config(skip2, BASE).text == replace(BASE.text, clip_skip=2)
     assert base_config(BASE, skip2).text.clip_skip == 1
+
+
+def test_an_inpainting_base_is_refused():
+    from ldm_cli.training.fine_tune import base_config
+
+    inpainting = BASE.with_(unet=replace(BASE.unet, in_channels=9))
+    with pytest.raises(UserError, match="inpainting"):
+        base_config(inpainting, inpainting)
+
+
+def test_v_prediction_trains_on_the_v_target():
+    """v = sqrt(a) eps - sqrt(1 - a) x0 with min-SNR weight min(snr, 5) / (snr + 1); eps as
+    before (weight min(snr, 5) / snr), so an SD 2.x 768-v base is fine-tuned as it predicts."""
+    from ldm_cli.training.unet_stage import prediction_target
+
+    x0, noise = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), -1.0)
+    a = torch.full((1, 1, 1, 1), 0.8)  # snr 4
+    target, weight = prediction_target(x0, noise, a, "v")
+    assert target.item() == pytest.approx(0.8**0.5 * -1 - 0.2**0.5 * 2)
+    assert weight.item() == pytest.approx(4 / 5)
+    target, weight = prediction_target(x0, noise, torch.full((1, 1, 1, 1), 0.9), "eps")
+    assert target.item() == -1 and weight.item() == pytest.approx(5 / 9)

@@ -44,8 +44,18 @@ def base_config(cfg: ModelConfig, base: ModelConfig) -> ModelConfig:
     conditions the U-Net (``clip_skip``) is the config's: it belongs to the U-Net being trained."""
     from ldm_cli.detect import is_upscaler_unet
 
+    if base.conditioner:
+        raise UserError(
+            f"--base is an {base.family} model (SDXL layout); ldm train fine-tunes "
+            "SD 1.x/2.x-shaped models only"
+        )
     if is_upscaler_unet(base.unet):
         raise UserError("--base is an x4 upscaler; a text-to-image config needs another base")
+    if base.unet.in_channels != base.vae.embed_dim or cfg.unet.in_channels != base.vae.embed_dim:
+        raise UserError(
+            "ldm train trains plain text-to-image U-Nets, whose input is the latent alone; "
+            f"this one takes {cfg.unet.in_channels} channels (an inpainting layout?)"
+        )
     if cfg.unet.context_dim != base.text.hidden_size:
         raise UserError(
             f"the config's U-Net reads {cfg.unet.context_dim}-wide text features but the base's "

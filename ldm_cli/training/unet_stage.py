@@ -126,8 +126,9 @@ def diffusion_loss(
     alphas_cumprod: torch.Tensor,
     indices: torch.Tensor,
     generator: torch.Generator,
+    prediction: str = "eps",
 ) -> torch.Tensor:
-    """Min-SNR weighted MSE between the eps prediction and the noise, at uniform timesteps."""
+    """Min-SNR weighted MSE of the eps (or v) prediction, at uniform timesteps."""
     device = next(unet.parameters()).device
     x0 = examples.latents[indices]
     context = examples.features[examples.caption_ids[indices]]
@@ -138,10 +139,22 @@ def diffusion_loss(
     noise += OFFSET_NOISE * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    prediction = unet(noisy.to(device), t.to(device), context=context.float().to(device))
+    output = unet(noisy.to(device), t.to(device), context=context.float().to(device))
+    target, weight = prediction_target(x0, noise, a, prediction)
+    return (weight.to(device) * (output.float() - target.to(device)).square()).mean()
+
+
+def prediction_target(
+    x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the U-Net should output ("eps" or "v") and its min-SNR loss weight, for latents
+    ``x0`` noised with ``noise`` at alphas_cumprod ``a``."""
     snr = a / (1 - a)
-    weight = (snr.clamp(max=MIN_SNR_GAMMA) / snr).to(device)
-    return (weight * (prediction.float() - noise.to(device)).square()).mean()
+    clipped = snr.clamp(max=MIN_SNR_GAMMA)
+    if prediction == "v":
+        # v = sqrt(a) eps - sqrt(1 - a) x0; its MSE is (snr + 1) times the eps one's
+        return a.sqrt() * noise - (1 - a).sqrt() * x0, clipped / (snr + 1)
+    return noise, clipped / snr
 
 
 def assemble_model(
@@ -210,7 +223,7 @@ def train_unet(
 
     def loss_fn(model, draws: StepRandom) -> torch.Tensor:
         indices = draws.batch_indices(len(examples.latents), settings.batch_size)
-        return diffusion_loss(model, examples, alphas_cumprod, indices, draws.local)
+        return diffusion_loss(model, examples, alphas_cumprod, indices, draws.local, cfg.prediction)
 
     prompts = heldout.captions[:SAMPLE_PROMPTS]
     samples_dir = options.run_dir / "samples"

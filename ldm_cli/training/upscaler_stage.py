@@ -36,12 +36,12 @@ from ldm_cli.training.loop import (
 from ldm_cli.training.unet_stage import (
     CAPTION_DROPOUT,
     EMA_DECAY,
-    MIN_SNR_GAMMA,
     TrainingExamples,
     UnetResult,
     assemble_model,
     finish_stage,
     load_stage_weights,
+    prediction_target,
     prepare_examples,
     zero_init_like_ldm,
 )
@@ -120,13 +120,7 @@ def upscaler_loss(
     low_res = noise_augment(low_res, torch.randn(low_res.shape, generator=generator), levels)
     inputs = torch.cat([noisy, low_res], dim=1).to(device)
     output = unet(inputs, t.to(device), context=context.float().to(device), y=levels.to(device))
-    snr = a / (1 - a)
-    clipped = snr.clamp(max=MIN_SNR_GAMMA)
-    if prediction == "v":
-        # v = sqrt(a) eps - sqrt(1 - a) x0; its MSE is (snr + 1) times the eps one's
-        target, weight = a.sqrt() * noise - (1 - a).sqrt() * x0, clipped / (snr + 1)
-    else:
-        target, weight = noise, clipped / snr
+    target, weight = prediction_target(x0, noise, a, prediction)
     return (weight.to(device) * (output.float() - target.to(device)).square()).mean()
 
 
