@@ -169,12 +169,10 @@ def _training_config(name: str | None, base: Path | None):
     if base is None:
         return recipe.EMBEDDED
     from .checkpoint_file import read_header
-    from .detect import detect_config
+    from .detect import detect_config, is_upscaler_unet
 
     if not base.is_file():
         raise UserError(f"--base {base}: no such file")
-    from .detect import is_upscaler_unet
-
     cfg = detect_config(read_header(base))
     if is_upscaler_unet(cfg.unet):
         raise UserError(
