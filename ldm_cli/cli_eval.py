@@ -48,7 +48,7 @@ def eval_command(
     from .pipeline import load
 
     pipe = load(model, device=device)
-    cfg = pipe.config.default_cfg if cfg is None else cfg  # for the table's title
+    cfg = pipe.guidance_scale(cfg)  # for the table's title
     scorer = _clip_scorer(clip_tower, pipe)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("prompts", total=num)

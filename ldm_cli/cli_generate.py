@@ -215,7 +215,7 @@ def generate(
             prompt=job["prompt"],
             negative_prompt=o.get("negative_prompt", negative_prompt),
             steps=o.get("steps", steps),
-            cfg=o.get("cfg", pipe.config.default_cfg if cfg is None else cfg),
+            cfg=o.get("cfg", pipe.guidance_scale(cfg)),
             seed=o.get("seed", base_seed),
             sampler=o.get("sampler", sampler),
             scheduler=o.get("scheduler", scheduler),

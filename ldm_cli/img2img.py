@@ -30,7 +30,7 @@ def base_request(
     negative_prompt: str = "",
     *,
     steps: int = 30,
-    cfg: float | None = None,  # None: the checkpoint's own (`model_cfg`)
+    cfg: float | None = None,  # None: the checkpoint's own (Pipeline.guidance_scale)
     seed: int | None = None,
     sampler: str = "euler_a",
     scheduler: str = "auto",
@@ -43,11 +43,6 @@ def base_request(
         prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, 0, 0,
         deep_cache=deep_cache, token_merging=token_merging,
     )  # fmt: skip
-
-
-def model_cfg(pipe: Pipeline, req: Request) -> float:
-    """The request's guidance scale, or the checkpoint's own where it names none."""
-    return pipe.config.default_cfg if req.cfg is None else req.cfg
 
 
 def check_strength(strength: float) -> None:
@@ -161,7 +156,7 @@ def iter_img2img(
     if message and notice:
         notice(message)
     width, height = fitted.image.size
-    base = replace(base, width=width, height=height, cfg=model_cfg(pipe, base))
+    base = replace(base, width=width, height=height, cfg=pipe.guidance_scale(base.cfg))
     pipe.validate(base)
     extra = {"Denoising strength": format_number(strength)}
     batches = seeded_batches(base, num_images, batch_size)

@@ -42,7 +42,6 @@ from .img2img import (
     encode_latents,
     generators,
     inpaint_concat,
-    model_cfg,
     start_noise,
 )
 from .inpaint_regions import Box, crop_box, mask_box, outpaint_inputs
@@ -162,7 +161,7 @@ def iter_inpaint(
     """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text.
     `release`: as in `iter_img2img`."""
     check_strength(options.strength)
-    base = replace(base, cfg=model_cfg(pipe, base))
+    base = replace(base, cfg=pipe.guidance_scale(base.cfg))
     image = load_image(image)
     mask = load_mask(mask, image)
     if options.full_res:

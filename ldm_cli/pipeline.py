@@ -318,7 +318,7 @@ class Pipeline:
             prompt,
             negative_prompt,
             steps,
-            self.config.default_cfg if cfg is None else cfg,
+            self.guidance_scale(cfg),
             random_seed() if seed is None else seed,
             sampler,
             scheduler,
@@ -362,6 +362,11 @@ class Pipeline:
         from .upscale import upscale
 
         return upscale(self, image, prompt, negative_prompt, **options)
+
+    def guidance_scale(self, cfg: float | None) -> float:
+        """`cfg`, or where it is None the checkpoint's own scale (`config.default_cfg`: 7.5
+        unless its ldm_config names another)."""
+        return self.config.default_cfg if cfg is None else cfg
 
     def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
         """A1111 parameters text; `extra` adds keys such as "Denoising strength"."""

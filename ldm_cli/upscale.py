@@ -254,7 +254,7 @@ def upscale_request(
         prompt,
         negative_prompt,
         steps=steps,
-        cfg=pipe.config.default_cfg if cfg is None else cfg,
+        cfg=pipe.guidance_scale(cfg),
         seed=seed,
         sampler=sampler,
         scheduler=scheduler,

@@ -34,7 +34,7 @@ def evaluate(
 
     prompts = sample_eval_prompts(seed, num)
     size = pipe.config.default_size
-    cfg = pipe.config.default_cfg if cfg is None else cfg
+    cfg = pipe.guidance_scale(cfg)
     base = Request(
         prompt="", steps=steps, cfg=cfg, sampler=sampler, width=size, height=size,
         **(request_options or {}),
