@@ -88,7 +88,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     if base is not None:
         vae_model, text_model, init = base.vae, base.text_encoder, base.unet
     else:
-        vae_model, text_model, init = None, None, None
+        init = None
         if vae_stage.weights_path(loop).is_file():
             vae = vae_stage.load_vae(cfg.vae, vae_stage.weights_path(loop))
         else:

@@ -51,11 +51,12 @@ def base_config(cfg: ModelConfig, base: ModelConfig) -> ModelConfig:
         )
     if is_upscaler_unet(base.unet):
         raise UserError("--base is an x4 upscaler; a text-to-image config needs another base")
-    if base.unet.in_channels != base.vae.embed_dim or cfg.unet.in_channels != base.vae.embed_dim:
-        raise UserError(
-            "ldm train trains plain text-to-image U-Nets, whose input is the latent alone; "
-            f"this one takes {cfg.unet.in_channels} channels (an inpainting layout?)"
-        )
+    for whose, unet in (("the base's", base.unet), ("the config's", cfg.unet)):
+        if unet.in_channels != base.vae.embed_dim:
+            raise UserError(
+                "ldm train trains plain text-to-image U-Nets, whose input is the latent alone; "
+                f"{whose} takes {unet.in_channels} channels (an inpainting layout?)"
+            )
     if cfg.unet.context_dim != base.text.hidden_size:
         raise UserError(
             f"the config's U-Net reads {cfg.unet.context_dim}-wide text features but the base's "
