@@ -20,6 +20,7 @@ from .cli_performance import (
 )
 from .cli_vae import VAE_TILING
 from .errors import UserError
+from .model_hash import hash_in_background
 
 DTYPE_HELP = (
     "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16. On CPUs with AVX512-BF16 or AMX, "
@@ -166,6 +167,7 @@ def generate(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
     )
     performance.check()
+    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     from .batch_resume import check_output_dir
 
     check_output_dir(out)

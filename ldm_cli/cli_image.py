@@ -22,6 +22,7 @@ from .cli_performance import (
     Performance,
 )
 from .cli_vae import VAE_TILING
+from .model_hash import hash_in_background
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -122,6 +123,7 @@ def img2img(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
     )
     performance.check()
+    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength)
     from .image_inputs import load_image
 
@@ -201,6 +203,7 @@ def inpaint(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
     )
     performance.check()
+    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength, mask_blur, full_res_padding)
     if (width or height) and not full_res:
         from .errors import UserError
@@ -263,6 +266,7 @@ def outpaint(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
     )
     performance.check()
+    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength, mask_blur)
     from .inpaint_regions import outpaint_inputs
 

@@ -12,6 +12,7 @@ from .cli_generate import SAMPLER_HELP, check_options, save_all
 from .cli_image import DEVICE, DTYPE, NEGATIVE, NUM_IMAGES, OUT, SCHEDULER, SEED
 from .cli_vae import VAE_TILING, check_vae_tiling
 from .errors import UserError
+from .model_hash import hash_in_background
 
 # The same numbers as ldm_cli.upscale (which imports torch); tests/test_cli_upscale.py checks.
 MAX_NOISE_LEVEL = 350
@@ -80,6 +81,7 @@ def upscale(
 
     path = model or default_upscaler_path()
     _require_upscaler(path)
+    hash_in_background(path)  # while torch imports (ldm_cli.model_hash)
     picture = load_image(image)
 
     from .pipeline import load

@@ -73,7 +73,7 @@ class Pipeline:
 
     @cached_property
     def model_hash(self) -> str:
-        from .pngmeta import model_hash
+        from .model_hash import model_hash
 
         return model_hash(self.path)
 

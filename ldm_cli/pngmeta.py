@@ -21,12 +21,10 @@ cannot be carried and is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -330,32 +328,6 @@ def parse_parameters(text: str) -> GenerationParams:
         model_name=values.pop("Model", None),
         extra=values,
     )
-
-
-_hash_cache: dict[tuple[str, int, int], str] = {}
-_hash_cache_lock = threading.Lock()
-
-
-def model_hash(path: str | os.PathLike[str]) -> str:
-    """A1111's "AutoV2" short hash: the first 10 hex digits of the file's sha256."""
-    path = os.path.abspath(os.fspath(path))
-    try:
-        stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        with _hash_cache_lock:
-            cached = _hash_cache.get(key)
-        if cached is not None:
-            return cached
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    except OSError as error:
-        raise UserError(f"cannot read model file {path}: {error.strerror or error}") from None
-    short = digest.hexdigest()[:10]
-    with _hash_cache_lock:
-        _hash_cache[key] = short
-    return short
 
 
 def write_png(

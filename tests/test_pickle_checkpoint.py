@@ -203,6 +203,10 @@ def test_cli_generate_and_info_with_allow_pickle(tiny, tiny_ckpt, tmp_path):
     (from_safetensors,) = written(
         ldm("generate", *common, "--model", str(tiny), "-o", str(tmp_path / "s"))
     )
-    assert np.array_equal(pixels(from_pickle), pixels(from_safetensors))
+    # The same weights, but the fp32 safetensors ones are used in place at the file's offsets
+    # and the unpickled ones in fresh, differently aligned memory, and the CPU kernels may
+    # round differently by alignment (seen: one channel of one pixel off by 1/255).
+    difference = np.abs(pixels(from_pickle).astype(int) - pixels(from_safetensors).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     out = ldm("info", str(tiny_ckpt), "--allow-pickle").stdout
     assert "family:      sd1" in out

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ldm_cli.errors import UserError
+from ldm_cli.model_hash import model_hash
 from ldm_cli.pngmeta import (
     RESERVED_KEYS,
     SAMPLER_LABELS,
     SCHEDULER_LABELS,
     GenerationParams,
     format_parameters,
-    model_hash,
     params_from_png,
     parse_parameters,
     read_parameters,

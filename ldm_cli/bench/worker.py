@@ -136,10 +136,12 @@ def main() -> None:
         from ldm_cli.models.winograd_conv import set_winograd
 
         set_winograd("auto" if args.tool == "ldm-winograd" else "never")
-    if args.tool != "diffusers":  # as the `ldm` command does at start
+    if args.tool != "diffusers":  # as the `ldm` commands do at start
         from ldm_cli.allocator import keep_freed_memory
+        from ldm_cli.model_hash import hash_in_background
 
         keep_freed_memory()
+        hash_in_background(args.model)
     t = run_diffusers(args) if args.tool == "diffusers" else run_ldm(args)
     steps = t.pop("step_times")
     per_step = [b - a for a, b in zip([t["encoded"], *steps[:-1]], steps, strict=True)]

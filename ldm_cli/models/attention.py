@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_slicing import attention
+from .conv_linear import Linear
 
 # The original's ``Normalize`` (plain GroupNorm) in the transformer uses a smaller eps than the
 # ResBlocks' GroupNorm32 (1e-5).
@@ -28,10 +29,10 @@ class CrossAttention(nn.Module):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim))
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         # (b, n, heads * d) -> (b, heads, n, d) as a view; SDPA accepts the strides.
@@ -51,7 +52,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -62,7 +63,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = FEED_FORWARD_MULT):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Identity(), Linear(inner_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -93,13 +94,21 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.norm3 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, repeats: int = 1
+    ) -> torch.Tensor:
+        """``repeats`` > 1: ``x`` holds the rows that the batch of ``context`` repeats that many
+        times (a CFG batch); self-attention runs on them once, then they are repeated."""
+        if repeats > 1 and self.disable_self_attn:
+            x = x.repeat(repeats, 1, 1)
         merger = self.token_merger
         if merger is not None and not self.disable_self_attn and merger.applies(x):
             merge, unmerge = merger.plan(x)
             x = unmerge(self.attn1(merge(self.norm1(x)))) + x
         else:
             x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
+        if repeats > 1 and not self.disable_self_attn:
+            x = x.repeat(repeats, 1, 1)
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -127,7 +136,7 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(norm_groups, in_channels, eps=TRANSFORMER_GROUPNORM_EPS)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_in = Linear(in_channels, inner_dim)
         else:
             self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
@@ -135,13 +144,17 @@ class SpatialTransformer(nn.Module):
             for _ in range(depth)
         )
         if use_linear:
-            self.proj_out = nn.Linear(inner_dim, in_channels)
+            self.proj_out = Linear(inner_dim, in_channels)
         else:
             self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, repeats: int = 1
+    ) -> torch.Tensor:
+        """``repeats`` > 1: ``x`` is the shared part of a batch that repeats it (see
+        BasicTransformerBlock); the output has the full batch."""
         b, _, h, w = x.shape
-        residual = x
+        residual = x if repeats == 1 else x.repeat(repeats, 1, 1, 1)
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
@@ -150,7 +163,8 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, repeats)
+            repeats = 1
         if self.use_linear:
             x = self.proj_out(x)
         x = x.unflatten(1, (h, w)).permute(0, 3, 1, 2)

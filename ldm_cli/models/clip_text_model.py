@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.config import TextConfig
+from ldm_cli.models.conv_linear import Linear
 
 EOS_TOKEN_ID = 49407
 
@@ -70,10 +71,10 @@ class CLIPAttention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
         # Declared in transformers' order, so named_parameters() lists the same sequence.
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -96,8 +97,8 @@ class CLIPMLP(nn.Module):
                 f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {cfg.hidden_act}"
             )
         self.activation = ACTIVATIONS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(x)))

@@ -19,6 +19,7 @@ from torch import nn
 
 from ldm_cli.config import TextConfig
 from ldm_cli.models.clip_text_model import ACTIVATIONS
+from ldm_cli.models.conv_linear import Linear, linear
 from ldm_cli.tokenizer import get_tokenizer
 
 
@@ -33,11 +34,11 @@ class FusedSelfAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
@@ -51,8 +52,8 @@ class MLP(nn.Module):
                 f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {cfg.hidden_act}"
             )
         self.activation = ACTIVATIONS[cfg.hidden_act]
-        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.activation(self.c_fc(x)))

@@ -117,13 +117,20 @@ class TimestepEmbedSequential(nn.Sequential):
     """A sequence that hands the timestep embedding to ResBlocks and the context to transformers."""
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        repeats: int = 1,
     ) -> torch.Tensor:
+        """``repeats`` > 1: ``x`` and ``emb`` are the rows a batch of ``context`` repeats that
+        many times; the first transformer repeats them (UNetModel.forward)."""
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb if repeats == 1 else emb[: x.shape[0]])
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, repeats)
+                repeats = 1
             else:
                 x = layer(x)
         return x

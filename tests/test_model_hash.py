@@ -1,0 +1,46 @@
+"""The model hash computed on a background thread while a command imports torch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+from ldm_cli import model_hash as hashing
+from ldm_cli.model_hash import hash_in_background, model_hash
+
+
+def test_background_hash_is_the_one_model_hash_returns(tmp_path, monkeypatch):
+    monkeypatch.setattr(hashing, "READ_CHUNK", 1 << 16)  # several chunks
+    path = tmp_path / "model.safetensors"
+    content = os.urandom((1 << 18) + 5)
+    path.write_bytes(content)
+    started = []
+    real_thread = threading.Thread
+
+    def spy(*args, **kwargs):
+        started.append(kwargs.get("name"))
+        return real_thread(*args, **kwargs)
+
+    monkeypatch.setattr(hashing.threading, "Thread", spy)
+    assert hash_in_background(path)
+    assert not hash_in_background(path)  # already hashing (or hashed): not started twice
+    assert model_hash(path) == hashlib.sha256(content).hexdigest()[:10]
+    assert started == ["ldm-model-hash"] and not hashing._running
+    assert not hash_in_background(path)  # cached
+
+
+def test_a_changed_file_is_hashed_again(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"first")
+    assert hash_in_background(path)
+    assert model_hash(path) == hashlib.sha256(b"first").hexdigest()[:10]
+    path.write_bytes(b"second file")
+    assert hash_in_background(path)
+    assert model_hash(path) == hashlib.sha256(b"second file").hexdigest()[:10]
+
+
+def test_nothing_to_hash(tmp_path, monkeypatch):
+    assert not hash_in_background(tmp_path / "missing.safetensors")
+    monkeypatch.setenv("LDM_DEFAULT_MODEL", str(tmp_path / "missing.safetensors"))
+    assert not hash_in_background(None)  # no embedded model: the command reports it
