@@ -18,13 +18,12 @@ the choice by CPU; the default is ``conv`` on AMD CPUs with AVX-512 and ``blas``
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.errors import UserError
+from ldm_cli.env_choice import env_choice
 
 MODES = ("conv", "blas")
 ENV_VAR = "LDM_LINEAR"
@@ -51,10 +50,8 @@ def _is_amd() -> bool:
 @functools.cache
 def default_mode() -> str:
     """$LDM_LINEAR, else ``conv`` on AMD AVX-512 CPUs and ``blas`` elsewhere."""
-    chosen = os.environ.get(ENV_VAR, "").strip().lower()
+    chosen = env_choice(ENV_VAR, MODES)
     if chosen:
-        if chosen not in MODES:
-            raise UserError(f"{ENV_VAR}={chosen!r}: use one of {', '.join(MODES)}")
         return chosen
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     return "conv" if avx512 and _is_amd() else "blas"

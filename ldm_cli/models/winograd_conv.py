@@ -39,12 +39,11 @@ default.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
 
-from ldm_cli.errors import UserError
+from ldm_cli.env_choice import env_choice
 
 # Bytes of transformed tiles, products and outputs per band (measured: 8 MiB was fastest on a
 # 2 MiB-L2 Xeon; 16-64 MiB lose 5-30% at 128x128 and above).
@@ -85,10 +84,8 @@ ENV_VAR = "LDM_WINOGRAD"
 
 def default_mode() -> str:
     """The mode before any `set_winograd`: $LDM_WINOGRAD, else by the CPU's kernels."""
-    chosen = os.environ.get(ENV_VAR, "").strip().lower()
+    chosen = env_choice(ENV_VAR, MODES)
     if chosen:
-        if chosen not in MODES:
-            raise UserError(f"{ENV_VAR}={chosen!r}: use one of {', '.join(MODES)}")
         return chosen
     return "auto" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "never"
 
