@@ -1,9 +1,8 @@
 """Linear layers computed by oneDNN as 1x1 convolutions on AMD AVX-512 CPUs.
 
-torch's CPU ``F.linear`` is MKL's sgemm, and MKL chooses its kernels by CPU vendor: on a
-2-core AMD EPYC (Zen 5, AVX-512) it reaches ~213 GFLOP/s, while oneDNN, which torch uses for
-convolutions, computes the same products as a 1x1 convolution at 430-500 GFLOP/s (the U-Net's
-shapes, 256+ rows; docs/benchmarks.md). A linear layer over rows of K features is exactly a
+torch's CPU ``F.linear`` is MKL's sgemm, which on a 2-core AMD EPYC (Zen 5, AVX-512) reaches
+213-238 GFLOP/s, while oneDNN, which torch uses for convolutions, computes the same products
+as a 1x1 convolution at 430-500 GFLOP/s (the U-Net's shapes, 256+ rows; docs/benchmarks.md). A linear layer over rows of K features is exactly a
 1x1 convolution over a [1, K, rows, 1] channels-last view of the same memory, and the output
 comes back as a view too, so nothing is copied; the result is the same sum of products, equal
 to ``F.linear`` up to float rounding. With few rows the weight dominates and sgemm is as fast
@@ -11,8 +10,9 @@ or faster (MIN_ROWS, MAX_SMALL_WEIGHT).
 
 The U-Net's attention and feed-forward layers and the text encoders' layers use ``Linear``
 (a drop-in ``nn.Linear``: same parameters and state-dict keys). LDM_LINEAR=conv|blas overrides
-the choice by CPU; the default is ``conv`` on AMD CPUs with AVX-512 and ``blas`` elsewhere
-(not measured to gain on Intel CPUs, whose MKL kernels are the fast ones).
+the choice by CPU; the default is ``conv`` on AMD CPUs with AVX-512 and ``blas`` elsewhere: not
+measured on Intel CPUs, where sgemm was fast already (355 GFLOP/s on the 2-core Xeon of
+docs/benchmarks.md), nor on AVX2-only CPUs.
 """
 
 from __future__ import annotations
