@@ -5,8 +5,9 @@ torch's CPU ``F.linear`` is MKL's sgemm, which on a 2-core AMD EPYC (Zen 5, AVX-
 as a 1x1 convolution at 430-500 GFLOP/s (the U-Net's shapes, 256+ rows; docs/benchmarks.md).
 A linear layer over rows of K features is exactly a 1x1 convolution over a [1, K, rows, 1]
 channels-last view of the same memory, and the output comes back as a view too, so nothing is
-copied; the result is the same sum of products, equal to ``F.linear`` up to float rounding. With few rows the weight dominates and sgemm is as fast
-or faster (MIN_ROWS, MAX_SMALL_WEIGHT).
+copied; the result is the same sum of products, equal to ``F.linear`` up to float rounding.
+With few rows the weight dominates and sgemm is as fast or faster (MIN_ROWS,
+MAX_SMALL_WEIGHT).
 
 The U-Net's attention and feed-forward layers and the text encoders' layers use ``Linear``
 (a drop-in ``nn.Linear``: same parameters and state-dict keys). LDM_LINEAR=conv|blas overrides
