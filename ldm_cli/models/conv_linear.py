@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.env_choice import env_choice
+from ldm_cli.models.cpu_kind import amd_avx512
 
 MODES = ("conv", "blas")
 ENV_VAR = "LDM_LINEAR"
@@ -37,25 +38,10 @@ MAX_SMALL_WEIGHT = 8 * 2**20  # elements, for MIN_ROWS <= rows < ALL_WEIGHTS_ROW
 _settings: dict = {"mode": None}
 
 
-def _is_amd() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return "AuthenticAMD" in line
-    except OSError:
-        pass
-    return False
-
-
 @functools.cache
 def default_mode() -> str:
     """$LDM_LINEAR, else ``conv`` on AMD AVX-512 CPUs and ``blas`` elsewhere."""
-    chosen = env_choice(ENV_VAR, MODES)
-    if chosen:
-        return chosen
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return "conv" if avx512 and _is_amd() else "blas"
+    return env_choice(ENV_VAR, MODES) or ("conv" if amd_avx512() else "blas")
 
 
 def current_mode() -> str:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_cli.models.channels_last import is_channels_last
+
 # Inputs at least this big (bytes per image) go through strips, each about STRIP_BYTES of input.
 MIN_BYTES = 64 << 20
 STRIP_BYTES = 16 << 20
@@ -41,7 +43,11 @@ def group_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, tor
     """Per-(image, channel) scale and shift with norm(x) == x * scale + shift, (n, c, 1, 1)."""
     n, c = x.shape[:2]
     groups = norm.num_groups
-    var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=2, correction=0)
+    if is_channels_last(x):  # (n, h*w, groups, c / groups) is a view of NHWC memory
+        nhwc = x.permute(0, 2, 3, 1).reshape(n, -1, groups, c // groups)
+        var, mean = torch.var_mean(nhwc, dim=(1, 3), correction=0)
+    else:
+        var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=2, correction=0)
     rstd = (var + norm.eps).rsqrt()
     scale = rstd.repeat_interleave(c // groups, dim=1)
     shift = -mean.repeat_interleave(c // groups, dim=1) * scale
@@ -60,16 +66,19 @@ def norm_silu_conv(
     """conv(silu(norm(x))) (+ residual(r0, r1) on output rows r0:r1), strip by strip."""
     n, _, height, width = x.shape
     scale, shift = group_affine(x, norm)
-    out = x.new_empty(n, conv.out_channels, height, width)
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out = torch.empty(
+        (n, conv.out_channels, height, width), dtype=x.dtype, device=x.device, memory_format=layout
+    )
     rows = strip_rows(x)
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
         top, bottom = max(r0 - 1, 0), min(r1 + 1, height)
         strip = torch.addcmul(shift, x[:, :, top:bottom], scale)
         F.silu(strip, inplace=True)
-        # zero rows where the strip meets the image border, as padding=1 would add
-        strip = F.pad(strip, (0, 0, 1 if top == r0 else 0, 1 if bottom == r1 else 0))
-        part = F.conv2d(strip, conv.weight, conv.bias, padding=(0, 1))
+        # Padding 1 all round gives the zero rows at the image border; inside the image the
+        # strip's halo rows are real, and the two output rows computed from padding are cut.
+        part = F.conv2d(strip, conv.weight, conv.bias, padding=1)[:, :, r0 - top : r1 - top]
         if residual is not None:
             part += residual(r0, r1)
         out[:, :, r0:r1] = part

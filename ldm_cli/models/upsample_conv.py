@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldm_cli.models.channels_last import is_channels_last
+
 
 def _fold_taps(t: torch.Tensor, parity: int, dim: int) -> torch.Tensor:
     """Sum the 3 taps along `dim` onto the 2 input pixels an output of `parity` reads.
@@ -73,6 +75,8 @@ def upsample2x_conv3x3(
     out = weight.shape[0]
     folded = kernels(weight) if kernels is not None else folded_kernels(weight)
     by_parity = folded.view(4, out, *folded.shape[1:])
+    if is_channels_last(x):
+        return _channels_last(x, by_parity, bias)
     result = x.new_empty(n, out, h, 2, w, 2)
     # A few output channels at a time: the 2x2 result is 4x the size of their share of the output
     chunk = max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
@@ -85,4 +89,26 @@ def upsample2x_conv3x3(
             for b in (0, 1):
                 result[:, c0:c1, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
     result = result.view(n, out, 2 * h, 2 * w)
+    return result if bias is None else result.add_(bias[:, None, None])
+
+
+def _channels_last(
+    x: torch.Tensor, by_parity: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``upsample2x_conv3x3`` for an NHWC input, with an NHWC result: the parities interleave
+    in the two spatial axes of (n, h, 2, w, 2, channels)."""
+    n, _, h, w = x.shape
+    out = by_parity.shape[1]
+    result = x.new_empty(n, h, 2, w, 2, out)
+    chunk = max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
+    for c0 in range(0, out, chunk):
+        c1 = min(out, c0 + chunk)
+        kernel = by_parity[:, c0:c1].reshape(4 * (c1 - c0), *by_parity.shape[2:])
+        y = F.conv2d(x, kernel.contiguous(memory_format=torch.channels_last), padding=1)
+        # (n, h+1, w+1, 4*k) in memory; parity (a, b) of (2i+a, 2j+b) is at [.., i+a, j+b, a, b]
+        y = y.permute(0, 2, 3, 1).reshape(n, h + 1, w + 1, 2, 2, c1 - c0)
+        for a in (0, 1):
+            for b in (0, 1):
+                result[:, :, a, :, b, c0:c1] = y[:, a : a + h, b : b + w, a, b]
+    result = result.view(n, 2 * h, 2 * w, out).permute(0, 3, 1, 2)
     return result if bias is None else result.add_(bias[:, None, None])

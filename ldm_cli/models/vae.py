@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm_cli.config import VAEConfig
 from ldm_cli.models.attention_slicing import attention
+from ldm_cli.models.channels_last import decode_channels_last, weights_channels_last
 from ldm_cli.models.strip_conv import norm_silu_conv, use_strips
 from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
 from ldm_cli.models.winograd_conv import WinogradConv2d, winograd_tile
@@ -223,6 +224,9 @@ class Decoder(nn.Module):
         self.conv_out = WinogradConv2d(in_width, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if decode_channels_last(z, self):  # see channels_last
+            weights_channels_last(self)
+            z = z.contiguous(memory_format=torch.channels_last)
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)

@@ -1,0 +1,93 @@
+"""The VAE decoder run channels-last (ldm_cli.models.channels_last): same image as NCHW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_cli.config import TINY_SD1
+from ldm_cli.models import channels_last, strip_conv, upsample_conv
+from ldm_cli.models.strip_conv import norm_silu_conv
+from ldm_cli.models.upsample_conv import upsample2x_conv3x3
+from ldm_cli.models.vae import AutoencoderKL
+
+CL = torch.channels_last
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 13])
+def test_strips_keep_the_layout_and_the_values(monkeypatch, rows):
+    monkeypatch.setattr(strip_conv, "strip_rows", lambda x: rows)
+    torch.manual_seed(rows)
+    norm = torch.nn.GroupNorm(4, 8, eps=1e-6).double()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1).double()
+    x = torch.randn(2, 8, 13, 9, dtype=torch.float64) * 3 + 1
+    skip = torch.randn(2, 6, 13, 9, dtype=torch.float64)
+    with torch.no_grad():
+        want = conv(F.silu(norm(x))) + skip
+        got = norm_silu_conv(_nhwc(x), norm, conv, residual=lambda r0, r1: skip[:, :, r0:r1])
+    assert channels_last.is_channels_last(got)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_folded_upsample_keeps_the_layout_and_the_values(monkeypatch):
+    monkeypatch.setattr(upsample_conv, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(upsample_conv, "CHUNK_BYTES", 4096)  # several channel groups
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    weight = torch.randn(10, 6, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(10, generator=g, dtype=torch.float64)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    got = upsample2x_conv3x3(_nhwc(x), weight, bias)
+    assert channels_last.is_channels_last(got)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def _decoders(monkeypatch):
+    monkeypatch.setattr(upsample_conv, "MIN_ELEMENTS", 0)  # the fold and the strips both run
+    monkeypatch.setattr(strip_conv, "MIN_BYTES", 1 << 14)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_SD1.vae).eval().requires_grad_(False)
+    for p in vae.parameters():
+        p.normal_(0, 0.1)
+    return vae
+
+
+def test_decode_nhwc_equals_nchw(monkeypatch):
+    vae = _decoders(monkeypatch)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        monkeypatch.setattr(channels_last, "default_layout", lambda: "nchw")
+        want = vae.decode(z)
+        assert want.is_contiguous()
+        monkeypatch.setattr(channels_last, "default_layout", lambda: "nhwc")
+        got = vae.decode(z)
+    assert channels_last.is_channels_last(got)
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nhwc_only_for_frozen_cpu_fp32_inference(monkeypatch):
+    vae = _decoders(monkeypatch)
+    monkeypatch.setattr(channels_last, "default_layout", lambda: "nhwc")
+    z = torch.randn(1, 4, 8, 8)
+    decoder = vae.decoder
+    assert not channels_last.decode_channels_last(z, decoder)  # grad mode on
+    with torch.no_grad():
+        assert channels_last.decode_channels_last(z, decoder)
+        assert not channels_last.decode_channels_last(z.double(), decoder)
+        decoder.conv_out.weight.requires_grad_(True)  # being trained: keep its layout
+        assert not channels_last.decode_channels_last(z, decoder)
+    decoder.conv_out.weight.requires_grad_(False)
+    with torch.device("meta"):
+        offloaded = AutoencoderKL(TINY_SD1.vae).decoder.requires_grad_(False)
+    with torch.no_grad():
+        assert not channels_last.decode_channels_last(z, offloaded)  # weights come in per layer
+    monkeypatch.setattr(channels_last, "default_layout", lambda: "nchw")
+    with torch.no_grad():
+        assert not channels_last.decode_channels_last(z, decoder)
