@@ -76,9 +76,10 @@ def norm_silu_conv(
         top, bottom = max(r0 - 1, 0), min(r1 + 1, height)
         strip = torch.addcmul(shift, x[:, :, top:bottom], scale)
         F.silu(strip, inplace=True)
-        # Padding 1 all round gives the zero rows at the image border; inside the image the
-        # strip's halo rows are real, and the two output rows computed from padding are cut.
-        part = F.conv2d(strip, conv.weight, conv.bias, padding=1)[:, :, r0 - top : r1 - top]
+        if top < r0 and bottom > r1:  # halo rows above and below: exactly rows r0..r1
+            part = F.conv2d(strip, conv.weight, conv.bias, padding=(0, 1))
+        else:  # the convolution's zero padding is the image border; the row beside a halo is cut
+            part = F.conv2d(strip, conv.weight, conv.bias, padding=1)[:, :, r0 - top : r1 - top]
         if residual is not None:
             part += residual(r0, r1)
         out[:, :, r0:r1] = part
