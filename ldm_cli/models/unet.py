@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ldm_cli.config import UNetConfig
-from ldm_cli.models.attention import SpatialTransformer
+from ldm_cli.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_cli.models.unet_blocks import (
     RESBLOCK_GROUPNORM_EPS,
     Downsample,
@@ -205,8 +205,6 @@ class UNetModel(nn.Module):
         of a call). Only on the CPU, where the check costs no device sync; not with a label
         embedding (SDXL's differs per prompt), the feature cache, token merging or compile.
         """
-        from ldm_cli.models.attention import BasicTransformerBlock
-
         batch = x.shape[0]
         if (
             batch < 2

@@ -96,7 +96,9 @@ def _channels_last(
     x: torch.Tensor, by_parity: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``upsample2x_conv3x3`` for an NHWC input, with an NHWC result: the parities interleave
-    in the two spatial axes of (n, h, 2, w, 2, channels)."""
+    in the two spatial axes of (n, h, 2, w, 2, channels). (Writing through NCHW-shaped views of
+    the same memory, to share the loop above, made the SD 1.5 decode at 256x256 1.30 s
+    instead of 1.16: the strided copies ran slower.)"""
     n, _, h, w = x.shape
     out = by_parity.shape[1]
     result = x.new_empty(n, h, 2, w, 2, out)

@@ -84,10 +84,8 @@ ENV_VAR = "LDM_WINOGRAD"
 
 def default_mode() -> str:
     """The mode before any `set_winograd`: $LDM_WINOGRAD, else by the CPU's kernels."""
-    chosen = env_choice(ENV_VAR, MODES)
-    if chosen:
-        return chosen
-    return "auto" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "never"
+    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return env_choice(ENV_VAR, MODES) or ("auto" if avx2 else "never")
 
 
 def current_mode() -> str:
