@@ -53,9 +53,13 @@ def _drop_pages(mapped: mmap.mmap, offset: int, nbytes: int) -> None:
 
 
 def read_converted(
-    path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]], target: torch.dtype
+    path: Path,
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]],
+    target: torch.dtype,
+    channels_last: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
-    """{key: (stored dtype, shape, byte offset in the file)} -> CPU tensors in `target`."""
+    """{key: (stored dtype, shape, byte offset in the file)} -> CPU tensors in `target`; the
+    4-d tensors named in `channels_last` are written in that memory format."""
     itemsize = target.itemsize
     sizes = {k: _aligned(math.prod(shape) * itemsize) for k, (_, shape, _) in tensors.items()}
     private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
@@ -75,10 +79,15 @@ def read_converted(
                     continue
                 dst = torch.frombuffer(arena, dtype=target, count=count, offset=position)
                 src = torch.frombuffer(source, dtype=stored, count=count, offset=offset)
-                dst.copy_(src)
+                if key in channels_last:
+                    n, c, h, w = shape
+                    dst = dst.view(n, h, w, c).permute(0, 3, 1, 2)
+                else:
+                    dst = dst.view(shape)
+                dst.copy_(src.view(shape))
                 del src
                 _drop_pages(source, offset, count * stored.itemsize)
-                out[key] = dst.view(shape)
+                out[key] = dst
                 position += sizes[key]
         finally:
             with contextlib.suppress(BufferError):  # a tensor still views it: closed when freed

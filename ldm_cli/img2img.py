@@ -131,7 +131,7 @@ def render_img2img(
     start = ImageStart(latents, skip, concat)
     out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
     if last:
-        pipe.release("unet")
+        pipe.release_unet_before_decoding(out)
     yield from zip(requests, pipe.decode(out), strict=True)
 
 

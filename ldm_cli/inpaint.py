@@ -140,7 +140,7 @@ def render_inpaint(
         start = ImageStart(latents, skip, keep=(1 - repaint).to(pipe.device))
     out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
     if last:
-        pipe.release("unet")
+        pipe.release_unet_before_decoding(out)
     yield from zip(requests, pipe.decode(out), strict=True)
 
 

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .converted_load import read_converted
 from .detect import detect_config
 from .errors import UserError
+from .models.channels_last import stored_channels_last
 from .models.latent_diffusion import LatentDiffusion
 from .pickle_checkpoint import PickledHeader, pickled_state
 
@@ -121,5 +122,8 @@ def _read_safetensors(header: CheckpointHeader, keys, device: torch.device, dtyp
             else:
                 state[k] = read_tensor(raw, info, stored).to(device=device, dtype=target)
     if convert:
-        state.update(read_converted(header.path, convert, dtype))
+        nhwc = frozenset(
+            k for k, (_, shape, _) in convert.items() if stored_channels_last(k, shape, dtype)
+        )
+        state.update(read_converted(header.path, convert, dtype, nhwc))
     return state

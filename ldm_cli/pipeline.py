@@ -127,6 +127,18 @@ class Pipeline:
         release_module(parts[part])
         self.released.add(part)
 
+    def release_unet_before_decoding(self, latents: torch.Tensor) -> None:
+        """`release("unet")` for a run whose last step is decoding `latents`: only the room the
+        decode will take is handed back now (release_weights.decode_room), the rest at exit."""
+        from .release_weights import decode_room, release_module
+
+        itemsize = self.dtype.itemsize
+        release_module(
+            self.model.unet,
+            decode_room(self.config.vae, latents.shape, self.latent_factor, itemsize),
+        )
+        self.released.add("unet")
+
     def _check_kept(self, part: str) -> None:
         if part in self.released:
             raise RuntimeError(f"this pipeline's {part} was released; load the model again")
@@ -279,7 +291,7 @@ class Pipeline:
             start = blank_inpaint_start(self, head, list(gens))
         latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
         if last:
-            self.release("unet")
+            self.release_unet_before_decoding(latents)
         yield from zip(requests, self.decode(latents), strict=True)
 
     def generate(

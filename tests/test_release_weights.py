@@ -14,7 +14,8 @@ import torch
 import ldm_cli
 from ldm_cli.config import TINY_SD1
 from ldm_cli.pipeline import Request
-from ldm_cli.release_weights import discard_pages, release_module
+from ldm_cli.config import SD15, VAEConfig
+from ldm_cli.release_weights import decode_room, discard_pages, release_module
 from ldm_cli.testing import random_checkpoint
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
@@ -64,6 +65,28 @@ def test_release_module_leaves_it_on_meta_and_skips_what_it_cannot_free():
     release_module(layer)
     assert layer.weight.is_meta and layer.bias.is_meta
     assert release_module(torch.nn.Linear(4, 4).to("meta")) == 0
+
+
+@linux
+def test_release_with_room_frees_the_largest_tensors_until_there_is_room():
+    module = torch.nn.Module()
+    arena, tensors = arena_tensors([(4 << 20) + 7, 1 << 20, (8 << 20) + 3, 1 << 20])
+    for i, t in enumerate(tensors):
+        module.register_buffer(f"t{i}", t)
+    freed = release_module(module, room=40 << 20)  # the 32 MiB tensor, then the 16 MiB one
+    assert 48 << 20 > freed >= (48 << 20) - 4 * PAGE
+    assert all(bool((tensors[i][PAGE:-PAGE] == 0).all()) for i in (0, 2))
+    assert bool((tensors[1] == 1).all()) and bool((tensors[3] == 1).all())  # still resident
+    assert all(b.is_meta for b in module.buffers())
+    del arena
+
+
+def test_decode_room_is_a_multiple_of_the_decoders_largest_activation():
+    # SD 1.5: the top level's input is the 256 channels of the level below, at full size
+    latents = torch.Size([2, 4, 32, 32])
+    assert decode_room(SD15.vae, latents, 8, 4) == 8 * 2 * 256 * 256 * 256 * 4
+    small = VAEConfig(ch=24, ch_mult=(1, 2, 4))
+    assert decode_room(small, torch.Size([1, 4, 16, 16]), 4, 2) == 8 * 48 * 64 * 64 * 2
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,16 @@ def test_strips_keep_the_layout_and_the_values(monkeypatch, rows):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("band_rows", [1, 3, 13])
+def test_nhwc_group_statistics_pool_bands_exactly(monkeypatch, band_rows):
+    x = torch.randn(2, 8, 13, 9, dtype=torch.float64) * 3 + torch.arange(13.0)[:, None]
+    monkeypatch.setattr(strip_conv, "BAND_BYTES", band_rows * 9 * 8 * 8)
+    var, mean = strip_conv._group_var_mean_nhwc(_nhwc(x), 4)
+    want_var, want_mean = torch.var_mean(x.reshape(2, 4, -1), dim=2, correction=0)
+    torch.testing.assert_close(mean, want_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(var, want_var, rtol=1e-12, atol=0)
+
+
 def test_folded_upsample_keeps_the_layout_and_the_values(monkeypatch):
     monkeypatch.setattr(upsample_conv, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(upsample_conv, "CHUNK_BYTES", 4096)  # several channel groups
@@ -91,3 +101,25 @@ def test_nhwc_only_for_frozen_cpu_fp32_inference(monkeypatch):
     monkeypatch.setattr(channels_last, "default_layout", lambda: "nchw")
     with torch.no_grad():
         assert not channels_last.decode_channels_last(z, decoder)
+
+
+def test_fp16_checkpoint_loads_decoder_convs_channels_last(monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    from ldm_cli.loading import load_model
+    from ldm_cli.testing import random_checkpoint
+
+    path = random_checkpoint(TINY_SD1, tmp_path / "t.safetensors", seed=2, dtype=torch.float16)
+    stored = load_file(path)
+    monkeypatch.setattr(channels_last, "default_layout", lambda: "nhwc")
+    model, _ = load_model(path, dtype=torch.float32)
+    state = model.state_dict()
+    decoder_3x3 = [k for k in state if k.startswith("first_stage_model.decoder.")
+                   and state[k].dim() == 4 and state[k].shape[-1] == 3]  # fmt: skip
+    assert decoder_3x3
+    for key, value in state.items():
+        torch.testing.assert_close(value, stored[key].float(), rtol=0, atol=0)
+        assert channels_last.is_channels_last(value) == (key in decoder_3x3), key
+    monkeypatch.setattr(channels_last, "default_layout", lambda: "nchw")
+    plain, _ = load_model(path, dtype=torch.float32)
+    assert not any(channels_last.is_channels_last(v) for v in plain.state_dict().values())

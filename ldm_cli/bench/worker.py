@@ -60,7 +60,7 @@ def run_ldm(args) -> dict:
             cond, uncond, noise, [gen], req, progress=lambda i, n: steps.append(now())
         )
         t["sampled"] = now()
-        pipe.release("unet")
+        pipe.release_unet_before_decoding(latents)
         (image,) = pipe.decode(latents)
     t["decoded"] = now()
     write_png(image, args.png, pipe.parameters_text(req))

@@ -5,7 +5,9 @@ levels run 1.35-1.5x faster on channels-last inputs and weights (128 channels at
 278 -> 411 GFLOP/s), though not at the low-resolution levels. The decoder's own layout
 changes (the folded upsample and the strip path write their output in the input's layout)
 keep every activation channels-last, so no copies between layouts are made; its conv weights
-are stored channels-last on the first such decode (a copy of them, 0.2 GB for SD 1.5).
+are written channels-last when an fp16 checkpoint is converted to fp32 at load
+(``stored_channels_last``), or else stored channels-last on the first such decode (a copy of
+them, 0.2 GB for SD 1.5).
 LDM_VAE_LAYOUT=nhwc|nchw overrides the default, which is nhwc on AMD AVX-512 CPUs only (not
 measured elsewhere; an earlier whole-model try on another CPU was 8-9% slower).
 """
@@ -55,3 +57,14 @@ def weights_channels_last(module: nn.Module) -> None:
             continue
         if not conv.weight.is_contiguous(memory_format=layout):
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+
+
+DECODER_PREFIX = "first_stage_model.decoder."
+
+
+def stored_channels_last(key: str, shape: tuple[int, ...], target: torch.dtype) -> bool:
+    """Whether the loader should write checkpoint tensor `key` channels-last when it converts it
+    to `target` on the CPU: a decoder conv weight that the NHWC decode would copy anyway."""
+    if default_layout() != "nhwc" or target != torch.float32 or not key.startswith(DECODER_PREFIX):
+        return False
+    return key.endswith(".weight") and len(shape) == 4 and tuple(shape[-2:]) != (1, 1)

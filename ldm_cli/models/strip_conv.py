@@ -23,6 +23,9 @@ from ldm_cli.models.channels_last import is_channels_last
 # Inputs at least this big (bytes per image) go through strips, each about STRIP_BYTES of input.
 MIN_BYTES = 64 << 20
 STRIP_BYTES = 16 << 20
+# Bands for the NHWC group statistics: small enough to stay in cache (4 MiB: 16 rows of 256
+# channels at 256 wide, 3.4 ms against 8.6 for 32 rows and 39 for torch.var_mean).
+BAND_BYTES = 4 << 20
 
 
 def use_strips(x: torch.Tensor, conv: nn.Conv2d) -> bool:
@@ -43,9 +46,8 @@ def group_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, tor
     """Per-(image, channel) scale and shift with norm(x) == x * scale + shift, (n, c, 1, 1)."""
     n, c = x.shape[:2]
     groups = norm.num_groups
-    if is_channels_last(x):  # (n, h*w, groups, c / groups) is a view of NHWC memory
-        nhwc = x.permute(0, 2, 3, 1).reshape(n, -1, groups, c // groups)
-        var, mean = torch.var_mean(nhwc, dim=(1, 3), correction=0)
+    if is_channels_last(x):
+        var, mean = _group_var_mean_nhwc(x, groups)
     else:
         var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=2, correction=0)
     rstd = (var + norm.eps).rsqrt()
@@ -55,6 +57,33 @@ def group_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, tor
         scale = scale * norm.weight
         shift = shift * norm.weight + norm.bias
     return scale[:, :, None, None], shift[:, :, None, None]
+
+
+def _group_var_mean_nhwc(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(image, group) variance and mean of an NHWC tensor, (n, groups) each.
+
+    torch.var_mean over the (h*w, c / groups) axes of the NHWC view runs at ~1.6 GB/s (39 ms
+    for the 64 MiB input at 256x256), while GroupNorm's own channels-last kernel gives the same
+    statistics of a band of rows, which is contiguous, at ~12 (the band's normalised output, a
+    few MiB, is thrown away). The bands' statistics are pooled exactly:
+    var = mean of band variances + variance of band means (Chan et al.).
+    """
+    n, c, height, width = x.shape
+    rows = max(1, BAND_BYTES // (x[:, :, :1].numel() * x.element_size()))
+    means, variances, weights = [], [], []
+    for r0 in range(0, height, rows):
+        band = x[:, :, r0 : r0 + rows]
+        _, mean, rstd = torch.native_group_norm(
+            band, None, None, n, c, band.shape[2] * width, groups, 0.0
+        )
+        means.append(mean)
+        variances.append(rstd.pow(-2))
+        weights.append(band.shape[2] / height)
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device)[:, None, None]
+    means, variances = torch.stack(means), torch.stack(variances)
+    mean = (means * w).sum(0)
+    var = (variances * w).sum(0) + ((means - mean).square() * w).sum(0)
+    return var, mean
 
 
 def norm_silu_conv(
