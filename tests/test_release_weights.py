@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
+from ldm_cli.config import SD15, TINY_SD1, VAEConfig
 from ldm_cli.pipeline import Request
-from ldm_cli.config import SD15, VAEConfig
 from ldm_cli.release_weights import decode_room, discard_pages, release_module
 from ldm_cli.testing import random_checkpoint
 
