@@ -165,6 +165,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _left_over(reservation: Path, now: float) -> bool:
+    """A reservation lives for one publish: it is left over when the process it names is gone
+    (killed mid-publish) or, naming none (not written yet, or an older run's), when it is old."""
+    owner = outputs.reservation_owner(reservation)
+    if owner is not None and not _alive(owner):
+        return True
+    return now - reservation.stat().st_mtime > STALE_RESERVATION_SECONDS
+
+
 def clean_leftovers(out: Path, planned: list[Planned], base: int) -> list[str]:
     """Remove what a killed run of this plan left: temporary files of processes that are gone
     and stale reservations of the numbers still to write. Returns the names removed."""
@@ -185,7 +194,7 @@ def clean_leftovers(out: Path, planned: list[Planned], base: int) -> list[str]:
             stale = (
                 reservation is not None
                 and int(reservation.group(1)) in numbers
-                and now - path.stat().st_mtime > STALE_RESERVATION_SECONDS
+                and _left_over(path, now)
             )
             if dead or stale:
                 path.unlink()
@@ -222,12 +231,10 @@ def _publish_as(temporary: Path, out_dir: Path, number: int, seed: int, prompt: 
     """Publish under `number` by the protocol of ldm_cli.outputs; None if it is taken."""
     reservation = out_dir / f".{number:05d}.reserved"
     try:
-        descriptor = outputs._create_exclusive(reservation)
+        if not outputs.reserve(reservation):
+            return None
     except OSError as error:
         raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
-    if descriptor is None:
-        return None
-    os.close(descriptor)
     try:
         if number in outputs._final_counters(outputs._list_dir(out_dir)):
             return None

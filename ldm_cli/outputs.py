@@ -78,6 +78,28 @@ def _create_exclusive(path: Path) -> int | None:
         return None
 
 
+def reserve(path: Path) -> bool:
+    """Create the reservation `path` exclusively, holding this process's id (so a resumed run
+    can tell one left by a killed process from a live writer's); False if it is taken."""
+    descriptor = _create_exclusive(path)
+    if descriptor is None:
+        return False
+    try:
+        os.write(descriptor, str(os.getpid()).encode())
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def reservation_owner(path: Path) -> int | None:
+    """The process id a reservation holds; None if it is unreadable or not written yet."""
+    try:
+        text = path.read_bytes()[:20].decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _write_temporary(image: Image.Image, out_dir: Path, stem: str, parameters: str) -> Path:
     while True:
         temporary = out_dir / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -135,13 +157,12 @@ def _publish(temporary: Path, out_dir: Path, seed: int, prompt: str) -> Path:
     while True:
         reservation = out_dir / f".{counter:05d}.reserved"
         try:
-            descriptor = _create_exclusive(reservation)
+            reserved = reserve(reservation)
         except OSError as error:
             raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
-        if descriptor is None:
+        if not reserved:
             counter += 1
             continue
-        os.close(descriptor)
         try:
             if counter not in _final_counters(_list_dir(out_dir)):
                 target = out_dir / output_name(counter, seed, prompt)

@@ -22,6 +22,7 @@ from ldm_cli.batch_resume import (
     save_png_numbered,
 )
 from ldm_cli.config import TINY_SD1
+from ldm_cli.outputs import reservation_owner, reserve
 from ldm_cli.pipeline import Request
 from ldm_cli.pngmeta import read_parameters
 from ldm_cli.testing import random_checkpoint
@@ -275,6 +276,12 @@ def test_clean_leftovers_of_dead_processes(tmp_path):
     removed = clean_leftovers(tmp_path, planned, base=3)
     assert sorted(removed) == sorted([stale.name, old_reservation.name])
     assert alive.exists() and foreign.exists() and new_reservation.exists()
+    # a fresh reservation names its process: a killed one's goes at once, a live one's stays
+    new_reservation.write_bytes(str(dead.pid).encode())
+    live_reservation = tmp_path / ".00003.reserved"
+    assert reserve(live_reservation) and reservation_owner(live_reservation) == os.getpid()
+    assert clean_leftovers(tmp_path, planned, base=3) == [new_reservation.name]
+    assert live_reservation.exists() and not reserve(live_reservation)
 
 
 def test_an_interrupt_while_publishing_waits_for_the_path_to_be_printed(capsys):
