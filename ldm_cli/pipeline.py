@@ -115,29 +115,28 @@ class Pipeline:
         f = self.latent_factor
         return (1, self.config.unet.out_channels, height // f, width // f)
 
-    def release(self, part: str) -> None:
+    def release(self, part: str, room: int | None = None) -> None:
         """Give back the memory of "unet" or "text_encoder", which this pipeline will not use
-        again (a one-shot run's last batch; see release_weights). Only CPU weights are freed;
-        either way the part cannot be used afterwards."""
+        again (a one-shot run's last batch; see release_weights): all of it, or with `room` at
+        least that many bytes now and the rest at exit. Only CPU weights are freed; either way
+        the part cannot be used afterwards."""
         from .release_weights import release_module
 
         parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
         if part not in parts:
             raise ValueError(f"cannot release {part!r}; only {' or '.join(parts)}")
-        release_module(parts[part])
+        release_module(parts[part], room)
         self.released.add(part)
 
     def release_unet_before_decoding(self, latents: torch.Tensor) -> None:
-        """`release("unet")` for a run whose last step is decoding `latents`: only the room the
-        decode will take is handed back now (release_weights.decode_room), the rest at exit."""
-        from .release_weights import decode_room, release_module
+        """`release("unet")` for a run whose last step is decoding `latents`, handing back only
+        the room the decode will take (release_weights.decode_room)."""
+        from .release_weights import decode_room
 
         itemsize = self.dtype.itemsize
-        release_module(
-            self.model.unet,
-            decode_room(self.config.vae, latents.shape, self.latent_factor, itemsize),
+        self.release(
+            "unet", decode_room(self.config.vae, latents.shape, self.latent_factor, itemsize)
         )
-        self.released.add("unet")
 
     def _check_kept(self, part: str) -> None:
         if part in self.released:

@@ -38,8 +38,13 @@ def use_strips(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     return plain and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
 
 
+def rows_within(x: torch.Tensor, budget: int) -> int:
+    """How many rows of `x` (all images and channels) fit in `budget` bytes; at least one."""
+    return max(1, budget // (x[:, :, :1].numel() * x.element_size()))
+
+
 def strip_rows(x: torch.Tensor) -> int:
-    return max(1, STRIP_BYTES // (x[:, :, :1].numel() * x.element_size()))
+    return rows_within(x, STRIP_BYTES)
 
 
 def group_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +74,7 @@ def _group_var_mean_nhwc(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
     var = mean of band variances + variance of band means (Chan et al.).
     """
     n, c, height, width = x.shape
-    rows = max(1, BAND_BYTES // (x[:, :, :1].numel() * x.element_size()))
+    rows = rows_within(x, BAND_BYTES)
     means, variances, weights = [], [], []
     for r0 in range(0, height, rows):
         band = x[:, :, r0 : r0 + rows]

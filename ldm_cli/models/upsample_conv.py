@@ -78,8 +78,7 @@ def upsample2x_conv3x3(
     if is_channels_last(x):
         return _channels_last(x, by_parity, bias)
     result = x.new_empty(n, out, h, 2, w, 2)
-    # A few output channels at a time: the 2x2 result is 4x the size of their share of the output
-    chunk = max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
+    chunk = _channels_per_chunk(x, out)
     for c0 in range(0, out, chunk):
         c1 = min(out, c0 + chunk)
         kernel = by_parity[:, c0:c1].reshape(4 * (c1 - c0), *folded.shape[1:])
@@ -92,6 +91,13 @@ def upsample2x_conv3x3(
     return result if bias is None else result.add_(bias[:, None, None])
 
 
+def _channels_per_chunk(x: torch.Tensor, out: int) -> int:
+    """Output channels per convolution call: their 2x2 result is 4x the size of their share of
+    the output, kept within CHUNK_BYTES."""
+    n, _, h, w = x.shape
+    return max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
+
+
 def _channels_last(
     x: torch.Tensor, by_parity: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -102,7 +108,7 @@ def _channels_last(
     n, _, h, w = x.shape
     out = by_parity.shape[1]
     result = x.new_empty(n, h, 2, w, 2, out)
-    chunk = max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
+    chunk = _channels_per_chunk(x, out)
     for c0 in range(0, out, chunk):
         c1 = min(out, c0 + chunk)
         kernel = by_parity[:, c0:c1].reshape(4 * (c1 - c0), *by_parity.shape[2:])
