@@ -72,7 +72,7 @@ def _prediction(cfg, header, override: str | None):
     from .loading import load_model  # only SD 2.x needs torch here
     from .model_options import probe_prediction
 
-    model, _ = load_model(header.path, cfg=cfg)
+    model, _ = load_model(header, cfg=cfg)
     found = probe_prediction(model.unet)
     return with_prediction(cfg, header, found), " (probed: U-Net output at t=999)"
 

@@ -61,6 +61,6 @@ def load_with_options(
     check_prediction(prediction)
     header = read_header(path)
     cfg = with_clip_skip(detect_config(header), clip_skip)
-    model, header = load_model(header.path, device=device, dtype=dtype, cfg=cfg)
+    model, header = load_model(header, device=device, dtype=dtype, cfg=cfg)
     model.config = resolve_prediction(cfg, header, model.unet, prediction)
     return model, header

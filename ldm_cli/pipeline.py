@@ -115,28 +115,31 @@ class Pipeline:
         f = self.latent_factor
         return (1, self.config.unet.out_channels, height // f, width // f)
 
-    def release(self, part: str, room: int | None = None) -> None:
+    def release(self, part: str, room: int | None = None, reuse: bool = False) -> None:
         """Give back the memory of "unet" or "text_encoder", which this pipeline will not use
         again (a one-shot run's last batch; see release_weights): all of it, or with `room` at
-        least that many bytes now and the rest at exit. Only CPU weights are freed; either way
-        the part cannot be used afterwards."""
+        least that many bytes now and the rest at exit; with `reuse`, to this process's
+        allocator where it can. Only CPU weights are freed; either way the part cannot be used
+        afterwards."""
         from .release_weights import release_module
 
         parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
         if part not in parts:
             raise ValueError(f"cannot release {part!r}; only {' or '.join(parts)}")
-        release_module(parts[part], room)
+        release_module(parts[part], room, reuse)
         self.released.add(part)
 
     def release_unet_before_decoding(self, latents: torch.Tensor) -> None:
-        """`release("unet")` for a run whose last step is decoding `latents`, handing back only
-        the room the decode will take (release_weights.decode_room)."""
-        from .release_weights import decode_room
+        """`release("unet")` for a run whose last step is decoding `latents`, freeing only the
+        room the decode will take (release_weights.decode_room), into the allocator where the
+        decode's activations fit in the U-Net's tensors."""
+        from .release_weights import decode_largest_activation, decode_room
 
-        itemsize = self.dtype.itemsize
-        self.release(
-            "unet", decode_room(self.config.vae, latents.shape, self.latent_factor, itemsize)
-        )
+        shape, factor, itemsize = latents.shape, self.latent_factor, self.dtype.itemsize
+        largest = decode_largest_activation(self.config.vae, shape, factor, itemsize)
+        weights = max(p.numel() * p.element_size() for p in self.model.unet.parameters())
+        room = decode_room(self.config.vae, shape, factor, itemsize)
+        self.release("unet", room, reuse=largest < weights)
 
     def _check_kept(self, part: str) -> None:
         if part in self.released:

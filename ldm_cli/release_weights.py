@@ -1,17 +1,26 @@
-"""Giving the memory of weights a run will not use again back to the system (CPU only).
+"""Giving the memory of weights a run will not use again to what comes next (CPU only).
 
 A one-shot `ldm generate` holds the U-Net (3.3 GiB in fp32 for SD 1.5) and the text encoder
-through the VAE decode, which is when its memory peaks. Dropping the Python references would
-not free them: the weights are views into one memory map (the file's, or the fp16 -> fp32
-arena of ``converted_load``) that the VAE's weights keep alive. So the pages under each tensor
-are handed back with madvise(MADV_DONTNEED), which drops them from this process (a file's pages
-stay in the page cache), and the module moves to the meta device. The bytes it held are then
-gone: the caller must never run that module again (``Pipeline`` refuses to).
+through the VAE decode, which is when its memory peaks. Dropping the Python references is not
+always enough: a weight used in place from the file is a view of its memory map. So the pages
+under each tensor are handed back with madvise(MADV_DONTNEED) (a file's pages stay in the page
+cache), and the module moves to the meta device; the caller must never run it again
+(``Pipeline`` refuses to).
 
-Handing pages back is itself work (~0.25 s for SD 1.5's 3.3 GiB U-Net on a 2-core EPYC, as
-long as a small VAE decode), and it only pays for the room the decode will take: what is not
-handed back is returned when the process exits. So the U-Net before a decode gives back only
-`decode_room` bytes, its largest tensors first.
+Handing pages back costs work (~0.25 s for SD 1.5's 3.3 GiB U-Net on a 2-core EPYC, as long as a
+small VAE decode), and it only pays for the room the decode will take. So the U-Net before a
+decode frees only `decode_room` bytes, its largest tensors first; the rest stays resident (held
+by the released module) until the process ends.
+
+A tensor with its own allocation (an fp16 file converted to fp32 by ``converted_load``) can
+instead go to the process's allocator as it is (`reuse`), where the decode's activations reuse
+its pages, already faulted in: no system call and no page fault (with the ``ldm`` command's
+allocator settings, ``allocator.keep_freed_memory``). That pays only where the decode's
+activations fit in the freed tensors: glibc does not merge neighbouring ones (posix_memalign
+leaves small blocks between them), so a larger activation takes fresh pages on top of memory
+that was not handed back. SD 1.5 at 256x256 (activations up to 32 MiB, weights up to 59 MiB):
+release and first decode 1.25 -> 1.06 s; at 512x512 (256 MiB activations) reuse would raise
+peak memory by 650 MB, so there the pages are handed back.
 """
 
 from __future__ import annotations
@@ -65,23 +74,45 @@ def releasable(module: nn.Module) -> bool:
     return bool(tensors) and all(t.device.type == "cpu" and not t.is_meta for t in tensors)
 
 
-def release_module(module: nn.Module, room: int | None = None) -> int:
+def owns_its_bytes(t: torch.Tensor) -> bool:
+    """A CPU tensor that is its storage's only user and came from torch's allocator (not a
+    view of a memory map or of another tensor): dropping it frees its bytes."""
+    if t.device.type != "cpu" or t.is_meta:
+        return False
+    storage = t.untyped_storage()
+    return storage.resizable() and storage.nbytes() == t.numel() * t.element_size()
+
+
+def release_module(module: nn.Module, room: int | None = None, reuse: bool = False) -> int:
     """Free a CPU module's weights for good and leave it on the meta device; returns bytes
-    handed back: all of them, or with `room` its largest tensors until at least that many
-    (the rest stays resident until the process ends). A module that is not `releasable` is
-    left as it is (0)."""
+    freed: all of them, or with `room` its largest tensors until at least that many (the rest
+    stays resident, held by the module, until the process ends). Freed pages are handed back
+    to the system, except with `reuse`: then the tensors that own their bytes go to this
+    process's allocator as they are, for allocations smaller than each of them. A module
+    that is not `releasable` is left as it is (0)."""
     if not releasable(module):
         return 0
     tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}  # tied: once
-    order = sorted(tensors.values(), key=lambda t: t.numel() * t.element_size(), reverse=True)
+    order = sorted(tensors.values(), key=_nbytes, reverse=True)
+    freed, held = 0, []
     with torch.no_grad():
-        freed = 0
         for t in order:
             if room is not None and freed >= room:
-                break
-            freed += discard_pages(t)
+                held.append(t)  # resident
+            elif reuse and owns_its_bytes(t):
+                freed += _nbytes(t)  # into the allocator, by the move to meta below
+            else:
+                freed += discard_pages(t)
+                # its allocation stays taken: were it freed, the allocator would hand its
+                # now empty pages out again, to be faulted in afresh
+                held.append(t)
+    module._held_until_exit = held
     module.to("meta")
     return freed
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 # The VAE decoder's working set measured 3-5 times its largest activation (SD 1.5, 256-512 px
@@ -89,11 +120,17 @@ def release_module(module: nn.Module, room: int | None = None) -> int:
 DECODE_ROOM_ACTIVATIONS = 8
 
 
-def decode_room(vae: VAEConfig, latents: torch.Size, factor: int, itemsize: int) -> int:
-    """Bytes to free before decoding `latents` so that the decode does not raise peak memory:
-    a multiple of the decoder's largest activation, the full-resolution input of its top
-    level (the channels of the level below, upsampled)."""
+def decode_largest_activation(
+    vae: VAEConfig, latents: torch.Size, factor: int, itemsize: int
+) -> int:
+    """Bytes of the decoder's largest activation: the full-resolution input of its top level
+    (the channels of the level below, upsampled)."""
     batch, _, height, width = latents
     channels = vae.ch * max(vae.ch_mult[:2])
-    largest = batch * channels * height * factor * width * factor * itemsize
-    return DECODE_ROOM_ACTIVATIONS * largest
+    return batch * channels * height * factor * width * factor * itemsize
+
+
+def decode_room(vae: VAEConfig, latents: torch.Size, factor: int, itemsize: int) -> int:
+    """Bytes to free before decoding `latents` so that the decode does not raise peak memory:
+    a multiple of the decoder's largest activation."""
+    return DECODE_ROOM_ACTIVATIONS * decode_largest_activation(vae, latents, factor, itemsize)

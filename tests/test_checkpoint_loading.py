@@ -2,6 +2,7 @@
 
 import json
 import struct
+import sys
 
 import pytest
 import torch
@@ -146,3 +147,35 @@ def test_pickle_and_missing_files_are_refused(tmp_path):
         read_header(ckpt)
     with pytest.raises(UserError, match="not found"):
         read_header(tmp_path / "nope.safetensors")
+
+
+def test_weights_in_their_own_dtype_are_views_of_the_file_and_writable(tmp_path, tiny_state):
+    from ldm_cli.file_pages import file_mapped
+
+    path = random_checkpoint(TINY_SD1, tmp_path / "tiny.safetensors", seed=3)
+    before = path.read_bytes()
+    model, _ = load_model(path)
+    weight = model.unet.out[2].weight
+    start = weight.data_ptr()
+    assert file_mapped(start, start + weight.numel() * 4) or not sys.platform.startswith("linux")
+    with torch.no_grad():
+        weight.add_(1)  # as a LoRA patch: a private copy of the page, the file unchanged
+    assert torch.equal(weight, tiny_state["model.diffusion_model.out.2.weight"] + 1)
+    assert path.read_bytes() == before
+
+
+def test_a_tensor_misaligned_for_its_dtype_is_read_into_its_own_memory(tmp_path):
+    from ldm_cli.loading import _read_safetensors
+
+    entries = {
+        "a": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]},  # at byte 2 of the data
+    }
+    raw = json.dumps(entries).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = torch.tensor([1.5], dtype=torch.float16).numpy().tobytes()
+    data += torch.tensor([2.5, -1.0]).numpy().tobytes()
+    path = tmp_path / "misaligned.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    state = _read_safetensors(read_header(path), ["a", "b"], torch.device("cpu"), None)
+    assert state["a"].tolist() == [1.5] and state["b"].tolist() == [2.5, -1.0]

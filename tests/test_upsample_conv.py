@@ -45,6 +45,18 @@ def test_output_channels_in_chunks_give_the_same_result(monkeypatch, chunk_bytes
     torch.testing.assert_close(upsample2x_conv3x3(x, w, b), plain(x, w, b), rtol=0, atol=1e-12)
 
 
+def test_kernels_folded_in_chunks_of_output_channels(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(7, 3, 3, 3, generator=g, dtype=torch.float64)
+    whole = folded_kernels(w)
+    monkeypatch.setattr(upsample_conv, "FOLD_CHUNK", 3)  # 3 + 3 + 1 output channels
+    assert torch.equal(folded_kernels(w), whole)
+    x = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        upsample2x_conv3x3(x, w, None), plain(x, w, None), rtol=0, atol=1e-12
+    )
+
+
 def test_float32_error_is_rounding_only():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, 12, 12, generator=g)

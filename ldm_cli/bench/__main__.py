@@ -8,6 +8,7 @@ tools, their ratio, and achieved GFLOP/s against this machine's measured fp32 ma
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -34,14 +35,19 @@ METRICS = [
 ]
 
 
-def checkpoint(cache: Path) -> Path:
+# the real v1-5-pruned-emaonly.safetensors holds fp32 weights, its "-fp16" sibling fp16
+FILE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def checkpoint(cache: Path, file_dtype: str = "fp16") -> Path:
     from ldm_cli.config import SD15
     from ldm_cli.testing import random_checkpoint
 
-    path = cache / "sd15-random-fp16.safetensors"
+    path = cache / f"sd15-random-{file_dtype}.safetensors"
     if not path.exists():
         print(f"building {path} (seeded random weights, real SD 1.5 layout)...", flush=True)
-        random_checkpoint(SD15, path, seed=0, dtype=torch.float16, with_metadata=False)
+        dtype = FILE_DTYPES[file_dtype]
+        random_checkpoint(SD15, path, seed=0, dtype=dtype, with_metadata=False)
     return path
 
 
@@ -279,6 +285,12 @@ def main() -> None:
     )
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: per device")
     ap.add_argument(
+        "--file-dtypes",
+        default="fp16,fp32",
+        help="the checkpoint files to run, by the dtype they store (comma-separated): fp32 as "
+        "the real v1-5-pruned-emaonly.safetensors, fp16 as its -fp16 sibling",
+    )
+    ap.add_argument(
         "--tiled-vae-size",
         type=int,
         default=2048,
@@ -311,7 +323,9 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
     args.cache.mkdir(parents=True, exist_ok=True)
-    model = checkpoint(args.cache)
+    file_dtypes = args.file_dtypes.split(",")
+    if unknown := set(file_dtypes) - set(FILE_DTYPES):
+        raise SystemExit(f"--file-dtypes: unknown {', '.join(sorted(unknown))} (fp16, fp32)")
     sgemm = matmul_peak_gflops(device, dtype)
     conv = matmul_peak_gflops(device, dtype, as_conv=True) if device == "cpu" else 0.0
     peak = max(sgemm, conv)
@@ -321,7 +335,8 @@ def main() -> None:
         "",
         f"Machine: {machine_name(device)}, torch {torch.__version__}, "
         f"{dtype} matmul peak {sgemm:.0f} GFLOP/s{conv_note} (the peak column: the higher).",
-        f"Settings: random SD 1.5 checkpoint (fp16 file, {dtype} compute on {device}), Euler, "
+        f"Settings: random SD 1.5 checkpoint ({' and '.join(file_dtypes)} files, {dtype} "
+        f"compute on {device}), Euler, "
         f"{args.steps} steps, CFG 7.5 (batch 2), each tool in a fresh process, run one after "
         f"the other{repeats_note(args.repeats)}. Produced by `make bench`.",
         "",
@@ -329,10 +344,11 @@ def main() -> None:
     ablation = ablation_tool() if args.ablate_winograd else None
     tools = ["ldm", "diffusers"] + ([ablation] if ablation else [])
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (int(s) for s in args.sizes.split(",")):
+        for file_dtype, size in itertools.product(file_dtypes, map(int, args.sizes.split(","))):
+            model = checkpoint(args.cache, file_dtype)
             run = (size, args.steps)
             start = len(lines)
-            pngs = {tool: Path(tmp) / f"{tool}-{size}.png" for tool in tools}
+            pngs = {tool: Path(tmp) / f"{tool}-{file_dtype}-{size}.png" for tool in tools}
             results: dict[str, list[dict]] = {tool: [] for tool in tools}
             for repeat in range(max(1, args.repeats)):
                 for tool in run_order(tools, repeat):
@@ -341,7 +357,7 @@ def main() -> None:
             diff = max_pixel_diff(pngs["ldm"], pngs["diffusers"])
             unet_gf, vae_gf = model_gflop(size)
             lines += [
-                f"## {size}x{size}",
+                f"## {size}x{size}, {file_dtype} file",
                 "",
                 "| metric | ldm | diffusers | ldm / diffusers |",
                 "|---|---|---|---|",

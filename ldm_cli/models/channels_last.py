@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ldm_cli.env_choice import env_choice
+from ldm_cli.file_pages import drop_file_pages
 from ldm_cli.models.cpu_kind import amd_avx512
 
 LAYOUTS = ("nhwc", "nchw")
@@ -56,7 +57,9 @@ def weights_channels_last(module: nn.Module) -> None:
         if not isinstance(conv, nn.Conv2d) or conv.weight.shape[-2:] == (1, 1):
             continue
         if not conv.weight.is_contiguous(memory_format=layout):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+            copy = conv.weight.data.contiguous(memory_format=layout)
+            drop_file_pages(conv.weight)
+            conv.weight.data = copy
 
 
 DECODER_PREFIX = "first_stage_model.decoder."

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldm_cli.file_pages import drop_file_pages
 from ldm_cli.models.channels_last import is_channels_last
 
 
@@ -35,10 +36,22 @@ MIN_ELEMENTS = 32 * 1024
 CHUNK_BYTES = 64 << 20
 
 
+# Kernels are folded this many output channels at a time: the intermediate sums of the whole
+# of SD 1.5's largest (1280 x 1280) would take 150 MB more at once.
+FOLD_CHUNK = 128
+
+
 def folded_kernels(weight: torch.Tensor) -> torch.Tensor:
     """(out, in, 3, 3) -> (4 * out, in, 2, 2); parity (a, b) in rows [(2a + b) * out, ...)."""
-    rows = [_fold_taps(weight, a, 2) for a in (0, 1)]
-    return torch.cat([_fold_taps(rows[a], b, 3) for a in (0, 1) for b in (0, 1)])
+    out = weight.shape[0]
+    result = weight.new_empty(4, out, weight.shape[1], 2, 2)
+    for c0 in range(0, out, FOLD_CHUNK):
+        part = weight[c0 : c0 + FOLD_CHUNK]
+        rows = [_fold_taps(part, a, 2) for a in (0, 1)]
+        for a in (0, 1):
+            for b in (0, 1):
+                result[2 * a + b, c0 : c0 + FOLD_CHUNK] = _fold_taps(rows[a], b, 3)
+    return result.view(4 * out, *result.shape[2:])
 
 
 class FoldedKernels:
@@ -58,6 +71,7 @@ class FoldedKernels:
             self._kernels, self._key = None, None  # free the old copy before making the new
             with torch.no_grad():
                 self._kernels = folded_kernels(weight)
+            drop_file_pages(weight)  # used only through the kernels from now on
             self._key = key
         return self._kernels
 
