@@ -138,6 +138,17 @@ def test_eval_prompts_are_deterministic_and_mixed():
         assert p.heldout == scene_is_heldout(p.scene)
 
 
+def test_grammar_mix_holds_out_pairs_at_the_grammars_rate():
+    prompts = sample_eval_prompts(seed=7, n=2000, mix="grammar")
+    assert prompts == sample_eval_prompts(seed=7, n=2000, mix="grammar")
+    objects = [o for p in prompts for o in p.scene.objects]
+    rate = sum(is_heldout(o) for o in objects) / len(objects)
+    assert 0.10 < rate < 0.15  # 4 of the 32 colour-shape pairs
+    assert all(p.heldout == scene_is_heldout(p.scene) for p in prompts)
+    with pytest.raises(ValueError, match="unknown eval mix"):
+        sample_eval_prompts(seed=7, n=4, mix="all")
+
+
 def test_eval_scenes_use_a_different_stream_than_training():
     train = [shapes_writer.training_example(0, i, size=16)[1] for i in range(20)]
     evaluation = [p.text for p in sample_eval_prompts(seed=0, n=20, heldout_fraction=0.0)]

@@ -252,12 +252,26 @@ def heldout_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
     return scenes
 
 
-def sample_eval_prompts(seed: int, n: int, heldout_fraction: float = 0.5) -> list[EvalPrompt]:
-    """Deterministic evaluation prompts: in-distribution scenes drawn from a seed stream that
-    training never uses, followed by scenes with held-out pairs."""
+EVAL_MIXES = ("half", "grammar")
+
+
+def sample_eval_prompts(
+    seed: int, n: int, heldout_fraction: float = 0.5, mix: str = "half"
+) -> list[EvalPrompt]:
+    """Deterministic evaluation prompts from a seed stream that training never uses.
+
+    mix "half": in-distribution scenes followed by `heldout_fraction` of scenes with a held-out
+    pair. mix "grammar": every scene drawn as the dataset draws them but with nothing held out,
+    so held-out pairs come at the grammar's own rate (4 of its 32 colour-shape pairs)."""
     rng = np.random.default_rng([EVAL_STREAM, seed])
-    num_heldout = round(n * heldout_fraction)
-    scenes = [random_scene(rng) for _ in range(n - num_heldout)] + heldout_scenes(rng, num_heldout)
+    if mix == "grammar":
+        scenes = [random_scene(rng, allow_heldout=True) for _ in range(n)]
+    elif mix == "half":
+        num_heldout = round(n * heldout_fraction)
+        scenes = [random_scene(rng) for _ in range(n - num_heldout)]
+        scenes += heldout_scenes(rng, num_heldout)
+    else:
+        raise ValueError(f"unknown eval mix {mix!r}; one of {', '.join(EVAL_MIXES)}")
     return [EvalPrompt(caption(s), s, scene_is_heldout(s)) for s in scenes]
 
 

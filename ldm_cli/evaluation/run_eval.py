@@ -21,10 +21,12 @@ def evaluate(
     keep_images: bool = False,
     clip=None,
     request_options: dict | None = None,
+    mix: str = "grammar",
 ) -> dict:
     """Scores for all prompts and separately for in-distribution and held-out scenes.
 
-    Prompt k is rendered with seed `seed + k`; the prompt set is `sample_eval_prompts(seed)`.
+    Prompt k is rendered with seed `seed + k`; the prompt set is
+    `sample_eval_prompts(seed, num, mix=mix)`.
     ``cfg`` None is the checkpoint's own guidance scale, as `ldm generate` uses it.
     ``clip`` (a ``ClipScorer``) adds the in-domain CLIP score of each image and, as the
     ceiling, of the exact render of its scene. ``request_options`` are further Request fields
@@ -32,7 +34,7 @@ def evaluate(
     """
     from ..pipeline import Request
 
-    prompts = sample_eval_prompts(seed, num)
+    prompts = sample_eval_prompts(seed, num, mix=mix)
     size = pipe.config.default_size
     cfg = pipe.guidance_scale(cfg)
     base = Request(
@@ -60,6 +62,7 @@ def evaluate(
         "settings": {
             "num": num,
             "seed": seed,
+            "mix": mix,
             "steps": steps,
             "cfg": cfg,
             "sampler": sampler,
