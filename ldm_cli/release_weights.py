@@ -75,8 +75,8 @@ def releasable(module: nn.Module) -> bool:
 
 
 def owns_its_bytes(t: torch.Tensor) -> bool:
-    """A CPU tensor that is its storage's only user and came from torch's allocator (not a
-    view of a memory map or of another tensor): dropping it frees its bytes."""
+    """A CPU tensor with a storage of its own size from torch's allocator (not a view of a
+    memory map or of a larger tensor): once nothing refers to it, its bytes are freed."""
     if t.device.type != "cpu" or t.is_meta:
         return False
     storage = t.untyped_storage()

@@ -129,9 +129,9 @@ def test_heldout_scenes_contain_a_heldout_object():
 
 
 def test_eval_prompts_are_deterministic_and_mixed():
-    prompts = sample_eval_prompts(seed=7, n=40)
-    assert prompts == sample_eval_prompts(seed=7, n=40)
-    assert prompts != sample_eval_prompts(seed=8, n=40)
+    prompts = sample_eval_prompts(seed=7, n=40, mix="half")
+    assert prompts == sample_eval_prompts(seed=7, n=40, mix="half")
+    assert prompts != sample_eval_prompts(seed=8, n=40, mix="half")
     assert sum(p.heldout for p in prompts) == 20
     for p in prompts:
         assert p.text == caption(p.scene)
@@ -151,7 +151,9 @@ def test_grammar_mix_holds_out_pairs_at_the_grammars_rate():
 
 def test_eval_scenes_use_a_different_stream_than_training():
     train = [shapes_writer.training_example(0, i, size=16)[1] for i in range(20)]
-    evaluation = [p.text for p in sample_eval_prompts(seed=0, n=20, heldout_fraction=0.0)]
+    evaluation = [
+        p.text for p in sample_eval_prompts(seed=0, n=20, heldout_fraction=0.0, mix="half")
+    ]
     assert train != evaluation
 
 

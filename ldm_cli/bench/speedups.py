@@ -47,7 +47,9 @@ def quality_rows(num: int, steps: int) -> list[str]:
     pipe = ldm_cli.load(None, device="cpu", dtype="fp32")
     rows, reference = [], None
     for name, options in SETTINGS:
-        report = evaluate(pipe, num=num, steps=steps, keep_images=True, request_options=options)
+        report = evaluate(
+            pipe, num=num, steps=steps, keep_images=True, request_options=options, mix="half"
+        )
         images = report["images"]
         reference = images if reference is None else reference
         s = report["all"]

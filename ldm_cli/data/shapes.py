@@ -256,7 +256,7 @@ EVAL_MIXES = ("half", "grammar")
 
 
 def sample_eval_prompts(
-    seed: int, n: int, heldout_fraction: float = 0.5, mix: str = "half"
+    seed: int, n: int, heldout_fraction: float = 0.5, mix: str = "grammar"
 ) -> list[EvalPrompt]:
     """Deterministic evaluation prompts from a seed stream that training never uses.
 
