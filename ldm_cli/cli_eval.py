@@ -23,6 +23,15 @@ def eval_command(
         "training at the grammar's own rate (1 object in 8); half: half the prompts have one.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt set and of the images."),
+    train_seed: int = typer.Option(
+        0, "--train-seed", help="--seed of the shapes dataset the model was trained on."
+    ),
+    train_num: int = typer.Option(
+        20000,
+        "--train-num",
+        help="--num of that dataset (default: the embedded model's). Its scenes are left out of "
+        "the prompts, so every prompt is new to the model; 0 leaves nothing out.",
+    ),
     steps: int = typer.Option(30, "--steps", help="Sampling steps."),
     cfg: float | None = typer.Option(
         None, "--cfg", help="Guidance scale (default: the checkpoint's own, else 7.5)."
@@ -50,10 +59,13 @@ def eval_command(
         raise UserError(f"unknown --mix {mix!r}; choose one of {', '.join(EVAL_MIXES)}")
     if num < 1 or steps < 1 or batch_size < 1:
         raise UserError("--num, --steps and --batch-size must be at least 1")
+    if train_num < 0:
+        raise UserError("--train-num must be 0 or more")
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
+    from .data.shapes import training_scenes
     from .evaluation.run_eval import evaluate
     from .pipeline import load
 
@@ -73,6 +85,7 @@ def eval_command(
             progress=lambda done, _: bar.update(task, completed=done),
             clip=scorer,
             mix=mix,
+            exclude=training_scenes(train_seed, train_num),
         )
     title = f"ldm eval: {pipe.name}, {num} prompts ({mix} mix), {steps} steps, cfg {cfg}"
     table = Table(title=title)

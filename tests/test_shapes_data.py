@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from ldm_cli.data import shapes_writer
 from ldm_cli.data.shapes import (
     COLOURS,
+    EVAL_MIXES,
     HELDOUT_PAIRS,
     PLACES,
     SHAPES,
@@ -25,6 +26,8 @@ from ldm_cli.data.shapes import (
     render,
     sample_eval_prompts,
     scene_is_heldout,
+    training_scene,
+    training_scenes,
 )
 from ldm_cli.data.shapes_writer import write_shapes_dataset
 
@@ -147,6 +150,27 @@ def test_grammar_mix_holds_out_pairs_at_the_grammars_rate():
     assert all(p.heldout == scene_is_heldout(p.scene) for p in prompts)
     with pytest.raises(ValueError, match="unknown eval mix"):
         sample_eval_prompts(seed=7, n=4, mix="all")
+
+
+def test_eval_prompts_leave_out_the_training_scenes():
+    train = training_scenes(seed=3, num=2000)
+    assert 1000 < len(train) <= 2000  # one-object scenes repeat
+    plain = sample_eval_prompts(seed=0, n=300)
+    assert sum(p.scene in train for p in plain) > 20  # a small grammar: many would be seen
+    for mix in EVAL_MIXES:
+        prompts = sample_eval_prompts(seed=0, n=300, mix=mix, exclude=train)
+        assert len(prompts) == 300 and not any(p.scene in train for p in prompts)
+    assert sample_eval_prompts(seed=0, n=300, exclude=train) == sample_eval_prompts(
+        seed=0, n=300, exclude=train
+    )
+
+
+def test_training_scenes_are_the_datasets_scenes():
+    for i in range(20):
+        scene, _ = training_scene(5, i)
+        _, text = shapes_writer.training_example(5, i, size=16)  # sizes, places may be left out
+        assert text.endswith(f"{scene.background} background")
+        assert all(o.colour in text and o.shape in text for o in scene.objects)
 
 
 def test_eval_scenes_use_a_different_stream_than_training():

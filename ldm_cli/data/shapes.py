@@ -255,24 +255,52 @@ def heldout_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
 EVAL_MIXES = ("half", "grammar")
 
 
+def training_scene(seed: int, index: int) -> tuple[Scene, np.random.Generator]:
+    """Scene `index` of the dataset drawn with `seed`, and its generator, which then draws the
+    rendering's jitter."""
+    rng = np.random.default_rng([TRAIN_STREAM, seed, index])
+    return random_scene(rng, allow_heldout=False), rng
+
+
+def training_scenes(seed: int, num: int) -> frozenset[Scene]:
+    """The scenes of `ldm dataset shapes --seed SEED --num NUM`, drawn without rendering."""
+    return frozenset(training_scene(seed, i)[0] for i in range(num))
+
+
 def sample_eval_prompts(
-    seed: int, n: int, heldout_fraction: float = 0.5, mix: str = "grammar"
+    seed: int,
+    n: int,
+    heldout_fraction: float = 0.5,
+    mix: str = "grammar",
+    exclude: frozenset[Scene] = frozenset(),
 ) -> list[EvalPrompt]:
-    """Deterministic evaluation prompts from a seed stream that training never uses.
+    """Deterministic evaluation prompts from a seed stream that training never uses, none of
+    whose scenes is in `exclude` (the training set's: `training_scenes`).
 
     mix "half": in-distribution scenes followed by `heldout_fraction` of scenes with a held-out
     pair. mix "grammar": every scene drawn as the dataset draws them but with nothing held out,
     so held-out pairs come at the grammar's own rate (4 of its 32 colour-shape pairs)."""
     rng = np.random.default_rng([EVAL_STREAM, seed])
     if mix == "grammar":
-        scenes = [random_scene(rng, allow_heldout=True) for _ in range(n)]
+        scenes = _new_scenes(rng, n, exclude, allow_heldout=True)
     elif mix == "half":
         num_heldout = round(n * heldout_fraction)
-        scenes = [random_scene(rng) for _ in range(n - num_heldout)]
-        scenes += heldout_scenes(rng, num_heldout)
+        scenes = _new_scenes(rng, n - num_heldout, exclude, allow_heldout=False)
+        scenes += heldout_scenes(rng, num_heldout)  # never in a training set
     else:
         raise ValueError(f"unknown eval mix {mix!r}; one of {', '.join(EVAL_MIXES)}")
     return [EvalPrompt(caption(s), s, scene_is_heldout(s)) for s in scenes]
+
+
+def _new_scenes(rng, n: int, exclude: frozenset[Scene], allow_heldout: bool) -> list[Scene]:
+    scenes: list[Scene] = []
+    for _ in range(1000 * n + 1000):
+        if len(scenes) == n:
+            return scenes
+        scene = random_scene(rng, allow_heldout)
+        if scene not in exclude:
+            scenes.append(scene)
+    raise ValueError(f"could not draw {n} scenes outside the {len(exclude)} excluded ones")
 
 
 # ---------------------------------------------------------------- rendering

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm_cli.data.shapes import CAPTION_STREAM, TRAIN_STREAM, caption, random_scene, render
+from ldm_cli.data.shapes import CAPTION_STREAM, caption, render, training_scene
 
 METADATA_FILE = "metadata.jsonl"
 PROGRESS_EVERY = 64
@@ -25,8 +25,7 @@ SHORT_CAPTION_PROBABILITY = 0.2
 
 def training_example(seed: int, index: int, size: int = 128) -> tuple[Image.Image, str]:
     """(image, caption) of example ``index`` of the training set drawn with ``seed``."""
-    rng = np.random.default_rng([TRAIN_STREAM, seed, index])
-    scene = random_scene(rng, allow_heldout=False)
+    scene, rng = training_scene(seed, index)
     # A stream of its own, so the images are the same as without caption variants.
     with_size, with_place = np.random.default_rng([CAPTION_STREAM, seed, index]).random(2)
     text = caption(

@@ -22,11 +22,13 @@ def evaluate(
     clip=None,
     request_options: dict | None = None,
     mix: str = "grammar",
+    exclude: frozenset = frozenset(),
 ) -> dict:
     """Scores for all prompts and separately for in-distribution and held-out scenes.
 
     Prompt k is rendered with seed `seed + k`; the prompt set is
-    `sample_eval_prompts(seed, num, mix=mix)`.
+    `sample_eval_prompts(seed, num, mix=mix, exclude=exclude)`: `exclude` holds the scenes of
+    the model's training set (`data.shapes.training_scenes`), which are left out.
     ``cfg`` None is the checkpoint's own guidance scale, as `ldm generate` uses it.
     ``clip`` (a ``ClipScorer``) adds the in-domain CLIP score of each image and, as the
     ceiling, of the exact render of its scene. ``request_options`` are further Request fields
@@ -34,7 +36,7 @@ def evaluate(
     """
     from ..pipeline import Request
 
-    prompts = sample_eval_prompts(seed, num, mix=mix)
+    prompts = sample_eval_prompts(seed, num, mix=mix, exclude=exclude)
     size = pipe.config.default_size
     cfg = pipe.guidance_scale(cfg)
     base = Request(
@@ -63,6 +65,7 @@ def evaluate(
             "num": num,
             "seed": seed,
             "mix": mix,
+            "excluded_training_scenes": len(exclude),
             "steps": steps,
             "cfg": cfg,
             "sampler": sampler,
