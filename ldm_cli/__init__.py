@@ -21,6 +21,7 @@ def load(
     compile=False,
     offload="none",
     vae_tiling="auto",
+    low_memory=False,
 ):
     """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline).
 
@@ -28,11 +29,12 @@ def load(
     `compile=True` runs the U-Net through torch.compile, `offload="model"` or `"sequential"`
     keeps the weights in CPU memory on a CUDA device (see ldm_cli.performance);
     `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
-    (ldm_cli.vae_tiling).
+    (ldm_cli.vae_tiling); `low_memory=True` keeps an fp16 file's large U-Net weights in 16 bits
+    on the CPU, widened per call (ldm_cli.models.narrow_weights).
     """
     from .pipeline import load as _load
 
     return _load(
         path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip,
-        compile=compile, offload=offload, vae_tiling=vae_tiling,
+        compile=compile, offload=offload, vae_tiling=vae_tiling, low_memory=low_memory,
     )  # fmt: skip

@@ -12,6 +12,7 @@ from .cli_networks import EMBEDDINGS, LORA, LORA_DIR
 from .cli_performance import (
     COMPILE,
     DEEP_CACHE,
+    LOW_MEMORY,
     OFFLOAD,
     PREVIEW,
     PREVIEW_EVERY,
@@ -154,6 +155,7 @@ def generate(
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
     offload: str = OFFLOAD,
+    low_memory: bool = LOW_MEMORY,
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
@@ -164,8 +166,9 @@ def generate(
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     check_model_options(prediction, clip_skip)
     performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
-    )
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
+        low_memory,
+    )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     from .batch_resume import check_output_dir

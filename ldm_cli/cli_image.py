@@ -15,6 +15,7 @@ from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
 from .cli_performance import (
     COMPILE,
     DEEP_CACHE,
+    LOW_MEMORY,
     OFFLOAD,
     PREVIEW,
     PREVIEW_EVERY,
@@ -111,6 +112,7 @@ def img2img(
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
     offload: str = OFFLOAD,
+    low_memory: bool = LOW_MEMORY,
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
@@ -120,8 +122,9 @@ def img2img(
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
-    )
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
+        low_memory,
+    )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength)
@@ -191,6 +194,7 @@ def inpaint(
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
     offload: str = OFFLOAD,
+    low_memory: bool = LOW_MEMORY,
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
@@ -200,8 +204,9 @@ def inpaint(
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
-    )
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
+        low_memory,
+    )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength, mask_blur, full_res_padding)
@@ -254,6 +259,7 @@ def outpaint(
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
     offload: str = OFFLOAD,
+    low_memory: bool = LOW_MEMORY,
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,
@@ -263,8 +269,9 @@ def outpaint(
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging
-    )
+        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
+        low_memory,
+    )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength, mask_blur)

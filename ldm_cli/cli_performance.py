@@ -1,6 +1,7 @@
-"""The `--compile`, `--offload`, `--preview`, `--vae-tiling` and `--deep-cache` options shared by
-`ldm generate`, `img2img`, `inpaint` and `outpaint` (see ldm_cli.compile_unet, ldm_cli.offload,
-ldm_cli.preview, ldm_cli.vae_tiling, ldm_cli.deep_cache). torch is not imported here."""
+"""The `--compile`, `--offload`, `--low-memory`, `--preview`, `--vae-tiling` and `--deep-cache`
+options shared by `ldm generate`, `img2img`, `inpaint` and `outpaint` (see ldm_cli.compile_unet,
+ldm_cli.offload, models/narrow_weights, ldm_cli.preview, ldm_cli.vae_tiling,
+ldm_cli.deep_cache). torch is not imported here."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ OFFLOAD = typer.Option(
     help="Keep the weights in CPU memory (CUDA only; accelerate): none; model moves each "
     "component (text encoder, U-Net, VAE) to the GPU while it runs; sequential moves the U-Net "
     "and VAE layer by layer, for the smallest GPUs (SDXL in 4-6 GB), much slower.",
+)
+LOW_MEMORY = typer.Option(
+    False,
+    "--low-memory",
+    help="CPU, fp16/bf16 checkpoint: keep the U-Net's large weights in the file's 16 bits and "
+    "widen them to fp32 a slice at a time in each step, instead of converting them at load. "
+    "SD 1.5: 1.5 GB less memory, loads 0.6 s faster, steps 2-10% slower; the same image up to "
+    "float rounding.",
 )
 PREVIEW = typer.Option(
     None,
@@ -67,6 +76,7 @@ class Performance:
     # Request fields (they change the image), checked here before anything loads
     deep_cache: int = 0
     token_merging: float = 0.0
+    low_memory: bool = False
 
     def check(self) -> None:
         from .deep_cache import check_deep_cache
@@ -79,6 +89,8 @@ class Performance:
         check_token_merging(self.token_merging)
         if self.compile and self.deep_cache > 1:
             raise UserError("--deep-cache does not work with --compile; use one of them")
+        if self.compile and self.low_memory:
+            raise UserError("--low-memory does not work with --compile; use one of them")
         if self.preview_every < 1:
             raise UserError(f"--preview-every must be at least 1, got {self.preview_every}")
         if self.preview is not None:
@@ -97,7 +109,7 @@ class Performance:
 
         pipe = load(
             model, device, dtype, compile=self.compile, offload=self.offload,
-            vae_tiling=self.vae_tiling, **options,
+            vae_tiling=self.vae_tiling, low_memory=self.low_memory, **options,
         )  # fmt: skip
         if self.preview is not None:
             from .preview import PreviewWriter

@@ -20,11 +20,15 @@ from .config import ModelConfig
 from .converted_load import read_converted
 from .detect import detect_config
 from .errors import UserError
+from .models import narrow_weights
 from .models.channels_last import stored_channels_last
+from .models.conv_linear import Linear
 from .models.latent_diffusion import LatentDiffusion
+from .models.winograd_conv import WinogradConv2d
 from .pickle_checkpoint import PickledHeader, pickled_state
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+UNET_PREFIX = "model.diffusion_model."
 
 
 class _SkipMetaInit(TorchFunctionMode):
@@ -90,9 +94,12 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     cfg: ModelConfig | None = None,
+    narrow: bool = False,
 ) -> tuple[LatentDiffusion, CheckpointHeader]:
     """Load a checkpoint (its path, or its header already read); tensors already in `dtype`
-    on CPU are used in place (mmap)."""
+    on CPU are used in place (mmap). `narrow` (inference only, `--low-memory`): the U-Net's large
+    weights of an fp16/bf16 file stay views of it when run in fp32 on the CPU
+    (models/narrow_weights)."""
     header = path if isinstance(path, CheckpointHeader) else read_header(path)
     cfg = cfg or detect_config(header)
     model = build_empty(cfg)
@@ -101,7 +108,8 @@ def load_model(
     if isinstance(header, PickledHeader):  # --allow-pickle: unpickled weights-only
         state = pickled_state(header, keys, device, dtype)
     else:
-        state = _read_safetensors(header, keys, device, dtype)
+        kept = narrow_keys(model, header, device, dtype) if narrow else frozenset()
+        state = _read_safetensors(header, keys, device, dtype, kept)
     model.load_state_dict(state, strict=True, assign=True)
     model.text_encoder.materialize_buffers()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -111,7 +119,27 @@ def load_model(
     return model.eval(), header
 
 
-def _read_safetensors(header: CheckpointHeader, keys, device: torch.device, dtype) -> dict:
+def narrow_keys(
+    model: LatentDiffusion, header: CheckpointHeader, device: torch.device, dtype
+) -> frozenset[str]:
+    """The U-Net weights that stay in the file's fp16/bf16 when run in fp32 on the CPU: those of
+    its convolutions and linear layers that widen their weights per call (narrow_weights)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return frozenset()
+    keys = set()
+    for name, module in model.named_modules():
+        if not name.startswith(UNET_PREFIX) or not isinstance(module, WinogradConv2d | Linear):
+            continue
+        info = header.tensors.get(f"{name}.weight")
+        narrow = info is not None and info.dtype in ("F16", "BF16")
+        if narrow and math.prod(info.shape) * dtype.itemsize >= narrow_weights.MIN_BYTES:
+            keys.add(f"{name}.weight")
+    return frozenset(keys)
+
+
+def _read_safetensors(
+    header: CheckpointHeader, keys, device: torch.device, dtype, narrow=frozenset()
+) -> dict:
     state, convert = {}, {}
     in_place = _FileViews(header.path)
     with open_tensors(header.path) as mapped, open(header.path, "rb") as raw:
@@ -119,7 +147,7 @@ def _read_safetensors(header: CheckpointHeader, keys, device: torch.device, dtyp
             info = header.tensors[k]
             stored = TORCH_DTYPES.get(info.dtype)
             target = (dtype or stored) if stored is not None else None
-            if stored is not None and target == stored and device.type == "cpu":
+            if stored is not None and device.type == "cpu" and (target == stored or k in narrow):
                 state[k] = in_place.view(info, stored)
             elif stored is None:
                 state[k] = mapped.get_tensor(k)  # other dtypes (I64 ...), used as they are

@@ -471,8 +471,12 @@ class Networks:
             params = dict(self.pipe.model.named_parameters())
             if any(params[name].is_meta for name in deltas):  # held by accelerate's hooks
                 raise UserError("LoRAs cannot be applied with --offload sequential; use model")
+            compute = getattr(self.pipe, "dtype", None)
             for name, delta in deltas.items():
                 param = params[name]
+                if compute is not None and param.dtype != compute and param.device.type == "cpu":
+                    # kept in the file's fp16 (narrow_weights): patched in the compute dtype
+                    param.data = param.data.to(compute)
                 with _writable(param), torch.no_grad():
                     self._backup[name] = param.detach().clone()
                     param.copy_((param.float() + delta).to(param.dtype))

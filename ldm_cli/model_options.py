@@ -55,12 +55,13 @@ def load_with_options(
     dtype: torch.dtype | None = None,
     prediction: str | None = None,
     clip_skip: int | None = None,
+    narrow: bool = False,
 ) -> tuple[LatentDiffusion, CheckpointHeader]:
     """`loading.load_model` with `--prediction`/`--clip-skip` applied and the prediction type
     of an SD 2.x file probed when nothing else settles it."""
     check_prediction(prediction)
     header = read_header(path)
     cfg = with_clip_skip(detect_config(header), clip_skip)
-    model, header = load_model(header, device=device, dtype=dtype, cfg=cfg)
+    model, header = load_model(header, device=device, dtype=dtype, cfg=cfg, narrow=narrow)
     model.config = resolve_prediction(cfg, header, model.unet, prediction)
     return model, header

@@ -22,9 +22,12 @@ def load_prepared(
     *,
     compile: bool = False,
     offload: str = "none",
+    low_memory: bool = False,
 ) -> tuple[LatentDiffusion, CheckpointHeader]:
     """`load_with_options`, then the U-Net compiled and the offload hooks installed. Option
-    errors (a CPU device for offloading, no compiler) come before the weights are read."""
+    errors (a CPU device for offloading, no compiler) come before the weights are read.
+    `low_memory`: an fp16/bf16 file's large U-Net weights stay in it, widened to fp32 per call
+    on the CPU (models/narrow_weights)."""
     check_offload_device(offload, device)
     if compile and offload == "sequential":
         raise UserError(
@@ -37,7 +40,9 @@ def load_prepared(
         check_compile(device)
     # offloaded weights are read into CPU memory and never all sit on the GPU at once
     home = device if offload == "none" else torch.device("cpu")
-    model, header = load_with_options(path, home, dtype, prediction, clip_skip)
+    if compile and low_memory:
+        raise UserError("--low-memory does not work with --compile; use one of them")
+    model, header = load_with_options(path, home, dtype, prediction, clip_skip, low_memory)
     if compile:
         from .compile_unet import compile_unet
 

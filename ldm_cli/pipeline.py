@@ -440,6 +440,7 @@ def load(
     compile: bool = False,
     offload: str = "none",
     vae_tiling: str = "auto",
+    low_memory: bool = False,
 ) -> Pipeline:
     """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
 
@@ -447,7 +448,8 @@ def load(
     `clip_skip` takes the text encoder's output that many layers from the end (1 = last).
     `compile` runs the U-Net through torch.compile; `offload` ("model", "sequential"; CUDA)
     keeps the weights in CPU memory (ldm_cli.performance). `vae_tiling` ("auto", "on", "off")
-    decodes and encodes large images in tiles (ldm_cli.vae_tiling).
+    decodes and encodes large images in tiles (ldm_cli.vae_tiling). `low_memory` keeps an
+    fp16 file's large U-Net weights in fp16 on the CPU, widened per call (models/narrow_weights).
     """
     from .embedded import default_model_path
     from .vae_tiling import check_mode
@@ -457,8 +459,9 @@ def load(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model, header = load_prepared(
-        path, dev, dt, prediction, clip_skip, compile=compile, offload=offload
-    )
+        path, dev, dt, prediction, clip_skip, compile=compile, offload=offload,
+        low_memory=low_memory,
+    )  # fmt: skip
     if model.config.conditioner:  # SDXL base, inpainting and refiner
         from .sdxl import SDXLPipeline
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.env_choice import env_choice
+from ldm_cli.models import narrow_weights
 from ldm_cli.models.cpu_kind import amd_avx512
 
 MODES = ("conv", "blas")
@@ -89,4 +90,6 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) whose forward is ``linear`` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if narrow_weights.is_narrow(self.weight, x):
+            return narrow_weights.linear(x, self.weight, self.bias, linear)
         return linear(x, self.weight, self.bias)
