@@ -21,7 +21,7 @@ def load(
     compile=False,
     offload="none",
     vae_tiling="auto",
-    low_memory=False,
+    low_memory=None,
 ):
     """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline).
 
@@ -29,8 +29,9 @@ def load(
     `compile=True` runs the U-Net through torch.compile, `offload="model"` or `"sequential"`
     keeps the weights in CPU memory on a CUDA device (see ldm_cli.performance);
     `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
-    (ldm_cli.vae_tiling); `low_memory=True` keeps an fp16 file's large U-Net weights in 16 bits
-    on the CPU, widened per call (ldm_cli.models.narrow_weights).
+    (ldm_cli.vae_tiling); `low_memory` keeps an fp16 file's large U-Net weights in 16 bits on
+    the CPU, widened per call (ldm_cli.models.narrow_weights): by default unless `compile` or
+    `offload`; False converts them at load.
     """
     from .pipeline import load as _load
 

@@ -155,7 +155,7 @@ def generate(
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
     offload: str = OFFLOAD,
-    low_memory: bool = LOW_MEMORY,
+    low_memory: bool | None = LOW_MEMORY,
     preview: Path | None = PREVIEW,
     preview_every: int = PREVIEW_EVERY,
     vae_tiling: str = VAE_TILING,

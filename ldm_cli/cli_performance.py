@@ -28,12 +28,13 @@ OFFLOAD = typer.Option(
     "and VAE layer by layer, for the smallest GPUs (SDXL in 4-6 GB), much slower.",
 )
 LOW_MEMORY = typer.Option(
-    False,
-    "--low-memory",
+    None,
+    "--low-memory/--no-low-memory",
     help="CPU, fp16/bf16 checkpoint: keep the U-Net's large weights in the file's 16 bits and "
-    "widen them to fp32 a slice at a time in each step, instead of converting them at load. "
-    "SD 1.5: 1.5 GB less memory, loads 0.6 s faster, steps 2-10% slower; the same image up to "
-    "float rounding.",
+    "widen them to fp32 a slice at a time in each step, instead of converting them at load "
+    "(SD 1.5: 1.5 GB less memory, loads 0.6 s faster, steps about as fast; the same image up "
+    "to float rounding). Default: on, unless --compile or --offload.",
+    show_default=False,
 )
 PREVIEW = typer.Option(
     None,
@@ -76,7 +77,7 @@ class Performance:
     # Request fields (they change the image), checked here before anything loads
     deep_cache: int = 0
     token_merging: float = 0.0
-    low_memory: bool = False
+    low_memory: bool | None = None
 
     def check(self) -> None:
         from .deep_cache import check_deep_cache

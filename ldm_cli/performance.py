@@ -22,12 +22,12 @@ def load_prepared(
     *,
     compile: bool = False,
     offload: str = "none",
-    low_memory: bool = False,
+    low_memory: bool | None = None,
 ) -> tuple[LatentDiffusion, CheckpointHeader]:
     """`load_with_options`, then the U-Net compiled and the offload hooks installed. Option
     errors (a CPU device for offloading, no compiler) come before the weights are read.
     `low_memory`: an fp16/bf16 file's large U-Net weights stay in it, widened to fp32 per call
-    on the CPU (models/narrow_weights)."""
+    on the CPU (models/narrow_weights); None: so unless the U-Net is compiled or offloaded."""
     check_offload_device(offload, device)
     if compile and offload == "sequential":
         raise UserError(
@@ -42,6 +42,8 @@ def load_prepared(
     home = device if offload == "none" else torch.device("cpu")
     if compile and low_memory:
         raise UserError("--low-memory does not work with --compile; use one of them")
+    if low_memory is None:  # compiled graphs and offload hooks expect the compute dtype
+        low_memory = not compile and offload == "none"
     model, header = load_with_options(path, home, dtype, prediction, clip_skip, low_memory)
     if compile:
         from .compile_unet import compile_unet

@@ -133,11 +133,12 @@ class Pipeline:
         """`release("unet")` for a run whose last step is decoding `latents`, freeing only the
         room the decode will take (release_weights.decode_room), into the allocator where the
         decode's activations fit in the U-Net's tensors."""
-        from .release_weights import decode_largest_activation, decode_room
+        from .release_weights import decode_largest_activation, decode_room, owns_its_bytes
 
         shape, factor, itemsize = latents.shape, self.latent_factor, self.dtype.itemsize
         largest = decode_largest_activation(self.config.vae, shape, factor, itemsize)
-        weights = max(p.numel() * p.element_size() for p in self.model.unet.parameters())
+        owned = [p for p in self.model.unet.parameters() if owns_its_bytes(p)]
+        weights = max((p.numel() * p.element_size() for p in owned), default=0)
         room = decode_room(self.config.vae, shape, factor, itemsize)
         self.release("unet", room, reuse=largest < weights)
 
@@ -440,7 +441,7 @@ def load(
     compile: bool = False,
     offload: str = "none",
     vae_tiling: str = "auto",
-    low_memory: bool = False,
+    low_memory: bool | None = None,
 ) -> Pipeline:
     """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
 
@@ -449,7 +450,8 @@ def load(
     `compile` runs the U-Net through torch.compile; `offload` ("model", "sequential"; CUDA)
     keeps the weights in CPU memory (ldm_cli.performance). `vae_tiling` ("auto", "on", "off")
     decodes and encodes large images in tiles (ldm_cli.vae_tiling). `low_memory` keeps an
-    fp16 file's large U-Net weights in fp16 on the CPU, widened per call (models/narrow_weights).
+    fp16 file's large U-Net weights in fp16 on the CPU, widened per call (models/narrow_weights);
+    None (the default): so unless `compile` or `offload`; False: converted at load.
     """
     from .embedded import default_model_path
     from .vae_tiling import check_mode

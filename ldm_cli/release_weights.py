@@ -94,6 +94,8 @@ def release_module(module: nn.Module, room: int | None = None, reuse: bool = Fal
         return 0
     tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}  # tied: once
     order = sorted(tensors.values(), key=_nbytes, reverse=True)
+    if reuse:  # what the allocator can reuse first, then views of the file
+        order.sort(key=lambda t: not owns_its_bytes(t))  # stable: by size within each
     freed, held = 0, []
     with torch.no_grad():
         for t in order:

@@ -1,5 +1,6 @@
-"""--low-memory: an fp16 file's large U-Net weights stay 16-bit views of the file, widened to
-fp32 a slice at a time in each call; the images, LoRA patches and errors are as without it."""
+"""--low-memory (the default): an fp16 file's large U-Net weights stay 16-bit views of the file,
+widened to fp32 a slice at a time in each call; the images, LoRA patches and errors are as with
+--no-low-memory."""
 
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def narrow_params(pipe) -> list[tuple[str, torch.Tensor]]:
 
 def test_low_memory_keeps_the_unets_weights_in_the_file_and_draws_the_same(fp16_file):
     kwargs = {"steps": 3, "seed": 2, "sampler": "euler", "width": 64, "height": 64}
-    wide = ldm_cli.load(fp16_file, device="cpu", dtype="fp32")
-    narrow = ldm_cli.load(fp16_file, device="cpu", dtype="fp32", low_memory=True)
+    wide = ldm_cli.load(fp16_file, device="cpu", dtype="fp32", low_memory=False)
+    narrow = ldm_cli.load(fp16_file, device="cpu", dtype="fp32")  # the default
     kept = narrow_params(narrow)
     assert kept and all(w.dtype == torch.float16 for _, w in kept)
     assert all(w.dtype == torch.float32 for _, w in narrow_params(wide))

@@ -94,6 +94,18 @@ def test_reused_tensors_go_to_the_allocator_and_the_rest_are_held_by_the_module(
     assert len(held) == 2 and all(any(h is k for h in held) for k in kept)
 
 
+@linux
+def test_reuse_frees_owned_tensors_before_larger_views():
+    module = torch.nn.Module()
+    _arena, (view,) = arena_tensors([16 << 20])  # 64 MiB, a view of a memory map
+    module.register_buffer("view", view)
+    module.register_buffer("owned", torch.ones(4 << 20))  # 16 MiB of its own
+    assert release_module(module, room=16 << 20, reuse=True) == 16 << 20
+    assert bool((view == 1).all())  # not dropped: the owned tensor made the room
+    held = module._held_until_exit
+    assert len(held) == 1 and held[0] is view
+
+
 def test_views_and_shared_storages_are_not_owned():
     base = torch.ones(64)
     assert owns_its_bytes(base)
