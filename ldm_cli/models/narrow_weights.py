@@ -30,7 +30,9 @@ MIN_BYTES = 1 << 20
 
 def is_narrow(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """A weight stored in a narrower float type than the activations it multiplies."""
-    return weight.dtype != x.dtype and weight.is_floating_point() and x.is_floating_point()
+    if not (weight.is_floating_point() and x.is_floating_point()):
+        return False
+    return weight.element_size() < x.element_size()
 
 
 def _rows_per_chunk(weight: torch.Tensor, itemsize: int) -> int:
