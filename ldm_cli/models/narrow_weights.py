@@ -35,30 +35,22 @@ def is_narrow(weight: torch.Tensor, x: torch.Tensor) -> bool:
     return weight.element_size() < x.element_size()
 
 
-def _rows_per_chunk(weight: torch.Tensor, itemsize: int) -> int:
-    per_row = weight[0].numel() * itemsize
-    return max(1, CHUNK_BYTES // per_row)
-
-
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs):
     """F.conv2d(x, weight.to(x.dtype), bias, **kwargs), output channels a slice at a time."""
-    rows = _rows_per_chunk(weight, x.element_size())
-    outs = [
-        F.conv2d(x, weight[i : i + rows].to(x.dtype), _part(bias, i, rows, x.dtype), **kwargs)
-        for i in range(0, weight.shape[0], rows)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return _by_slices(x, weight, bias, lambda x, w, b: F.conv2d(x, w, b, **kwargs), dim=1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, product):
     """product(x, weight.to(x.dtype), bias), output features a slice at a time."""
-    rows = _rows_per_chunk(weight, x.element_size())
-    outs = [
-        product(x, weight[i : i + rows].to(x.dtype), _part(bias, i, rows, x.dtype))
-        for i in range(0, weight.shape[0], rows)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+    return _by_slices(x, weight, bias, product, dim=-1)
 
 
-def _part(bias: torch.Tensor | None, start: int, rows: int, dtype: torch.dtype):
-    return None if bias is None else bias[start : start + rows].to(dtype)
+def _by_slices(x, weight, bias, product, dim: int) -> torch.Tensor:
+    """product over slices of `weight`'s output rows (each widened to x's dtype, at most
+    CHUNK_BYTES), joined along the output's `dim`."""
+    rows = max(1, CHUNK_BYTES // (weight[0].numel() * x.element_size()))
+    outs = []
+    for i in range(0, weight.shape[0], rows):
+        part = None if bias is None else bias[i : i + rows].to(x.dtype)
+        outs.append(product(x, weight[i : i + rows].to(x.dtype), part))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim)
