@@ -90,8 +90,6 @@ class Performance:
         check_token_merging(self.token_merging)
         if self.compile and self.deep_cache > 1:
             raise UserError("--deep-cache does not work with --compile; use one of them")
-        if self.compile and self.low_memory:
-            raise UserError("--low-memory does not work with --compile; use one of them")
         if self.preview_every < 1:
             raise UserError(f"--preview-every must be at least 1, got {self.preview_every}")
         if self.preview is not None:

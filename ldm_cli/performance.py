@@ -34,14 +34,14 @@ def load_prepared(
             "--compile does not work with --offload sequential (weights are swapped layer by "
             "layer inside the U-Net); use --offload model"
         )
+    if compile and low_memory:
+        raise UserError("--low-memory does not work with --compile; use one of them")
     if compile:
         from .compile_unet import check_compile
 
         check_compile(device)
     # offloaded weights are read into CPU memory and never all sit on the GPU at once
     home = device if offload == "none" else torch.device("cpu")
-    if compile and low_memory:
-        raise UserError("--low-memory does not work with --compile; use one of them")
     if low_memory is None:  # compiled graphs and offload hooks expect the compute dtype
         low_memory = not compile and offload == "none"
     model, header = load_with_options(path, home, dtype, prediction, clip_skip, low_memory)
