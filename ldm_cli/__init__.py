@@ -22,6 +22,7 @@ def load(
     offload="none",
     vae_tiling="auto",
     low_memory=None,
+    cuda_graphs=False,
 ):
     """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline).
 
@@ -31,11 +32,13 @@ def load(
     `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
     (ldm_cli.vae_tiling); `low_memory` keeps an fp16 file's large U-Net weights in 16 bits on
     the CPU, widened per call (ldm_cli.models.narrow_weights): by default unless `compile` or
-    `offload`; False converts them at load.
+    `offload`; False converts them at load. `cuda_graphs=True` (CUDA) compiles the U-Net to
+    replay each step as CUDA graphs (ldm_cli.compile_unet).
     """
     from .pipeline import load as _load
 
     return _load(
         path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip,
         compile=compile, offload=offload, vae_tiling=vae_tiling, low_memory=low_memory,
+        cuda_graphs=cuda_graphs,
     )  # fmt: skip

@@ -11,6 +11,7 @@ import typer
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR
 from .cli_performance import (
     COMPILE,
+    CUDA_GRAPHS,
     DEEP_CACHE,
     LOW_MEMORY,
     OFFLOAD,
@@ -154,6 +155,7 @@ def generate(
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
+    cuda_graphs: bool = CUDA_GRAPHS,
     offload: str = OFFLOAD,
     low_memory: bool | None = LOW_MEMORY,
     preview: Path | None = PREVIEW,
@@ -167,7 +169,7 @@ def generate(
     check_model_options(prediction, clip_skip)
     performance = Performance(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory,
+        low_memory, cuda_graphs,
     )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)

@@ -14,6 +14,7 @@ from .cli_generate import DTYPE_HELP, SAMPLER_HELP, SCHEDULER_HELP, check_option
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
 from .cli_performance import (
     COMPILE,
+    CUDA_GRAPHS,
     DEEP_CACHE,
     LOW_MEMORY,
     OFFLOAD,
@@ -111,6 +112,7 @@ def img2img(
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
+    cuda_graphs: bool = CUDA_GRAPHS,
     offload: str = OFFLOAD,
     low_memory: bool | None = LOW_MEMORY,
     preview: Path | None = PREVIEW,
@@ -123,7 +125,7 @@ def img2img(
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     performance = Performance(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory,
+        low_memory, cuda_graphs,
     )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
@@ -193,6 +195,7 @@ def inpaint(
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
+    cuda_graphs: bool = CUDA_GRAPHS,
     offload: str = OFFLOAD,
     low_memory: bool | None = LOW_MEMORY,
     preview: Path | None = PREVIEW,
@@ -205,7 +208,7 @@ def inpaint(
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     performance = Performance(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory,
+        low_memory, cuda_graphs,
     )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
@@ -258,6 +261,7 @@ def outpaint(
     lora_dir: Path = LORA_DIR,
     embeddings: Path | None = EMBEDDINGS,
     use_compile: bool = COMPILE,
+    cuda_graphs: bool = CUDA_GRAPHS,
     offload: str = OFFLOAD,
     low_memory: bool | None = LOW_MEMORY,
     preview: Path | None = PREVIEW,
@@ -270,7 +274,7 @@ def outpaint(
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     performance = Performance(
         use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory,
+        low_memory, cuda_graphs,
     )  # fmt: skip
     performance.check()
     hash_in_background(model)  # while torch imports (ldm_cli.model_hash)

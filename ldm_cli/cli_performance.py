@@ -1,7 +1,7 @@
-"""The `--compile`, `--offload`, `--low-memory`, `--preview`, `--vae-tiling` and `--deep-cache`
-options shared by `ldm generate`, `img2img`, `inpaint` and `outpaint` (see ldm_cli.compile_unet,
-ldm_cli.offload, models/narrow_weights, ldm_cli.preview, ldm_cli.vae_tiling,
-ldm_cli.deep_cache). torch is not imported here."""
+"""The `--compile`, `--cuda-graphs`, `--offload`, `--low-memory`, `--preview`, `--vae-tiling`
+and `--deep-cache` options shared by `ldm generate`, `img2img`, `inpaint` and `outpaint` (see
+ldm_cli.compile_unet, ldm_cli.offload, models/narrow_weights, ldm_cli.preview,
+ldm_cli.vae_tiling, ldm_cli.deep_cache). torch is not imported here."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ COMPILE = typer.Option(
     help="Run the U-Net through torch.compile (inductor, static shapes): faster steps after a "
     "one-time compilation at the first step (seconds to minutes); the same image up to float "
     "rounding. Needs a C++ compiler on the CPU, triton on CUDA.",
+)
+CUDA_GRAPHS = typer.Option(
+    False,
+    "--cuda-graphs",
+    help="CUDA: --compile in torch's reduce-overhead mode, which records each step's kernels "
+    "as CUDA graphs and replays them with one launch (for small images on fast GPUs, where "
+    "launching kernels costs more than running them). Implies --compile; not with --offload.",
 )
 OFFLOAD = typer.Option(
     "none",
@@ -78,6 +85,7 @@ class Performance:
     deep_cache: int = 0
     token_merging: float = 0.0
     low_memory: bool | None = None
+    cuda_graphs: bool = False
 
     def check(self) -> None:
         from .deep_cache import check_deep_cache
@@ -88,8 +96,9 @@ class Performance:
         check_vae_tiling(self.vae_tiling)
         check_deep_cache(self.deep_cache)
         check_token_merging(self.token_merging)
-        if self.compile and self.deep_cache > 1:
-            raise UserError("--deep-cache does not work with --compile; use one of them")
+        if (self.compile or self.cuda_graphs) and self.deep_cache > 1:
+            flag = "--cuda-graphs" if self.cuda_graphs else "--compile"
+            raise UserError(f"--deep-cache does not work with {flag}; use one of them")
         if self.preview_every < 1:
             raise UserError(f"--preview-every must be at least 1, got {self.preview_every}")
         if self.preview is not None:
@@ -108,7 +117,8 @@ class Performance:
 
         pipe = load(
             model, device, dtype, compile=self.compile, offload=self.offload,
-            vae_tiling=self.vae_tiling, low_memory=self.low_memory, **options,
+            vae_tiling=self.vae_tiling, low_memory=self.low_memory,
+            cuda_graphs=self.cuda_graphs, **options,
         )  # fmt: skip
         if self.preview is not None:
             from .preview import PreviewWriter

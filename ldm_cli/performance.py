@@ -23,12 +23,20 @@ def load_prepared(
     compile: bool = False,
     offload: str = "none",
     low_memory: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> tuple[LatentDiffusion, CheckpointHeader]:
     """`load_with_options`, then the U-Net compiled and the offload hooks installed. Option
     errors (a CPU device for offloading, no compiler) come before the weights are read.
     `low_memory`: an fp16/bf16 file's large U-Net weights stay in it, widened to fp32 per call
-    on the CPU (models/narrow_weights); None: so unless the U-Net is compiled or offloaded."""
+    on the CPU (models/narrow_weights); None: so unless the U-Net is compiled or offloaded.
+    `cuda_graphs` compiles the U-Net to replay CUDA graphs (implies `compile`)."""
     check_offload_device(offload, device)
+    if cuda_graphs and offload != "none":
+        raise UserError(
+            "--cuda-graphs does not work with --offload (a graph replays on the memory it was "
+            "recorded with, and offloading moves the weights); use one of them"
+        )
+    compile = compile or cuda_graphs
     if compile and offload == "sequential":
         raise UserError(
             "--compile does not work with --offload sequential (weights are swapped layer by "
@@ -39,7 +47,7 @@ def load_prepared(
     if compile:
         from .compile_unet import check_compile
 
-        check_compile(device)
+        check_compile(device, cuda_graphs)
     # offloaded weights are read into CPU memory and never all sit on the GPU at once
     home = device if offload == "none" else torch.device("cpu")
     if low_memory is None:  # compiled graphs and offload hooks expect the compute dtype
@@ -48,6 +56,6 @@ def load_prepared(
     if compile:
         from .compile_unet import compile_unet
 
-        compile_unet(model.unet, device)
+        compile_unet(model.unet, device, cuda_graphs)
     apply_offload(model, offload, device)
     return model, header

@@ -442,6 +442,7 @@ def load(
     offload: str = "none",
     vae_tiling: str = "auto",
     low_memory: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> Pipeline:
     """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
 
@@ -452,6 +453,7 @@ def load(
     decodes and encodes large images in tiles (ldm_cli.vae_tiling). `low_memory` keeps an
     fp16 file's large U-Net weights in fp16 on the CPU, widened per call (models/narrow_weights);
     None (the default): so unless `compile` or `offload`; False: converted at load.
+    `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs (compile_unet).
     """
     from .embedded import default_model_path
     from .vae_tiling import check_mode
@@ -462,7 +464,7 @@ def load(
     dt = resolve_dtype(dtype, dev)
     model, header = load_prepared(
         path, dev, dt, prediction, clip_skip, compile=compile, offload=offload,
-        low_memory=low_memory,
+        low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
     if model.config.conditioner:  # SDXL base, inpainting and refiner
         from .sdxl import SDXLPipeline

@@ -23,3 +23,18 @@ def test_ratio_is_the_median_of_paired_ratios():
     assert c["ratio"] == 0.8 and c["low"] == 0.8 and math.isclose(c["high"], 0.88)
     assert ratio_cell(c) == "0.80 (0.80-0.88)"
     assert ratio_cell(compare(ours[:1], ref[:1], "t")) == "0.80"
+
+
+def test_compiled_variants_are_tabled_against_eager():
+    from ldm_cli.bench.__main__ import compiled_lines
+
+    def run(step, decode, total):
+        return {"unet_step_s": step, "decode_s": decode, "end_to_end_s": total}
+
+    eager = [run(0.10, 0.5, 9.0), run(0.12, 0.5, 9.5)]
+    graphs = [run(0.05, 0.5, 30.0), run(0.06, 0.5, 31.0)]
+    lines = compiled_lines({"ldm-cuda-graphs": graphs}, eager, {"ldm-cuda-graphs": 1})
+    assert lines[2] == "| metric | ldm-cuda-graphs | eager |"
+    assert lines[4] == "| U-Net per step (s) | 0.055 (0.50) | 0.110 |"
+    assert lines[6].startswith("| end to end (s) | 30.500 (3.")  # compilation counts here
+    assert lines[-2] == "Max pixel difference from eager: ldm-cuda-graphs 1/255."

@@ -77,3 +77,56 @@ def test_compile_is_off_by_default_and_documented(one_level):
     assert not is_compiled(ldm_cli.load(one_level, device="cpu").unet)
     proc = ldm("generate", "--help")
     assert "--compile" in proc.stdout and "torch.compile" in proc.stdout
+
+
+def test_cuda_graphs_need_a_cuda_device(one_level):
+    with pytest.raises(UserError, match="--cuda-graphs needs a CUDA device, not cpu"):
+        ldm_cli.load(one_level, device="cpu", cuda_graphs=True)
+    args = ("generate", "a cat", "--cuda-graphs", "--model", str(one_level), "--device", "cpu")
+    proc = ldm(*args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --cuda-graphs needs a CUDA device, not cpu; run without --cuda-graphs"
+    ]
+    assert "--cuda-graphs" in ldm("img2img", "--help").stdout
+
+
+def test_cuda_graphs_and_offload_are_refused_before_loading(tmp_path):
+    from ldm_cli.performance import load_prepared
+
+    missing = tmp_path / "never-read.safetensors"  # the error must come before any read
+    with pytest.raises(UserError, match="--cuda-graphs does not work with --offload"):
+        load_prepared(
+            missing, torch.device("cuda"), torch.float16, offload="model", cuda_graphs=True
+        )
+
+
+def test_cuda_graph_replays_are_copied_out(monkeypatch):
+    """Each call marks a new step for torch's graph trees and returns a copy of the replay's
+    output, which the next replay overwrites in place (the fake below does the same)."""
+    import ldm_cli.compile_unet as cu
+
+    static_out = torch.zeros(3)
+    modes, steps = [], []
+
+    def fake_compile(fn, dynamic, mode=None):
+        modes.append(mode)
+
+        def replay(x):
+            static_out.copy_(fn(x))
+            return static_out
+
+        return replay
+
+    monkeypatch.setattr(cu, "check_compile", lambda device, cuda_graphs=False: None)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    unet = torch.nn.Identity()
+    cu.compile_unet(unet, torch.device("cuda"), cuda_graphs=True)
+    first = unet(torch.ones(3))
+    second = unet(torch.full((3,), 2.0))
+    assert modes == ["reduce-overhead"] and len(steps) == 2 and unet.cuda_graphs
+    assert first.tolist() == [1.0] * 3 and second.tolist() == [2.0] * 3
+    plain = torch.nn.Identity()
+    cu.compile_unet(plain, torch.device("cuda"))
+    assert modes[-1] is None and len(steps) == 2  # no graphs: neither marks nor copies

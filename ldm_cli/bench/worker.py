@@ -43,7 +43,8 @@ def run_ldm(args) -> dict:
 
     now = _clock(args.device)
     t = {"imported": time.time()}
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    compiled = dict(compile=args.tool == "ldm-compile", cuda_graphs=args.tool == "ldm-cuda-graphs")
+    pipe = load(args.model, device=args.device, dtype=args.dtype, **compiled)
     t["loaded"] = now()
     req = Request(
         PROMPT, NEGATIVE, args.steps, 7.5, args.seed, "euler", "normal", args.size, args.size
@@ -121,7 +122,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     # ldm-winograd / ldm-conv2d: ldm with its Winograd 3x3 convolutions forced on ("auto") or
     # off, whichever is not this CPU's default, to show what they buy
-    ap.add_argument("tool", choices=["ldm", "ldm-winograd", "ldm-conv2d", "diffusers"])
+    # ldm-compile / ldm-cuda-graphs: ldm with --compile / --cuda-graphs
+    tools = ["ldm", "ldm-winograd", "ldm-conv2d", "ldm-compile", "ldm-cuda-graphs", "diffusers"]
+    ap.add_argument("tool", choices=tools)
     ap.add_argument("--model", required=True)
     ap.add_argument("--config", help="diffusers config folder (for from_single_file)")
     ap.add_argument("--size", type=int, default=512)
