@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from . import outputs
 from .errors import UserError
 from .interrupts import interrupt_after
-from .outputs import output_name, slugify
+from .outputs import slugify
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -214,36 +214,7 @@ def save_png_numbered(
 ) -> Path:
     """Write `image` as `<number>-SEED-slug.png` (atomically, never replacing a file); if that
     number is in use by now, as the next free one."""
-    out_dir = Path(out_dir)
-    outputs._make_output_dir(out_dir)
-    temporary = outputs._write_temporary(image, out_dir, f"{seed}-{slugify(prompt)}", parameters)
-    try:
-        target = _publish_as(temporary, out_dir, number, seed, prompt)
-        if target is None:
-            target = outputs._publish(temporary, out_dir, seed, prompt)
-    finally:
-        temporary.unlink(missing_ok=True)
-    outputs._sync_directory(out_dir)
-    return target
-
-
-def _publish_as(temporary: Path, out_dir: Path, number: int, seed: int, prompt: str):
-    """Publish under `number` by the protocol of ldm_cli.outputs; None if it is taken."""
-    reservation = out_dir / f".{number:05d}.reserved"
-    try:
-        if not outputs.reserve(reservation):
-            return None
-    except OSError as error:
-        raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
-    try:
-        if number in outputs._final_counters(outputs._list_dir(out_dir)):
-            return None
-        target = out_dir / output_name(number, seed, prompt)
-        return target if outputs._link_without_overwrite(temporary, target) else None
-    except OSError as error:
-        raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
-    finally:
-        reservation.unlink(missing_ok=True)
+    return outputs.save_png_atomic(image, out_dir, seed, prompt, parameters, number)
 
 
 def run_batches(

@@ -152,27 +152,25 @@ def _sync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def _publish(temporary: Path, out_dir: Path, seed: int, prompt: str) -> Path:
-    counter = next_counter(out_dir)
-    while True:
-        reservation = out_dir / f".{counter:05d}.reserved"
-        try:
-            reserved = reserve(reservation)
-        except OSError as error:
-            raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
-        if not reserved:
-            counter += 1
-            continue
-        try:
-            if counter not in _final_counters(_list_dir(out_dir)):
-                target = out_dir / output_name(counter, seed, prompt)
-                if _link_without_overwrite(temporary, target):
-                    return target
-        except OSError as error:
-            raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
-        finally:
-            reservation.unlink(missing_ok=True)
-        counter = max(counter + 1, next_counter(out_dir))
+def publish_as(temporary: Path, out_dir: Path, number: int, seed: int, prompt: str):
+    """Link `temporary` into `out_dir` as output `number` (its `NNNNN-SEED-slug.png`) unless
+    another image holds or is taking that number: then None. The number is reserved first
+    (an exclusive `.NNNNN.reserved` file), so two processes never publish under one."""
+    reservation = out_dir / f".{number:05d}.reserved"
+    try:
+        if not reserve(reservation):
+            return None
+    except OSError as error:
+        raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
+    try:
+        if number in _final_counters(_list_dir(out_dir)):
+            return None
+        target = out_dir / output_name(number, seed, prompt)
+        return target if _link_without_overwrite(temporary, target) else None
+    except OSError as error:
+        raise UserError(f"cannot write in output directory {out_dir}: {error}") from None
+    finally:
+        reservation.unlink(missing_ok=True)
 
 
 def save_png_atomic(
@@ -181,13 +179,20 @@ def save_png_atomic(
     seed: int,
     prompt: str,
     parameters: str,
+    number: int | None = None,
 ) -> Path:
-    """Write `image` with its parameters text as the next `NNNNN-SEED-slug.png` in `out_dir`."""
+    """Write `image` with its parameters text as the next `NNNNN-SEED-slug.png` in `out_dir`
+    (atomically, never replacing a file); with `number`, as that output number if it is still
+    free, else the next free one."""
     out_dir = Path(out_dir)
     _make_output_dir(out_dir)
     temporary = _write_temporary(image, out_dir, f"{seed}-{slugify(prompt)}", parameters)
     try:
-        target = _publish(temporary, out_dir, seed, prompt)
+        target = None if number is None else publish_as(temporary, out_dir, number, seed, prompt)
+        counter = next_counter(out_dir) if target is None else 0
+        while target is None:
+            target = publish_as(temporary, out_dir, counter, seed, prompt)
+            counter = max(counter + 1, next_counter(out_dir))
     finally:
         temporary.unlink(missing_ok=True)
     _sync_directory(out_dir)

@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .deep_cache import check_deep_cache, deep_cache
+from .deep_cache import deep_cache
 from .devices import resolve_device, resolve_dtype
 from .errors import UserError
 from .guidance import StepClock, cfg_denoiser
 from .image_start import ImageStart
 from .models.latent_diffusion import LatentDiffusion
 from .performance import load_prepared
-from .request import Request, random_seed, seeded_batches
+from .request import Request, check_request, random_seed, seeded_batches
 from .samplers import SAMPLERS
 from .schedules import (
-    SPACINGS,
     Denoiser,
     DiscreteSchedule,
     get_sigmas,
@@ -29,7 +28,7 @@ from .schedules import (
     init_noise_sigma,
     to_vp_latent,
 )
-from .token_merging import check_token_merging, token_merging
+from .token_merging import token_merging
 from .tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
@@ -237,26 +236,8 @@ class Pipeline:
     # -- whole requests ---------------------------------------------------------------------
 
     def validate(self, req: Request) -> None:
-        m = self.size_multiple
-        if req.width % m or req.height % m or req.width <= 0 or req.height <= 0:
-            raise UserError(
-                f"size {req.width}x{req.height} is not supported: width and height must be "
-                f"positive multiples of {m} for this model"
-            )
-        if req.steps < 1:
-            raise UserError(f"steps must be at least 1, got {req.steps}")
-        if not abs(req.cfg) < float("inf"):  # NaN or inf would only give a NaN image
-            raise UserError(f"--cfg must be a finite number, got {req.cfg}")
-        if not 0.0 <= req.rescale_cfg <= 1.0:
-            raise UserError(f"--rescale-cfg must be within [0, 1], got {req.rescale_cfg}")
-        check_deep_cache(req.deep_cache)
-        check_token_merging(req.token_merging)
-        if req.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if req.scheduler != "auto" and req.scheduler not in SPACINGS:
-            raise UserError(
-                f"unknown scheduler {req.scheduler!r}; choose one of auto, {', '.join(SPACINGS)}"
-            )
+        """A one-line UserError for a request this model cannot render (request.check_request)."""
+        check_request(req, self.size_multiple)
 
     def conditioning(self, requests: list[Request]):
         """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
@@ -385,39 +366,9 @@ class Pipeline:
 
     def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
         """A1111 parameters text; `extra` adds keys such as "Denoising strength"."""
-        from .pngmeta import GenerationParams, format_parameters
+        from .parameters_text import parameters_text
 
-        clip_skip = self.config.text.clip_skip
-        if clip_skip != 1:  # A1111 writes it when not the last layer; --from-png reads it back
-            extra = {"Clip skip": str(clip_skip), **(extra or {})}
-        if req.rescale_cfg:  # --from-png reads it back
-            extra = {**(extra or {}), "CFG rescale": f"{req.rescale_cfg:g}"}
-        if req.deep_cache > 1:
-            extra = {**(extra or {}), "Deep cache": str(req.deep_cache)}
-        if req.token_merging:  # A1111's name for the same setting
-            extra = {**(extra or {}), "Token merging ratio": f"{req.token_merging:g}"}
-        from .vae_tiling import tiling_parameters
-
-        extra = {**(extra or {}), **tiling_parameters(self, req, extra)}  # "VAE tiling: on"
-        networks = self.networks.parameters(req)  # "Lora hashes", "TI hashes" (A1111)
-        if networks:
-            extra = {**(extra or {}), **networks}
-        return format_parameters(
-            GenerationParams(
-                prompt=req.prompt,
-                negative_prompt=req.negative_prompt,
-                steps=req.steps,
-                sampler=req.sampler,
-                scheduler=req.spacing,
-                cfg_scale=req.cfg,
-                seed=req.seed,
-                width=req.width,
-                height=req.height,
-                model_hash=self.model_hash,
-                model_name=self.name,
-                extra=extra or {},
-            )
-        )
+        return parameters_text(self, req, extra)
 
 
 def _in_dtype(unet, dtype: torch.dtype):

@@ -32,6 +32,36 @@ class Request:
         )
 
 
+def check_request(req: Request, size_multiple: int) -> None:
+    """A one-line UserError for settings no model can render, or a size this one cannot
+    (width and height must be multiples of `size_multiple`)."""
+    from .deep_cache import check_deep_cache
+    from .errors import UserError
+    from .schedules import SPACINGS
+    from .token_merging import check_token_merging
+
+    m = size_multiple
+    if req.width % m or req.height % m or req.width <= 0 or req.height <= 0:
+        raise UserError(
+            f"size {req.width}x{req.height} is not supported: width and height must be "
+            f"positive multiples of {m} for this model"
+        )
+    if req.steps < 1:
+        raise UserError(f"steps must be at least 1, got {req.steps}")
+    if not abs(req.cfg) < float("inf"):  # NaN or inf would only give a NaN image
+        raise UserError(f"--cfg must be a finite number, got {req.cfg}")
+    if not 0.0 <= req.rescale_cfg <= 1.0:
+        raise UserError(f"--rescale-cfg must be within [0, 1], got {req.rescale_cfg}")
+    check_deep_cache(req.deep_cache)
+    check_token_merging(req.token_merging)
+    if req.sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if req.scheduler != "auto" and req.scheduler not in SPACINGS:
+        raise UserError(
+            f"unknown scheduler {req.scheduler!r}; choose one of auto, {', '.join(SPACINGS)}"
+        )
+
+
 def random_seed() -> int:
     return secrets.randbelow(2**32)
 
@@ -43,4 +73,4 @@ def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list
     return [reqs[i : i + step] for i in range(0, len(reqs), step)]
 
 
-__all__ = ["Request", "random_seed", "seeded_batches"]
+__all__ = ["Request", "check_request", "random_seed", "seeded_batches"]

@@ -14,7 +14,7 @@ import ldm_cli
 from ldm_cli import loading
 from ldm_cli.config import TINY_SD1
 from ldm_cli.file_pages import file_mapped
-from ldm_cli.models import conv_linear, narrow_weights
+from ldm_cli.models import conv_linear, narrow_weights, weight_slices
 from ldm_cli.models.winograd_conv import WinogradConv2d
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm
@@ -24,7 +24,7 @@ from tests.cli_helpers import ldm
 def small_slices(monkeypatch):
     """Every weight of the tiny model kept narrow, widened a few output channels at a time."""
     monkeypatch.setattr(narrow_weights, "MIN_BYTES", 0)
-    monkeypatch.setattr(narrow_weights, "CHUNK_BYTES", 4 << 10)
+    monkeypatch.setattr(weight_slices, "CHUNK_BYTES", 4 << 10)
 
 
 @pytest.mark.parametrize("narrow_dtype", [torch.float16, torch.bfloat16])
@@ -33,11 +33,11 @@ def test_conv_and_linear_slices_equal_the_widened_weight(narrow_dtype):
     x = torch.randn(2, 24, 9, 7, generator=g)
     w = torch.randn(40, 24, 3, 3, generator=g).to(narrow_dtype)
     b = torch.randn(40, generator=g)
-    got = narrow_weights.conv2d(x, w, b, padding=1)
+    got = weight_slices.conv2d(x, w, b, padding=1)
     torch.testing.assert_close(got, torch.nn.functional.conv2d(x, w.float(), b, padding=1))
     rows = torch.randn(3, 300, 64, generator=g)
     lw = torch.randn(50, 64, generator=g).to(narrow_dtype)
-    got = narrow_weights.linear(rows, lw, None, conv_linear.linear)
+    got = weight_slices.linear(rows, lw, None, conv_linear.linear)
     torch.testing.assert_close(got, rows @ lw.float().T)
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.env_choice import env_choice
-from ldm_cli.models import narrow_weights
+from ldm_cli.models import weight_slices
 from ldm_cli.models.cpu_kind import amd_avx512
 
 MODES = ("conv", "blas")
@@ -90,6 +90,6 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) whose forward is ``linear`` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if narrow_weights.is_narrow(self.weight, x):
-            return narrow_weights.linear(x, self.weight, self.bias, linear)
+        if weight_slices.sliced(self.weight, x):
+            return weight_slices.linear(x, self.weight, self.bias, linear)
         return linear(x, self.weight, self.bias)

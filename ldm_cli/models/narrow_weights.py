@@ -3,8 +3,8 @@
 An fp16 checkpoint run in fp32 on the CPU used to be converted whole at load: SD 1.5's 4.3 GB
 of fresh fp32 memory, faulted in page by page, most of the load's second. The U-Net's large
 convolution and linear weights (2.85 GB of it) can instead stay views of the file's fp16
-bytes: each call widens a slice of at most CHUNK_BYTES of fp32 output channels into a small
-buffer that stays in cache and computes that slice of the output, in fp32 as before. The
+bytes: each call widens a slice of at most 16 MiB of fp32 output channels into a small buffer
+that stays in cache and computes that slice of the output (models/weight_slices), in fp32. The
 widening is exact, so each output channel is the same sum of products; only the kernels'
 blocking may differ, so results agree to float rounding (the same PNG to 1/255 for SD 1.5).
 
@@ -20,37 +20,14 @@ shapes to prepare). `--no-low-memory` converts at load as before.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-# fp32 bytes of weight widened per call; 4-16 MiB measured alike at 256x256, 16 a little better
-CHUNK_BYTES = 16 << 20
 # weights smaller than this (in fp32) are converted at load: widening them per call buys little
 MIN_BYTES = 1 << 20
 
 
 def is_narrow(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """A weight stored in a narrower float type than the activations it multiplies."""
+    """A weight stored in a narrower float type than the activations it multiplies (computed
+    by models/weight_slices)."""
     if not (weight.is_floating_point() and x.is_floating_point()):
         return False
     return weight.element_size() < x.element_size()
-
-
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs):
-    """F.conv2d(x, weight.to(x.dtype), bias, **kwargs), output channels a slice at a time."""
-    return _by_slices(x, weight, bias, lambda x, w, b: F.conv2d(x, w, b, **kwargs), dim=1)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, product):
-    """product(x, weight.to(x.dtype), bias), output features a slice at a time."""
-    return _by_slices(x, weight, bias, product, dim=-1)
-
-
-def _by_slices(x, weight, bias, product, dim: int) -> torch.Tensor:
-    """product over slices of `weight`'s output rows (each widened to x's dtype, at most
-    CHUNK_BYTES), joined along the output's `dim`."""
-    rows = max(1, CHUNK_BYTES // (weight[0].numel() * x.element_size()))
-    outs = []
-    for i in range(0, weight.shape[0], rows):
-        part = None if bias is None else bias[i : i + rows].to(x.dtype)
-        outs.append(product(x, weight[i : i + rows].to(x.dtype), part))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim)

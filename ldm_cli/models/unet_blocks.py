@@ -88,12 +88,12 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution."""
+    """Stride-2 3x3 convolution (a large weight goes a slice at a time: models/weight_slices)."""
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
-        self.op = nn.Conv2d(channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.op = WinogradConv2d(channels, out_channels, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)

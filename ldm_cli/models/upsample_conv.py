@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_cli.file_pages import drop_file_pages
+from ldm_cli.models import weight_slices
 from ldm_cli.models.channels_last import is_channels_last
 
 
@@ -85,7 +86,10 @@ def upsample2x_conv3x3(
     """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)."""
     n, _, h, w = x.shape
     if x[0].numel() < MIN_ELEMENTS or weight.shape[-2:] != (3, 3):
-        return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+        big = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if weight_slices.sliced(weight, x):
+            return weight_slices.conv2d(big, weight, bias, padding=1)
+        return F.conv2d(big, weight, bias, padding=1)
     out = weight.shape[0]
     folded = kernels(weight) if kernels is not None else folded_kernels(weight)
     by_parity = folded.view(4, out, *folded.shape[1:])
@@ -107,9 +111,14 @@ def upsample2x_conv3x3(
 
 def _channels_per_chunk(x: torch.Tensor, out: int) -> int:
     """Output channels per convolution call: their 2x2 result is 4x the size of their share of
-    the output, kept within CHUNK_BYTES."""
-    n, _, h, w = x.shape
-    return max(1, min(out, CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * x.element_size())))
+    the output, kept within CHUNK_BYTES; on the CPU their folded kernels too are kept within
+    weight_slices.CHUNK_BYTES (oneDNN copies a call's whole kernel at every call)."""
+    n, cin, h, w = x.shape
+    size = x.element_size()
+    chunk = CHUNK_BYTES // (n * 4 * (h + 1) * (w + 1) * size)
+    if x.device.type == "cpu":
+        chunk = min(chunk, weight_slices.CHUNK_BYTES // (4 * cin * 4 * size))
+    return max(1, min(out, chunk))
 
 
 def _channels_last(

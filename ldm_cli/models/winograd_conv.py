@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ldm_cli.env_choice import env_choice
-from ldm_cli.models import narrow_weights
+from ldm_cli.models import weight_slices
 
 # Bytes of transformed tiles, products and outputs per band (measured: 8 MiB was fastest on a
 # 2 MiB-L2 Xeon; 16-64 MiB lose 5-30% at 128x128 and above).
@@ -247,17 +247,19 @@ def winograd_conv3x3(
 
 class WinogradConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict keys) whose plain 3x3 stride-1 padding-1 calls
-    go through `winograd_conv3x3` wherever `winograd_tile` says it is faster."""
+    go through `winograd_conv3x3` wherever `winograd_tile` says it is faster, and whose large
+    or narrow weights otherwise go a slice at a time (models/weight_slices)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if narrow_weights.is_narrow(self.weight, x) and self.padding_mode == "zeros":
-            return narrow_weights.conv2d(
-                x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                dilation=self.dilation, groups=self.groups,
-            )  # fmt: skip
+        zeros = self.padding_mode == "zeros"
         plain = self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
         plain = plain and self.dilation == (1, 1) and self.groups == 1
-        tile = winograd_tile(x, self.weight) if plain and self.padding_mode == "zeros" else 0
-        if not tile:
-            return super().forward(x)
-        return winograd_conv3x3(x, self.weight, self.bias, tile)
+        tile = winograd_tile(x, self.weight) if plain and zeros else 0
+        if tile:
+            return winograd_conv3x3(x, self.weight, self.bias, tile)
+        if zeros and self.groups == 1 and weight_slices.sliced(self.weight, x):
+            return weight_slices.conv2d(
+                x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                dilation=self.dilation,
+            )  # fmt: skip
+        return super().forward(x)

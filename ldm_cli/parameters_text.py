@@ -1,0 +1,47 @@
+"""The AUTOMATIC1111 `parameters` text a pipeline writes into each PNG for a request."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .pngmeta import GenerationParams, format_parameters
+from .request import Request
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+def parameters_text(pipe: Pipeline, req: Request, extra: dict[str, str] | None = None) -> str:
+    """`req`'s settings with the model's name and hash; `extra` adds keys such as
+    "Denoising strength". Settings that change the image beyond A1111's own keys are written
+    under the names --from-png reads back."""
+    extra = dict(extra or {})
+    clip_skip = pipe.config.text.clip_skip
+    if clip_skip != 1:  # A1111 writes it when not the last layer
+        extra = {"Clip skip": str(clip_skip), **extra}
+    if req.rescale_cfg:
+        extra["CFG rescale"] = f"{req.rescale_cfg:g}"
+    if req.deep_cache > 1:
+        extra["Deep cache"] = str(req.deep_cache)
+    if req.token_merging:  # A1111's name for the same setting
+        extra["Token merging ratio"] = f"{req.token_merging:g}"
+    from .vae_tiling import tiling_parameters
+
+    extra.update(tiling_parameters(pipe, req, extra))  # "VAE tiling: on"
+    extra.update(pipe.networks.parameters(req))  # "Lora hashes", "TI hashes" (A1111)
+    return format_parameters(
+        GenerationParams(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            steps=req.steps,
+            sampler=req.sampler,
+            scheduler=req.spacing,
+            cfg_scale=req.cfg,
+            seed=req.seed,
+            width=req.width,
+            height=req.height,
+            model_hash=pipe.model_hash,
+            model_name=pipe.name,
+            extra=extra,
+        )
+    )
