@@ -103,3 +103,27 @@ def test_a_module_built_under_inference_mode_still_upsamples():
         up = VAEUpsample(3)
         x = torch.randn(1, 3, 4, 4)
         torch.testing.assert_close(up(x), plain(x, up.conv.weight, up.conv.bias))
+
+
+def test_moving_or_releasing_forgets_the_folded_kernels():
+    from ldm_cli.config import TINY_SD1
+    from ldm_cli.loading import build_empty
+    from ldm_cli.models.unet_blocks import Upsample
+    from ldm_cli.release_weights import release_module
+
+    up = VAEUpsample(4)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        up(x)
+        assert up._folded._kernels is not None
+        up.double()  # would be remade from the new weights anyway: freed at once
+        assert up._folded._kernels is None
+        torch.testing.assert_close(up(x.double()), plain(x.double(), up.conv.weight, up.conv.bias))
+    unet = build_empty(TINY_SD1).unet.to_empty(device="cpu")
+    ups = [m for m in unet.modules() if isinstance(m, Upsample)]
+    with torch.no_grad():
+        for m in ups:
+            m._folded(m.conv.weight)
+    assert ups and all(m._folded._kernels is not None for m in ups)
+    release_module(unet)  # a one-shot run's U-Net before the decode: its caches go too
+    assert all(m._folded._kernels is None for m in ups)

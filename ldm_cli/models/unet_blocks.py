@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.models.attention import SpatialTransformer
-from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
+from ldm_cli.models.upsample_conv import FoldedUpsample
 from ldm_cli.models.winograd_conv import WinogradConv2d
 
 RESBLOCK_GROUPNORM_EPS = 1e-5
@@ -99,18 +99,9 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Upsample(nn.Module):
+class Upsample(FoldedUpsample):
     """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (computed as
     four 2x2 convolutions on the small input: see ``upsample_conv``)."""
-
-    def __init__(self, channels: int, out_channels: int | None = None):
-        super().__init__()
-        out_channels = channels if out_channels is None else out_channels
-        self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
-        self._folded = FoldedKernels()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias, self._folded)
 
 
 class TimestepEmbedSequential(nn.Sequential):

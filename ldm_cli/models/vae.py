@@ -19,7 +19,7 @@ from ldm_cli.config import VAEConfig
 from ldm_cli.models.attention_slicing import attention
 from ldm_cli.models.channels_last import decode_channels_last, weights_channels_last
 from ldm_cli.models.strip_conv import norm_silu_conv, use_strips
-from ldm_cli.models.upsample_conv import FoldedKernels, upsample2x_conv3x3
+from ldm_cli.models.upsample_conv import FoldedUpsample
 from ldm_cli.models.winograd_conv import WinogradConv2d, winograd_tile
 
 GROUP_NORM_EPS = 1e-6
@@ -112,17 +112,9 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class Upsample(FoldedUpsample):
     """Double the resolution: nearest-neighbour 2x, then a 3x3 conv (computed as
     four 2x2 convolutions on the small input: see ``upsample_conv``)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self._folded = FoldedKernels()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias, self._folded)
 
 
 class MidBlock(nn.Module):
