@@ -2,12 +2,12 @@
 
 A weight loaded in place from a safetensors file (stored in the dtype it runs in) is a view of
 the file's private memory map: reading it maps the file's pages into the process. Where a
-layer keeps a derived copy instead (the folded kernels of an upsampling convolution, a decoder
-weight stored channels-last), both would stay resident, the original for nothing. Its pages are
-clean copies of the page cache, so they can be dropped with madvise(MADV_DONTNEED): the tensor
+layer keeps a derived copy instead (the folded kernels of an upsampling convolution), both
+would stay resident, the original for nothing. Its pages are clean copies of the page cache,
+so they can be dropped with madvise(MADV_DONTNEED): the tensor
 keeps its values (a later read maps the same file bytes again) and this process's memory no
 longer counts them. SD 1.5 from an fp32 file: 133 MB for the U-Net's three upsampling
-convolutions, 0.2 GB for the decoder's weights copied channels-last.
+convolutions.
 
 Only a tensor never written since it was loaded (version 0: a LoRA patch writes in place and
 would be reverted) that lies inside a file mapping (never anonymous memory, whose dropped

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from ldm_cli.file_pages import drop_file_pages, file_mapped
 from ldm_cli.models import upsample_conv
-from ldm_cli.models.channels_last import weights_channels_last
 from ldm_cli.models.unet_blocks import Upsample
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/maps is Linux's")
@@ -88,16 +87,3 @@ def test_folded_kernels_let_the_file_weight_go(mapped, monkeypatch):
     assert len(dropped) == 1 and dropped[0] > 2 << 20
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert torch.equal(up.conv.weight, expected)
-
-
-def test_a_channels_last_copy_lets_the_file_weight_go(mapped, monkeypatch):
-    from ldm_cli.models import channels_last
-
-    dropped = spy(monkeypatch, channels_last)
-    views, originals = mapped
-    conv = torch.nn.Conv2d(256, 256, 3)
-    conv.weight = file_weight(views, 256, 256)
-    weights_channels_last(conv)
-    assert len(dropped) == 1 and dropped[0] > 2 << 20
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(conv.weight, originals["big"].view(-1)[: 256 * 256 * 9].view(256, 256, 3, 3))

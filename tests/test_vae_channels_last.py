@@ -78,8 +78,26 @@ def test_decode_nhwc_equals_nchw(monkeypatch):
         monkeypatch.setattr(channels_last, "default_layout", lambda: "nhwc")
         got = vae.decode(z)
     assert channels_last.is_channels_last(got)
-    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_every_decoder_activation_stays_nhwc_and_no_weight_is_copied(monkeypatch):
+    vae = _decoders(monkeypatch)
+    monkeypatch.setattr(channels_last, "default_layout", lambda: "nhwc")
+    weights = {n: p.data_ptr() for n, p in vae.decoder.named_parameters()}
+    layouts = []
+    for name, module in vae.decoder.named_modules():
+        if name and name.count(".") <= 2:  # blocks, levels, the attention and its projections
+            module.register_forward_hook(
+                lambda m, i, out, name=name: layouts.append(
+                    (name, channels_last.is_channels_last(out))
+                )
+            )
+    with torch.inference_mode():
+        vae.decode(torch.randn(1, 4, 16, 16))
+    assert any(name == "mid.attn_1" for name, _ in layouts)
+    assert [name for name, nhwc in layouts if not nhwc and name != "conv_out"] == []
+    assert {n: p.data_ptr() for n, p in vae.decoder.named_parameters()} == weights
 
 
 def test_nhwc_only_for_frozen_cpu_fp32_inference(monkeypatch):

@@ -1,13 +1,17 @@
 """The VAE decoder run channels-last (NHWC) on CPUs where oneDNN's convolutions gain from it.
 
 On the 2-core Zen 5 EPYC of docs/benchmarks.md oneDNN's 3x3 convolutions at the decoder's top
-levels run 1.35-1.5x faster on channels-last inputs and weights (128 channels at 256x256:
-278 -> 411 GFLOP/s), though not at the low-resolution levels. The decoder's own layout
-changes (the folded upsample and the strip path write their output in the input's layout)
-keep every activation channels-last, so no copies between layouts are made; its conv weights
-are written channels-last when an fp16 checkpoint is converted to fp32 at load
-(``stored_channels_last``), or else stored channels-last on the first such decode (a copy of
-them, 0.2 GB for SD 1.5).
+levels run 1.35-1.5x faster on channels-last inputs (128 channels at 256x256: 278 -> 411
+GFLOP/s), though not at the low-resolution levels. The decoder's own layout changes (the
+folded upsample, the strip path and the attention block write their output in the input's
+layout) keep every activation channels-last, so no copies between layouts are made. The conv
+weights can stay as the checkpoint stores them: oneDNN reorders either layout into its own,
+and a convolution took as long with NCHW weights as with NHWC ones (SD 1.5's decoder shapes,
+within 1-4%). They used to be copied channels-last at the first decode, which only paid
+because the attention block's NCHW output then went back to NHWC at the next convolution;
+without that copy (0.2 GB, read from the file) the first decode at 256x256 took 1.23-1.27 s
+against 1.27-1.34. An fp16 checkpoint's are still written channels-last when they are
+converted to fp32 at load (``stored_channels_last``), which costs nothing.
 LDM_VAE_LAYOUT=nhwc|nchw overrides the default, which is nhwc on AMD AVX-512 CPUs only (not
 measured elsewhere; an earlier whole-model try on another CPU was 8-9% slower).
 """
@@ -20,7 +24,6 @@ import torch
 from torch import nn
 
 from ldm_cli.env_choice import env_choice
-from ldm_cli.file_pages import drop_file_pages
 from ldm_cli.models.cpu_kind import amd_avx512
 
 LAYOUTS = ("nhwc", "nchw")
@@ -47,19 +50,6 @@ def decode_channels_last(z: torch.Tensor, decoder: nn.Module) -> bool:
     return not any(
         p.requires_grad or p.is_meta or p.device.type != "cpu" for p in decoder.parameters()
     )
-
-
-@torch.no_grad()
-def weights_channels_last(module: nn.Module) -> None:
-    """Store `module`'s 4-d conv weights channels-last (once; they are replaced in place)."""
-    layout = torch.channels_last
-    for conv in module.modules():
-        if not isinstance(conv, nn.Conv2d) or conv.weight.shape[-2:] == (1, 1):
-            continue
-        if not conv.weight.is_contiguous(memory_format=layout):
-            copy = conv.weight.data.contiguous(memory_format=layout)
-            drop_file_pages(conv.weight)
-            conv.weight.data = copy
 
 
 DECODER_PREFIX = "first_stage_model.decoder."

@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm_cli.config import VAEConfig
 from ldm_cli.models.attention_slicing import attention
-from ldm_cli.models.channels_last import decode_channels_last, weights_channels_last
+from ldm_cli.models.channels_last import decode_channels_last, is_channels_last
 from ldm_cli.models.strip_conv import norm_silu_conv, use_strips
 from ldm_cli.models.upsample_conv import FoldedUpsample
 from ldm_cli.models.winograd_conv import WinogradConv2d, winograd_tile
@@ -97,7 +97,10 @@ class AttnBlock(nn.Module):
             return t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
         out = attention(as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h)))
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, height, width)
+        if is_channels_last(x):  # (b, h*w, c) is already NHWC memory: a view, no copy
+            out = out.squeeze(1).view(b, height, width, c).permute(0, 3, 1, 2)
+        else:
+            out = out.squeeze(1).transpose(1, 2).reshape(b, c, height, width)
         return self.proj_out(out).add_(x)
 
 
@@ -217,7 +220,6 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if decode_channels_last(z, self):  # see channels_last
-            weights_channels_last(self)
             z = z.contiguous(memory_format=torch.channels_last)
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
