@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .checkpoint_save import save_checkpoint
-from .config import ModelConfig
+from .config import TINY_SD1, ModelConfig
+
+# TINY_SD1 with one resolution level: every kind of U-Net block (ResBlock, SpatialTransformer,
+# time embedding) in half the kernels, for tests that compile the U-Net
+ONE_LEVEL_SD1 = TINY_SD1.with_(
+    unet=replace(
+        TINY_SD1.unet, channel_mult=(1,), attention_resolutions=(1,), transformer_depth=(1,)
+    )
+)
 
 
 @torch.no_grad()

@@ -9,31 +9,25 @@ block (ResBlock, SpatialTransformer, time embedding) and halves the kernels to b
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 import ldm_cli
 from ldm_cli.compile_unet import check_compile, is_compiled, unavailable_reason
-from ldm_cli.config import TINY_SD1
 from ldm_cli.errors import UserError
-from ldm_cli.testing import random_checkpoint
+from ldm_cli.testing import ONE_LEVEL_SD1, random_checkpoint
 from tests.cli_helpers import ldm
 
 CPU = torch.device("cpu")
 REASON = unavailable_reason(CPU)
-ONE_LEVEL = TINY_SD1.with_(
-    unet=replace(
-        TINY_SD1.unet, channel_mult=(1,), attention_resolutions=(1,), transformer_depth=(1,)
-    )
-)
 
 
 @pytest.fixture(scope="module")
 def one_level(tmp_path_factory):
-    return random_checkpoint(ONE_LEVEL, tmp_path_factory.mktemp("m") / "one.safetensors", seed=4)
+    return random_checkpoint(
+        ONE_LEVEL_SD1, tmp_path_factory.mktemp("m") / "one.safetensors", seed=4
+    )
 
 
 @pytest.mark.slow
@@ -50,7 +44,7 @@ def test_compiled_unet_and_image_equal_eager(one_level):
     h, w = pipe.latent_shape(64, 64)[2:]
     x = torch.randn(2, 4, h, w, generator=gen)
     t = torch.tensor([999.0, 500.0])
-    context = torch.randn(2, 77, ONE_LEVEL.unet.context_dim, generator=gen)
+    context = torch.randn(2, 77, ONE_LEVEL_SD1.unet.context_dim, generator=gen)
     with torch.inference_mode():
         want = pipe.unet.eager_forward(x, t, context)
         got = pipe.unet(x, t, context)

@@ -7,8 +7,6 @@ The same seed gives the same image on the GPU as on the CPU (noise is drawn on t
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -16,15 +14,10 @@ import torch
 import ldm_cli
 from ldm_cli.compile_unet import unavailable_reason
 from ldm_cli.config import TINY_SD1
-from ldm_cli.testing import random_checkpoint
+from ldm_cli.testing import ONE_LEVEL_SD1, random_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
-ONE_LEVEL = TINY_SD1.with_(
-    unet=replace(
-        TINY_SD1.unet, channel_mult=(1,), attention_resolutions=(1,), transformer_depth=(1,)
-    )
-)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_level(tmp_path_factory):
-    return random_checkpoint(ONE_LEVEL, tmp_path_factory.mktemp("m") / "one.safetensors", seed=4)
+    return random_checkpoint(
+        ONE_LEVEL_SD1, tmp_path_factory.mktemp("m") / "one.safetensors", seed=4
+    )
 
 
 def _image(pipe, **options) -> np.ndarray:
@@ -59,7 +54,7 @@ def test_cuda_graph_replays_equal_eager_calls(one_level):
     pipe = ldm_cli.load(one_level, device="cuda", dtype="fp32", cuda_graphs=True)
     gen = torch.Generator().manual_seed(0)
     h, w = pipe.latent_shape(64, 64)[2:]
-    context = torch.randn(2, 77, ONE_LEVEL.unet.context_dim, generator=gen).to(CUDA)
+    context = torch.randn(2, 77, ONE_LEVEL_SD1.unet.context_dim, generator=gen).to(CUDA)
     inputs = [(torch.randn(2, 4, h, w, generator=gen).to(CUDA), float(t)) for t in (999, 500, 1)]
     with torch.inference_mode():
         outs = [pipe.unet(x, torch.full((2,), t, device=CUDA), context) for x, t in inputs]
