@@ -349,6 +349,8 @@ def main() -> None:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
     args.cache.mkdir(parents=True, exist_ok=True)
     file_dtypes = args.file_dtypes.split(",")
