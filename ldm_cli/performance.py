@@ -43,7 +43,8 @@ def load_prepared(
             "layer inside the U-Net); use --offload model"
         )
     if compile and low_memory:
-        raise UserError("--low-memory does not work with --compile; use one of them")
+        flag = "--cuda-graphs" if cuda_graphs else "--compile"
+        raise UserError(f"--low-memory does not work with {flag}; use one of them")
     if compile:
         from .compile_unet import check_compile
 

@@ -85,13 +85,17 @@ def test_cuda_graphs_need_a_cuda_device(one_level):
     assert "--cuda-graphs" in ldm("img2img", "--help").stdout
 
 
-def test_cuda_graphs_and_offload_are_refused_before_loading(tmp_path):
+def test_cuda_graphs_clashes_are_refused_before_loading(tmp_path):
     from ldm_cli.performance import load_prepared
 
     missing = tmp_path / "never-read.safetensors"  # the error must come before any read
     with pytest.raises(UserError, match="--cuda-graphs does not work with --offload"):
         load_prepared(
             missing, torch.device("cuda"), torch.float16, offload="model", cuda_graphs=True
+        )
+    with pytest.raises(UserError, match="--low-memory does not work with --cuda-graphs"):
+        load_prepared(
+            missing, torch.device("cuda"), torch.float32, low_memory=True, cuda_graphs=True
         )
 
 
