@@ -7,9 +7,9 @@ Two kinds of weight go this way (`sliced`):
   own blocked layout, in scratch memory, at every call: 113 MB for SD 1.5's largest (1280 x
   2560 x 3 x 3), allocated in the middle of a step. With the `ldm` allocator settings freed
   memory stays in the process, and those scratch blocks, placed wherever they fit, left the
-  heap 90 MB larger than it needed to be: SD 1.5 from its fp32 file at 256x256, peak RSS
-  4184 -> 4096 MiB (measured with a malloc shim that logs each growth of the heap), steps as
-  fast (1.20-1.25 against 1.14-1.15 s at 256x256, 4.43-4.83 against 4.49-4.76 s at 512x512).
+  heap about 90 MB larger than it needed to be (found by logging each growth of the heap with
+  a malloc shim): SD 1.5 from its fp32 file at 256x256, peak RSS 4070-4126 -> 4013-4033 MiB,
+  steps as fast (1.20-1.26 -> 1.15-1.20 s; 512x512 alike within noise).
 
 Each output channel is the same sum of products as without slicing; only the kernels' blocking
 may differ, so results agree to float rounding.
