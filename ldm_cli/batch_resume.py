@@ -287,7 +287,7 @@ def _save(results, total: int, out: Path, base: int) -> list[Path]:
             text = image.info.get("parameters", p.parameters)
             with interrupt_after():
                 path = save_png_numbered(image, out, base + p.index, req.seed, req.prompt, text)
-                print(path, flush=True)
+                outputs.print_written(path)
             written.append(path)
             bar.advance(images_task)
     return written

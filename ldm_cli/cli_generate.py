@@ -338,7 +338,7 @@ def save_all(results, total_images: int, out: Path) -> None:
 
     from .batch_resume import check_output_dir, only_main_process
     from .interrupts import interrupt_after
-    from .outputs import save_png_atomic
+    from .outputs import print_written, save_png_atomic
 
     check_output_dir(out)  # before anything is rendered
     if not only_main_process():  # under `accelerate launch`: not shared, the main one does it
@@ -360,5 +360,5 @@ def save_all(results, total_images: int, out: Path) -> None:
         for req, image in results(on_step):
             with interrupt_after():
                 path = save_png_atomic(image, out, req.seed, req.prompt, image.info["parameters"])
-                print(path, flush=True)
+                print_written(path)
             bar.advance(images_task)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -197,3 +198,11 @@ def save_png_atomic(
         temporary.unlink(missing_ok=True)
     _sync_directory(out_dir)
     return target
+
+
+def print_written(path: Path) -> None:
+    """Print a written image's path on a line of its own, in one write: processes that share
+    a run (`accelerate launch` starts them with `python -u`, so print's two writes are two
+    system calls) would otherwise split each other's lines between a path and its newline."""
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()

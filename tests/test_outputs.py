@@ -179,3 +179,24 @@ def test_metadata_modules_do_not_import_torch():
         "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_written_paths_are_printed_in_one_write(monkeypatch, tmp_path):
+    """Two processes sharing a run (`python -u` children under `accelerate launch`) write to one
+    pipe: a path and its newline in separate writes let another path in between."""
+    import io
+    import sys
+
+    from ldm_cli.outputs import print_written
+
+    class Unbuffered(io.StringIO):
+        writes: list[str] = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return super().write(s)
+
+    out = Unbuffered()
+    monkeypatch.setattr(sys, "stdout", out)
+    print_written(tmp_path / "00001-5-a-cat.png")
+    assert out.writes == [f"{tmp_path / '00001-5-a-cat.png'}\n"]
