@@ -3,6 +3,7 @@ on so far): `scripts/gpu-check.sh` runs them on a lent GPU machine together with
 
 The same seed gives the same image on the GPU as on the CPU (noise is drawn on the CPU), and
 `--cuda-graphs` replays give the eager U-Net's outputs, each call's kept intact by the next.
+The tolerances have not been measured yet (no GPU so far): the first run should set them.
 """
 
 from __future__ import annotations
