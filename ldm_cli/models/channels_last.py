@@ -57,7 +57,8 @@ DECODER_PREFIX = "first_stage_model.decoder."
 
 def stored_channels_last(key: str, shape: tuple[int, ...], target: torch.dtype) -> bool:
     """Whether the loader should write checkpoint tensor `key` channels-last when it converts it
-    to `target` on the CPU: a decoder conv weight that the NHWC decode would copy anyway."""
+    to `target` on the CPU: a decoder conv weight that the NHWC decode reads (free while it is
+    converted anyway; the decode needs no such copy of weights used in place)."""
     if default_layout() != "nhwc" or target != torch.float32 or not key.startswith(DECODER_PREFIX):
         return False
     return key.endswith(".weight") and len(shape) == 4 and tuple(shape[-2:]) != (1, 1)
