@@ -22,7 +22,6 @@ from .cli_performance import (
 )
 from .cli_vae import VAE_TILING
 from .errors import UserError
-from .model_hash import hash_in_background
 
 DTYPE_HELP = (
     "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16. On CPUs with AVX512-BF16 or AMX, "
@@ -167,12 +166,11 @@ def generate(
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
     check_model_options(prediction, clip_skip)
-    performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory, cuda_graphs,
+    performance = Performance.checked(
+        model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
+        vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
+        low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
-    performance.check()
-    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     from .batch_resume import check_output_dir
 
     check_output_dir(out)

@@ -24,7 +24,6 @@ from .cli_performance import (
     Performance,
 )
 from .cli_vae import VAE_TILING
-from .model_hash import hash_in_background
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -123,12 +122,11 @@ def img2img(
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory, cuda_graphs,
+    performance = Performance.checked(
+        model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
+        vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
+        low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
-    performance.check()
-    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength)
     from .image_inputs import load_image
 
@@ -206,12 +204,11 @@ def inpaint(
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory, cuda_graphs,
+    performance = Performance.checked(
+        model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
+        vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
+        low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
-    performance.check()
-    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength, mask_blur, full_res_padding)
     if (width or height) and not full_res:
         from .errors import UserError
@@ -272,12 +269,11 @@ def outpaint(
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
-    performance = Performance(
-        use_compile, offload, preview, preview_every, vae_tiling, deep_cache, token_merging,
-        low_memory, cuda_graphs,
+    performance = Performance.checked(
+        model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
+        vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
+        low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
-    performance.check()
-    hash_in_background(model)  # while torch imports (ldm_cli.model_hash)
     _check_image_options(strength, mask_blur)
     from .inpaint_regions import outpaint_inputs
 

@@ -72,7 +72,7 @@ PREVIEW_EVERY = typer.Option(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Performance:
     """The options' values; `check` runs before torch is imported, `load` opens the model."""
 
@@ -86,6 +86,17 @@ class Performance:
     token_merging: float = 0.0
     low_memory: bool | None = None
     cuda_graphs: bool = False
+
+    @classmethod
+    def checked(cls, model: Path | None, **values) -> Performance:
+        """The options of a command, checked; the model file starts hashing while torch
+        imports (ldm_cli.model_hash)."""
+        performance = cls(**values)
+        performance.check()
+        from .model_hash import hash_in_background
+
+        hash_in_background(model)
+        return performance
 
     def check(self) -> None:
         from .deep_cache import check_deep_cache

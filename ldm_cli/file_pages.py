@@ -48,6 +48,6 @@ def drop_file_pages(t: torch.Tensor) -> int:
     if owns_its_bytes(t):
         return 0
     start = t.data_ptr()
-    if not file_mapped(start, start + t.numel() * t.element_size()):
+    if not file_mapped(start, start + t.nbytes):
         return 0
     return discard_pages(t)

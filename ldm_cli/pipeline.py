@@ -137,7 +137,7 @@ class Pipeline:
         shape, factor, itemsize = latents.shape, self.latent_factor, self.dtype.itemsize
         largest = decode_largest_activation(self.config.vae, shape, factor, itemsize)
         owned = [p for p in self.model.unet.parameters() if owns_its_bytes(p)]
-        weights = max((p.numel() * p.element_size() for p in owned), default=0)
+        weights = max((p.nbytes for p in owned), default=0)
         room = decode_room(self.config.vae, shape, factor, itemsize)
         self.release("unet", room, reuse=largest < weights)
 

@@ -62,7 +62,7 @@ def discard_pages(t: torch.Tensor) -> int:
     madvise = _madvise()
     if madvise is None or t.device.type != "cpu" or t.is_meta or not t.is_contiguous():
         return 0
-    start, stop = whole_pages(t.data_ptr(), t.numel() * t.element_size())
+    start, stop = whole_pages(t.data_ptr(), t.nbytes)
     if stop <= start or madvise(start, stop - start, _MADV_DONTNEED) != 0:
         return 0
     return stop - start
@@ -80,7 +80,7 @@ def owns_its_bytes(t: torch.Tensor) -> bool:
     if t.device.type != "cpu" or t.is_meta:
         return False
     storage = t.untyped_storage()
-    return storage.resizable() and storage.nbytes() == t.numel() * t.element_size()
+    return storage.resizable() and storage.nbytes() == t.nbytes
 
 
 def release_module(module: nn.Module, room: int | None = None, reuse: bool = False) -> int:
@@ -93,7 +93,7 @@ def release_module(module: nn.Module, room: int | None = None, reuse: bool = Fal
     if not releasable(module):
         return 0
     tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}  # tied: once
-    order = sorted(tensors.values(), key=_nbytes, reverse=True)
+    order = sorted(tensors.values(), key=lambda t: t.nbytes, reverse=True)
     if reuse:  # what the allocator can reuse first, then views of the file
         order.sort(key=lambda t: not owns_its_bytes(t))  # stable: by size within each
     freed, held = 0, []
@@ -102,7 +102,7 @@ def release_module(module: nn.Module, room: int | None = None, reuse: bool = Fal
             if room is not None and freed >= room:
                 held.append(t)  # resident
             elif reuse and owns_its_bytes(t):
-                freed += _nbytes(t)  # into the allocator, by the move to meta below
+                freed += t.nbytes  # into the allocator, by the move to meta below
             else:
                 freed += discard_pages(t)
                 # its allocation stays taken: were it freed, the allocator would hand its
@@ -111,10 +111,6 @@ def release_module(module: nn.Module, room: int | None = None, reuse: bool = Fal
     module._held_until_exit = held
     module.to("meta")
     return freed
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 # The VAE decoder's working set measured 3-5 times its largest activation (SD 1.5, 256-512 px

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ldm_cli.bench.__main__ import compare, ratio_cell, run_order
+from ldm_cli.bench.__main__ import run_order
+from ldm_cli.bench.report import compare, ratio_cell
 
 
 def test_each_repeat_starts_with_another_tool():
@@ -26,7 +27,7 @@ def test_ratio_is_the_median_of_paired_ratios():
 
 
 def test_compiled_variants_are_tabled_against_eager():
-    from ldm_cli.bench.__main__ import compiled_lines
+    from ldm_cli.bench.report import compiled_lines
 
     def run(step, decode, total):
         return {"unet_step_s": step, "decode_s": decode, "end_to_end_s": total}
@@ -38,3 +39,22 @@ def test_compiled_variants_are_tabled_against_eager():
     assert lines[4] == "| U-Net per step (s) | 0.055 (0.50) | 0.110 |"
     assert lines[6].startswith("| end to end (s) | 30.500 (3.")  # compilation counts here
     assert lines[-2] == "Max pixel difference from eager: ldm-cuda-graphs 1/255."
+
+
+def test_size_table_shows_ratios_and_achieved_gflops():
+    from ldm_cli.bench.report import METRICS, size_table
+
+    def run(scale):
+        return {key: scale * (i + 1) for i, (key, _) in enumerate(METRICS)}
+
+    lines = size_table("## 256x256, fp32 file", [run(1.0)], [run(2.0)], (800.0, 600.0), 170.0, 1)
+    assert lines[:4] == [
+        "## 256x256, fp32 file",
+        "",
+        "| metric | ldm | diffusers | ldm / diffusers |",
+        "|---|---|---|---|",
+    ]
+    assert lines[4] == "| load (s) | 1.00 | 2.00 | 0.50 |"
+    # the U-Net step took 3 s (ours) and 6 s: 800 GFLOP over each
+    assert lines[4 + len(METRICS)] == "| U-Net step GFLOP/s (800 GFLOP) | 267 | 133 | peak 170 |"
+    assert lines[-2] == "Same image: max pixel difference 1/255."

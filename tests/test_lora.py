@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import ldm_cli
 from ldm_cli.config import TINY_SD1, TINY_SD2, TINY_SDXL
 from ldm_cli.errors import UserError
-from ldm_cli.lora import LoraTag, parse_lora_option, parse_tags
 from ldm_cli.lora_keys import UNET_ROOT, diffusers_unet_path, layer_table
+from ldm_cli.lora_tags import LoraTag, parse_lora_option, parse_tags
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.testing import random_checkpoint, randomize_
 from tests.reference_configs import diffusers_unet_config, diffusers_vae_config
@@ -612,7 +612,7 @@ def test_sdxl_kohya_lora_equals_diffusers(tmp_path):
 
 
 def test_lora_hash_is_a1111s(tmp_path):
-    from ldm_cli.lora import lora_hash
+    from ldm_cli.lora_files import lora_hash
 
     tensors = {"lora_te_x.lora_down.weight": torch.ones(1, 2)}
     plain = tmp_path / "plain.safetensors"

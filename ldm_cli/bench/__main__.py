@@ -19,20 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+
+from ldm_cli.bench.report import (
+    compiled_lines,
+    max_pixel_diff,
+    repeats_note,
+    size_table,
+    winograd_lines,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference" / "sd15"
-METRICS = [
-    ("load_s", "load (s)"),
-    ("encode_s", "text encoding (s)"),
-    ("unet_step_s", "U-Net per step (s)"),
-    ("decode_s", "VAE decode (s)"),
-    ("end_to_end_s", "end to end (s)"),
-    ("peak_rss_mb", "peak RSS (MiB)"),
-]
 
 
 # the real v1-5-pruned-emaonly.safetensors holds fp32 weights, its "-fp16" sibling fp16
@@ -180,12 +178,6 @@ def wall(cmd: list[str], reps: int) -> float:
     return statistics.median(times)
 
 
-def max_pixel_diff(a: Path, b: Path) -> int:
-    x = np.asarray(Image.open(a).convert("RGB"), dtype=int)
-    y = np.asarray(Image.open(b).convert("RGB"), dtype=int)
-    return int(np.abs(x - y).max())
-
-
 def startup_lines() -> list[str]:
     """`ldm --help` and the embedded default model, process start to PNG."""
     from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
@@ -225,72 +217,11 @@ def run_order(tools: list[str], repeat: int) -> list[str]:
     return tools[shift:] + tools[:shift]
 
 
-def compare(a: list[dict], b: list[dict], key: str) -> dict:
-    """Medians of a metric over the repeats, and the median and range of the per-repeat ratios
-    a/b: runs of the same repeat are minutes apart, so their ratio cancels slow drift."""
-    ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True)]
-    return {
-        "a": statistics.median(x[key] for x in a),
-        "b": statistics.median(y[key] for y in b),
-        "ratio": statistics.median(ratios),
-        "low": min(ratios),
-        "high": max(ratios),
-    }
-
-
-def ratio_cell(c: dict) -> str:
-    spread = f" ({c['low']:.2f}-{c['high']:.2f})" if c["low"] != c["high"] else ""
-    return f"{c['ratio']:.2f}{spread}"
-
-
-def winograd_lines(wino: list[dict], plain: list[dict], diff: int) -> list[str]:
-    """ldm with and without its Winograd convolutions, from fresh processes."""
-    rows = [
-        "ldm with Winograd F(2x2, 3x3) convolutions against ldm with F.conv2d everywhere:",
-        "",
-        "| metric | Winograd | F.conv2d | ratio |",
-        "|---|---|---|---|",
-    ]
-    for key, label in METRICS[2:5]:
-        c = compare(wino, plain, key)
-        rows.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {ratio_cell(c)} |")
-    return [*rows, "", f"Max pixel difference between the two: {diff}/255.", ""]
-
-
-def compiled_lines(variants: dict[str, list[dict]], eager: list[dict], diffs: dict) -> list[str]:
-    """ldm compiled (--compile, --cuda-graphs) against ldm eager, from fresh processes: the
-    first step, which compiles, is left out of the per-step time but not of end to end."""
-    rows = [
-        "ldm compiled against ldm eager (ratio: compiled / eager):",
-        "",
-        "| metric | " + " | ".join(variants) + " | eager |",
-        "|---|" + "---|" * (len(variants) + 1),
-    ]
-    for key, label in METRICS[2:5]:
-        cells = []
-        for runs in variants.values():
-            c = compare(runs, eager, key)
-            cells.append(f"{c['a']:.3f} ({ratio_cell(c)})")
-        eager_s = statistics.median(r[key] for r in eager)
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {eager_s:.3f} |")
-    same = ", ".join(f"{tool} {d}/255" for tool, d in diffs.items())
-    return [*rows, "", f"Max pixel difference from eager: {same}.", ""]
-
-
 def ablation_tool() -> str:
     """The worker that runs ldm with Winograd flipped from this CPU's default."""
     from ldm_cli.models.winograd_conv import default_mode
 
     return "ldm-conv2d" if default_mode() == "auto" else "ldm-winograd"
-
-
-def repeats_note(repeats: int) -> str:
-    if repeats <= 1:
-        return ""
-    return (
-        f", {repeats} times interleaved (medians; ratio: median and range of the {repeats} "
-        "per-repeat ratios)"
-    )
 
 
 def main() -> None:
@@ -388,26 +319,8 @@ def main() -> None:
                     results[tool].append(worker(tool, model, *run, pngs[tool], device, dtype))
             ours, ref = results["ldm"], results["diffusers"]
             diff = max_pixel_diff(pngs["ldm"], pngs["diffusers"])
-            unet_gf, vae_gf = model_gflop(size)
-            lines += [
-                f"## {size}x{size}, {file_dtype} file",
-                "",
-                "| metric | ldm | diffusers | ldm / diffusers |",
-                "|---|---|---|---|",
-            ]
-            for key, label in METRICS:
-                c = compare(ours, ref, key)
-                lines.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {ratio_cell(c)} |")
-            for name, gf, key in (
-                ("U-Net step", unet_gf, "unet_step_s"),
-                ("VAE decode", vae_gf, "decode_s"),
-            ):
-                c = compare(ours, ref, key)
-                lines.append(
-                    f"| {name} GFLOP/s ({gf:.0f} GFLOP) | {gf / c['a']:.0f} | "
-                    f"{gf / c['b']:.0f} | peak {peak:.0f} |"
-                )
-            lines += ["", f"Same image: max pixel difference {diff}/255.", ""]
+            title = f"## {size}x{size}, {file_dtype} file"
+            lines += size_table(title, ours, ref, model_gflop(size), peak, diff)
             if ablation:
                 wino_diff = max_pixel_diff(pngs["ldm"], pngs[ablation])
                 other = results[ablation]

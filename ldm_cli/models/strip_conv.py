@@ -32,7 +32,7 @@ def use_strips(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Inference on a big 4-d input, with a plain 3x3 stride-1 padding-1 conv."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() != 4:
         return False
-    if x[0].numel() * x.element_size() < MIN_BYTES:
+    if x[0].nbytes < MIN_BYTES:
         return False
     plain = conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
     return plain and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
@@ -40,7 +40,7 @@ def use_strips(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 def rows_within(x: torch.Tensor, budget: int) -> int:
     """How many rows of `x` (all images and channels) fit in `budget` bytes; at least one."""
-    return max(1, budget // (x[:, :, :1].numel() * x.element_size()))
+    return max(1, budget // (x[:, :, :1].nbytes))
 
 
 def strip_rows(x: torch.Tensor) -> int:

@@ -37,7 +37,7 @@ def sliced(weight: torch.Tensor, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return weight.numel() * weight.element_size() > CHUNK_BYTES
+    return weight.nbytes > CHUNK_BYTES
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs):

@@ -58,7 +58,8 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.detect import is_upscaler_unet
     from ldm_cli.training import text_stage, unet_stage, vae_stage
     from ldm_cli.training.dataset import load_captioned_images
-    from ldm_cli.training.loop import is_main_process, merge_json, wait_for_everyone
+    from ldm_cli.training.loop import is_main_process, wait_for_everyone
+    from ldm_cli.training.run_log import merge_json
 
     if is_upscaler_unet(plan.config.unet):
         from ldm_cli.training.upscaler_run import run_upscaler_training

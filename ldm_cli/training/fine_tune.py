@@ -30,7 +30,7 @@ class FineTuneBase:
         """Note the base in metrics.json and put its CLIP image tower (for `ldm eval`), if it
         has one, into the run folder, where a run trained from scratch keeps its own."""
         from ldm_cli.evaluation.clip_score import find_clip_tower
-        from ldm_cli.training.loop import merge_json
+        from ldm_cli.training.run_log import merge_json
         from ldm_cli.training.text_stage import TOWER_FILE
 
         tower = find_clip_tower(self.path)

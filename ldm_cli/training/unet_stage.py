@@ -29,12 +29,12 @@ from ldm_cli.training.loop import (
     StageSettings,
     StepRandom,
     is_main_process,
-    merge_json,
     note,
     stage_dir,
     train_stage,
     wait_for_everyone,
 )
+from ldm_cli.training.run_log import merge_json
 from ldm_cli.training.text_stage import tokenize
 from ldm_cli.training.vae_stage import encode_means, save_grid
 

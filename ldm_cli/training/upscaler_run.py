@@ -65,7 +65,8 @@ def load_base(path: Path | None):
 def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.training import upscaler_stage
     from ldm_cli.training.dataset import load_captioned_images
-    from ldm_cli.training.loop import is_main_process, merge_json, note, wait_for_everyone
+    from ldm_cli.training.loop import is_main_process, note, wait_for_everyone
+    from ldm_cli.training.run_log import merge_json
     from ldm_cli.training.unet_stage import assemble_model
 
     loop = plan.loop

@@ -29,11 +29,11 @@ from ldm_cli.training.loop import (
     StageSettings,
     StepRandom,
     is_main_process,
-    merge_json,
     stage_dir,
     train_stage,
     wait_for_everyone,
 )
+from ldm_cli.training.run_log import merge_json
 
 STAGE = "vae"
 WEIGHTS_FILE = "weights.safetensors"
