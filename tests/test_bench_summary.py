@@ -44,8 +44,10 @@ def test_compiled_variants_are_tabled_against_eager():
 def test_size_table_shows_ratios_and_achieved_gflops():
     from ldm_cli.bench.report import METRICS, size_table
 
+    cpu_metrics = [key for key, _ in METRICS if key != "peak_gpu_mb"]
+
     def run(scale):
-        return {key: scale * (i + 1) for i, (key, _) in enumerate(METRICS)}
+        return {key: scale * (i + 1) for i, key in enumerate(cpu_metrics)}
 
     lines = size_table("## 256x256, fp32 file", [run(1.0)], [run(2.0)], (800.0, 600.0), 170.0, 1)
     assert lines[:4] == [
@@ -56,5 +58,8 @@ def test_size_table_shows_ratios_and_achieved_gflops():
     ]
     assert lines[4] == "| load (s) | 1.00 | 2.00 | 0.50 |"
     # the U-Net step took 3 s (ours) and 6 s: 800 GFLOP over each
-    assert lines[4 + len(METRICS)] == "| U-Net step GFLOP/s (800 GFLOP) | 267 | 133 | peak 170 |"
+    assert "| peak RSS (MiB) | 6.00 | 12.00 | 0.50 |" in lines
+    assert not any("GPU" in line for line in lines)  # measured on CUDA only
+    gflops = "| U-Net step GFLOP/s (800 GFLOP) | 267 | 133 | peak 170 |"
+    assert lines[4 + len(cpu_metrics)] == gflops
     assert lines[-2] == "Same image: max pixel difference 1/255."

@@ -16,6 +16,7 @@ METRICS = [
     ("decode_s", "VAE decode (s)"),
     ("end_to_end_s", "end to end (s)"),
     ("peak_rss_mb", "peak RSS (MiB)"),
+    ("peak_gpu_mb", "peak GPU memory (MiB)"),  # CUDA only: torch's allocator, both tools
 ]
 
 
@@ -89,6 +90,8 @@ def size_table(
     of the U-Net step and the VAE decode (`gflop`: their work) against the matmul `peak`."""
     lines = [title, "", "| metric | ldm | diffusers | ldm / diffusers |", "|---|---|---|---|"]
     for key, label in METRICS:
+        if key not in ours[0]:
+            continue
         c = compare(ours, ref, key)
         lines.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {ratio_cell(c)} |")
     for name, gf, key in (

@@ -165,6 +165,10 @@ def main() -> None:
         "end_to_end_s": t["written"] - t0,
         "peak_rss_mb": _peak_rss_mb(),
     }
+    if args.device == "cuda":
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
 
 
