@@ -22,6 +22,7 @@ from .cli_performance import (
 )
 from .cli_vae import VAE_TILING
 from .errors import UserError
+from .limits import check_count, check_seed, check_side, check_steps, seed_option
 
 DTYPE_HELP = (
     "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16. On CPUs with AVX512-BF16 or AMX, "
@@ -60,6 +61,14 @@ CLIP_SKIP_HELP = (
 )
 
 
+SEED = typer.Option(
+    None,
+    "--seed",
+    help="Seed of the first image; image k uses seed+k. Random if omitted or -1.",
+    callback=seed_option,
+)
+
+
 def generate(
     prompt: str | None = typer.Argument(
         None, help="The prompt (or use --prompts-file / --from-png)."
@@ -74,9 +83,7 @@ def generate(
         help="Classifier-free guidance scale (default: the checkpoint's own, else 7.5); 1 "
         "skips the unconditional pass.",
     ),
-    seed: int | None = typer.Option(
-        None, "--seed", help="Seed of the first image; image k uses seed+k. Random if omitted."
-    ),
+    seed: int | None = SEED,
     sampler: str = typer.Option(
         "euler_a",
         "--sampler",
@@ -164,8 +171,10 @@ def generate(
     token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
-    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
     check_model_options(prediction, clip_skip)
+    check_side(width, "--width")
+    check_side(height, "--height")
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -224,8 +233,8 @@ def generate(
             seed=o.get("seed", base_seed),
             sampler=o.get("sampler", sampler),
             scheduler=o.get("scheduler", scheduler),
-            width=o.get("width", width or size),
-            height=o.get("height", height or size),
+            width=o.get("width", size if width is None else width),
+            height=o.get("height", size if height is None else height),
             rescale_cfg=o.get("rescale_cfg", rescale_cfg),
             **{name: o.get(name, value) for name, value in performance.speedups().items()},
         )
@@ -235,16 +244,19 @@ def generate(
     _run(pipe, batches, out, hires, resume)
 
 
-def check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype) -> None:
+def check_options(
+    sampler, scheduler, steps, batch_size, num_images, device, dtype, seed=None
+) -> None:
     if sampler not in SAMPLER_HELP:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_HELP)}")
     if scheduler not in SCHEDULER_NAMES:
         names = ", ".join(SCHEDULER_NAMES)
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {names}")
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    if batch_size < 1 or num_images < 1:
-        raise UserError("--batch-size and --num-images must be at least 1")
+    check_steps(steps)
+    check_count(num_images, "--num-images")
+    check_count(batch_size, "--batch-size")
+    if seed is not None:
+        check_seed(seed, num_images)
     if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or mps")
     if dtype not in ("auto", "fp32", "fp16", "bf16"):

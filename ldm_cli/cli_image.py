@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_generate import DTYPE_HELP, SAMPLER_HELP, SCHEDULER_HELP, check_options, save_all
+from .cli_generate import DTYPE_HELP, SAMPLER_HELP, SCHEDULER_HELP, SEED, check_options, save_all
 from .cli_networks import EMBEDDINGS, LORA, LORA_DIR, configure
 from .cli_performance import (
     COMPILE,
@@ -24,6 +24,7 @@ from .cli_performance import (
     Performance,
 )
 from .cli_vae import VAE_TILING
+from .limits import MAX_SIDE
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -36,9 +37,6 @@ CFG = typer.Option(
     "--cfg",
     help="Classifier-free guidance scale (default: the checkpoint's own, else 7.5); 1 skips "
     "the unconditional pass.",
-)
-SEED = typer.Option(
-    None, "--seed", help="Seed of the first image; image k uses seed+k. Random if omitted."
 )
 SAMPLER = typer.Option(
     "euler_a",
@@ -121,7 +119,7 @@ def img2img(
     token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
-    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -203,7 +201,7 @@ def inpaint(
     token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
-    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -268,7 +266,7 @@ def outpaint(
     token_merging: float = TOKEN_MERGING,
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
-    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype)
+    check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -317,13 +315,18 @@ def _inpaint_and_save(
     save_all(results, num_images, out)
 
 
+MAX_MASK_BLUR = 256  # pixels; A1111 offers up to 64
+
+
 def _check_image_options(strength: float, mask_blur: int = 0, padding: int = 0) -> None:
     """Option checks that run before torch is imported, so bad input fails fast."""
     from .errors import UserError
 
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1, got {strength}")
-    if mask_blur < 0:
-        raise UserError(f"--mask-blur must be at least 0, got {mask_blur}")
-    if padding < 0:
-        raise UserError(f"--inpaint-full-res-padding must be at least 0, got {padding}")
+    if not 0 <= mask_blur <= MAX_MASK_BLUR:
+        raise UserError(f"--mask-blur must be between 0 and {MAX_MASK_BLUR}, got {mask_blur}")
+    if not 0 <= padding <= MAX_SIDE:
+        raise UserError(
+            f"--inpaint-full-res-padding must be between 0 and {MAX_SIDE}, got {padding}"
+        )

@@ -113,10 +113,9 @@ class Performance:
         if self.preview_every < 1:
             raise UserError(f"--preview-every must be at least 1, got {self.preview_every}")
         if self.preview is not None:
-            if self.preview.is_dir():
-                raise UserError(f"--preview {self.preview} is a folder; give a file name")
-            if not self.preview.parent.is_dir():
-                raise UserError(f"--preview: folder {self.preview.parent} does not exist")
+            from .preview_file import check_preview_path
+
+            check_preview_path(self.preview)
 
     def speedups(self) -> dict:
         """The Request fields of the opt-in, image-changing speed-ups."""

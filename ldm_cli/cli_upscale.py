@@ -8,10 +8,11 @@ from pathlib import Path
 
 import typer
 
-from .cli_generate import SAMPLER_HELP, check_options, save_all
-from .cli_image import DEVICE, DTYPE, NEGATIVE, NUM_IMAGES, OUT, SCHEDULER, SEED
+from .cli_generate import SAMPLER_HELP, SEED, check_options, save_all
+from .cli_image import DEVICE, DTYPE, NEGATIVE, NUM_IMAGES, OUT, SCHEDULER
 from .cli_vae import VAE_TILING, check_vae_tiling
 from .errors import UserError
+from .limits import MAX_SIDE
 from .model_hash import hash_in_background
 
 # The same numbers as ldm_cli.upscale (which imports torch); tests/test_cli_upscale.py checks.
@@ -70,12 +71,12 @@ def upscale(
     vae_tiling: str = VAE_TILING,
 ) -> None:
     """Upscale an image 4x with an x4 upscaler and write PNGs with their parameters embedded."""
-    check_options(sampler, scheduler, steps, 1, num_images, device, dtype)
+    check_options(sampler, scheduler, steps, 1, num_images, device, dtype, seed)
     check_vae_tiling(vae_tiling)
     if not 0 <= noise_level <= MAX_NOISE_LEVEL:
         raise UserError(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, got {noise_level}")
-    if tile_size < 0 or (tile_overlap is not None and tile_overlap < 0):
-        raise UserError("--tile-size and --tile-overlap must be at least 0")
+    if not 0 <= tile_size <= MAX_SIDE or not 0 <= (tile_overlap or 0) <= MAX_SIDE:
+        raise UserError(f"--tile-size and --tile-overlap must be between 0 and {MAX_SIDE}")
     from .embedded import default_upscaler_path
     from .image_inputs import load_image
 

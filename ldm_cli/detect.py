@@ -7,12 +7,14 @@ metadata (`ldm_config`), which settles the few numbers shapes cannot tell (atten
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, fields, is_dataclass, replace
 
 from .checkpoint_file import CheckpointHeader
 from .config import X4_UPSCALER, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig
 from .errors import UserError
+from .limits import MAX_SIDE
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -202,7 +204,7 @@ def config_from_json(text: str, header: CheckpointHeader | None = None) -> Model
     where = header.path.name if header else "config"
     try:
         raw = json.loads(text)
-        return ModelConfig(
+        cfg = ModelConfig(
             family=raw["family"],
             unet=_dataclass_from(UNetConfig, raw["unet"]),
             vae=_dataclass_from(VAEConfig, raw["vae"]),
@@ -214,8 +216,30 @@ def config_from_json(text: str, header: CheckpointHeader | None = None) -> Model
             conditioner=bool(raw.get("conditioner", False)),
             text2=_dataclass_from(TextConfig, raw["text2"]) if raw.get("text2") else None,
         )
+        _check_config(cfg)
+        return cfg
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where}: invalid ldm_config metadata ({e})") from e
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    """The numbers of an ldm_config that shapes cannot check (ValueError naming the bad one)."""
+    if cfg.family not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {cfg.family!r}")
+    if cfg.prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be eps or v, got {cfg.prediction!r}")
+    size = cfg.default_size
+    if not 8 <= size <= MAX_SIDE or size % 8:
+        raise ValueError(f"default_size must be a multiple of 8 from 8 to {MAX_SIDE}, got {size}")
+    if not math.isfinite(cfg.default_cfg):
+        raise ValueError(f"default_cfg must be a finite number, got {cfg.default_cfg}")
+    sched = cfg.schedule
+    betas = (sched.beta_start, sched.beta_end)
+    if not all(isinstance(b, (int, float)) and 0 < b < 1 for b in betas):
+        raise ValueError(f"schedule betas must be numbers between 0 and 1, got {betas}")
+    steps = sched.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 100_000:
+        raise ValueError(f"num_train_timesteps must be a whole number from 2, got {steps!r}")
 
 
 def _dataclass_from(cls, raw: dict):

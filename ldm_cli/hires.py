@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .errors import UserError
+from .limits import check_steps
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline, Progress, Request
 
 UPSCALER = "Lanczos"
+MAX_SCALE = 8  # A1111 offers up to 4
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,14 @@ class HiresFix:
     steps: int | None = None  # None: the first pass's steps
 
     def __post_init__(self) -> None:
-        if not self.scale > 0:
-            raise UserError(f"--hires-scale must be positive, got {self.scale}")
+        if not 0 < self.scale <= MAX_SCALE:
+            raise UserError(
+                f"--hires-scale must be above 0 and at most {MAX_SCALE}, got {self.scale}"
+            )
         if not 0.0 <= self.strength <= 1.0:
             raise UserError(f"--hires-strength must be between 0 and 1, got {self.strength}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"--hires-steps must be at least 1, got {self.steps}")
+        if self.steps is not None:
+            check_steps(self.steps, "--hires-steps")
 
     def size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
         """width and height times the scale, rounded to the nearest multiple of `multiple`."""

@@ -10,6 +10,7 @@ from PIL import Image
 
 from .errors import UserError
 from .image_inputs import ImageInput, load_image
+from .limits import MAX_SIDE
 
 Box = tuple[int, int, int, int]
 
@@ -60,6 +61,11 @@ def extend_canvas(
             raise UserError(f"--{name} must be at least 0, got {value}")
     if not any(sides.values()):
         raise UserError("give at least one of --left, --right, --top, --bottom to outpaint")
+    width, height = image.width + left + right, image.height + top + bottom
+    if max(width, height) > MAX_SIDE:
+        raise UserError(
+            f"the outpainted canvas would be {width}x{height}; at most {MAX_SIDE} pixels a side"
+        )
     pixels = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.full(pixels.shape[:2], 255, dtype=np.uint8)
     mask[top : top + image.height, left : left + image.width] = 0

@@ -102,7 +102,13 @@ def load_model(
     (models/narrow_weights)."""
     header = path if isinstance(path, CheckpointHeader) else read_header(path)
     cfg = cfg or detect_config(header)
-    model = build_empty(cfg)
+    try:
+        model = build_empty(cfg)
+    except ValueError as error:  # shapes no real model of the family has (GroupNorm widths...)
+        raise UserError(
+            f"{header.path.name} does not match the detected architecture ({cfg.family}): "
+            f"{error} (a file of ldm's own needs the ldm_config metadata it was saved with)"
+        ) from None
     keys = check_keys(model, header)
     device = torch.device(device)
     if isinstance(header, PickledHeader):  # --allow-pickle: unpickled weights-only

@@ -19,11 +19,14 @@ nothing of previews.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+from .preview_file import PREVIEW_KEY, check_preview_path
 
 FIT_SIZE = 16  # latent cells per side of each fitting sample
 FIT_BLOCKS = 4  # flat colour blocks per side of each fitting image
@@ -78,10 +81,12 @@ def preview_image(x0: torch.Tensor, matrix: torch.Tensor) -> Image.Image:
 
 def write_png_atomic(image: Image.Image, path: Path) -> None:
     """Write under a temporary name in the same folder, then rename, so a viewer watching
-    `path` never reads a partial file."""
+    `path` never reads a partial file. The PNG is marked as a preview (preview_file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    marker = PngImagePlugin.PngInfo()
+    marker.add_text(PREVIEW_KEY, "1")
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=marker)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -100,9 +105,20 @@ class PreviewWriter:
         self.path = Path(path)
         self.every = every
         self.written = 0
+        self.failed = False
+        check_preview_path(self.path, "preview")  # never replaces a file it did not write
 
     def __call__(self, pipe, step: int, total: int, x0: torch.Tensor) -> None:
-        if step % self.every and step != total:
+        if self.failed or (step % self.every and step != total):
             return
-        write_png_atomic(preview_image(x0, pipe.preview_matrix), self.path)
+        try:
+            write_png_atomic(preview_image(x0, pipe.preview_matrix), self.path)
+        except OSError as error:  # a full disk or a folder gone: the run itself goes on
+            self.failed = True
+            reason = error.strerror or error
+            print(
+                f"warning: preview {self.path} not written ({reason}); previews stop",
+                file=sys.stderr,
+            )
+            return
         self.written += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 
+from .limits import check_count, check_seed, check_side, check_steps
 from .samplers import SAMPLERS
 
 
@@ -40,14 +41,16 @@ def check_request(req: Request, size_multiple: int) -> None:
     from .schedules import SPACINGS
     from .token_merging import check_token_merging
 
+    check_seed(req.seed, name="seed")
+    check_steps(req.steps, name="steps")
+    check_side(req.width, "width")
+    check_side(req.height, "height")
     m = size_multiple
-    if req.width % m or req.height % m or req.width <= 0 or req.height <= 0:
+    if req.width % m or req.height % m:
         raise UserError(
             f"size {req.width}x{req.height} is not supported: width and height must be "
             f"positive multiples of {m} for this model"
         )
-    if req.steps < 1:
-        raise UserError(f"steps must be at least 1, got {req.steps}")
     if not abs(req.cfg) < float("inf"):  # NaN or inf would only give a NaN image
         raise UserError(f"--cfg must be a finite number, got {req.cfg}")
     if not 0.0 <= req.rescale_cfg <= 1.0:
@@ -68,9 +71,11 @@ def random_seed() -> int:
 
 def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list[Request]]:
     """Image k of a run uses seed + k, whatever the batch size it is rendered in."""
+    check_count(num_images, "num_images")
+    check_count(batch_size, "batch_size")
+    check_seed(base.seed, num_images, name="seed")
     reqs = [replace(base, seed=base.seed + k) for k in range(num_images)]
-    step = max(1, batch_size)
-    return [reqs[i : i + step] for i in range(0, len(reqs), step)]
+    return [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
 
 
 __all__ = ["Request", "check_request", "random_seed", "seeded_batches"]

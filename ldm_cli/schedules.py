@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ldm_cli.config import ScheduleConfig
+from ldm_cli.errors import UserError
 
 SPACINGS: tuple[str, ...] = ("normal", "karras", "exponential", "simple", "sgm_uniform", "leading")
 
@@ -137,7 +138,10 @@ def _sgm_uniform(schedule: DiscreteSchedule, steps: int) -> tuple[torch.Tensor, 
 def _leading(schedule: DiscreteSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = schedule.num_train_timesteps
     if steps >= n:
-        raise ValueError(f"'leading' spacing needs fewer than {n} steps, got {steps}")
+        raise UserError(
+            f"the 'leading' schedule (ddim's and ddpm's default) takes at most {n - 1} steps, got "
+            f"{steps}; use fewer steps or another --scheduler"
+        )
     t = (torch.arange(steps, dtype=torch.float64) * (n // steps) + 1).flip(0)
     return schedule.sigmas.double()[t.long()], t
 

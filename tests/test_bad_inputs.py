@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm_cli.config import TINY_SD1
+from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm
 
@@ -78,6 +80,19 @@ def files(tmp_path_factory) -> dict[str, Path]:
     raw("garbage.ckpt", b"\x80\x02this is not a pickle" * 4)
     f["folder.safetensors"] = d / "folder.safetensors"
     f["folder.safetensors"].mkdir()
+    # the embedded model's widths (GroupNorm over 24 channels) without its ldm_config
+    f["no-config.safetensors"] = d / "no-config.safetensors"
+    save_file(load_file(WEIGHTS_DIR / DEFAULT_NAME), f["no-config.safetensors"])
+    with safe_open(str(tiny), "pt") as handle:
+        config = json.loads(handle.metadata()["ldm_config"])
+    for name, change in [
+        ("bad-prediction", {"prediction": "zzz"}),
+        ("bad-family", {"family": "sd99"}),
+        ("bad-betas", {"schedule": {"beta_start": "a"}}),
+        ("bad-size", {"default_size": -5}),
+    ]:
+        f[f"{name}.safetensors"] = d / f"{name}.safetensors"
+        save_file(state, f[f"{name}.safetensors"], {"ldm_config": json.dumps({**config, **change})})
     raw("unreadable.safetensors", data[:64])
     f["unreadable.safetensors"].chmod(0)
 
@@ -169,6 +184,16 @@ CHECKPOINTS = [
         ["not a readable PyTorch checkpoint"],
         2,
     ),
+    (
+        "no-config-tiny-widths",
+        ["--model", "@no-config.safetensors"],
+        ["num_groups", "ldm_config"],
+        2,
+    ),
+    ("config-prediction", ["--model", "@bad-prediction.safetensors"], ["prediction", "zzz"], 2),
+    ("config-family", ["--model", "@bad-family.safetensors"], ["unknown family", "sd99"], 2),
+    ("config-betas", ["--model", "@bad-betas.safetensors"], ["betas"], 2),
+    ("config-size", ["--model", "@bad-size.safetensors"], ["default_size", "-5"], 2),
 ]
 
 OPTIONS = [
@@ -181,7 +206,17 @@ OPTIONS = [
     ("zero-images", ["-N", "0"], ["--num-images"], 2),
     ("zero-batch", ["-b", "0"], ["--batch-size"], 2),
     ("width-not-multiple", ["--width", "70"], ["multiples of"], 2),
-    ("width-negative", ["--width", "-64"], ["multiples of"], 2),
+    ("width-negative", ["--width", "-64"], ["--width", "between 1 and 16384"], 2),
+    ("width-zero", ["--width", "0"], ["--width", "between 1 and 16384"], 2),
+    ("height-huge", ["-H", str(2**70)], ["--height", "between 1 and 16384"], 2),
+    ("steps-huge", ["--steps", str(10**20)], ["--steps", "between 1 and 10000"], 2),
+    ("seed-negative", ["--seed", "-2"], ["--seed", "between 0 and 2**64-1"], 2),
+    ("seed-too-big", ["--seed", str(2**64)], ["--seed", "between 0 and 2**64-1"], 2),
+    ("seed-plus-images", ["--seed", str(2**64 - 1), "-N", "2"], ["with 2 images"], 2),
+    ("many-images", ["-N", str(10**8)], ["--num-images", "between 1 and 100000"], 2),
+    ("leading-1000-steps", ["--sampler", "ddpm", "--steps", "1000"], ["at most 999 steps"], 2),
+    ("hires-scale-huge", ["--hires-scale", "1000"], ["--hires-scale", "at most 8"], 2),
+    ("hires-steps-huge", ["--hires-scale", "2", "--hires-steps", str(2**70)], ["--hires-steps"], 2),
     ("unknown-device", ["--device", "quantum"], ["--device"], 2),
     ("unknown-dtype", ["--dtype", "fp8"], ["--dtype"], 2),
     ("cfg-nan", ["--cfg", "nan"], ["--cfg", "finite"], 2),
@@ -267,6 +302,24 @@ def _cases():
     )
     yield pytest.param(
         ["outpaint", "@image.png", "a cat", *image], ["--left"], 2, id="outpaint-nothing"
+    )
+    yield pytest.param(
+        ["outpaint", "@image.png", "a cat", "--left", str(10**23), *image],
+        ["outpainted canvas", "at most 16384"],
+        2,
+        id="outpaint-huge",
+    )
+    yield pytest.param(
+        ["inpaint", "@image.png", "@black-mask.png", "a cat", "--mask-blur", str(2**70), *image],
+        ["--mask-blur", "between 0 and 256"],
+        2,
+        id="inpaint-mask-blur-huge",
+    )
+    yield pytest.param(
+        ["img2img", "@image.png", "a cat", "--seed", str(2**64), *image],
+        ["--seed", "between 0 and 2**64-1"],
+        2,
+        id="img2img-seed-too-big",
     )
     yield pytest.param(
         ["img2img", "@image.png", "a cat", "--model", "@model.ckpt", "--out", "OUT"],

@@ -113,3 +113,50 @@ def test_bad_preview_options_are_one_line_errors(command, options, message, tmp_
     proc = ldm(*command, *options, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+
+
+def test_preview_never_replaces_a_file_it_did_not_write(tiny, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), "red").save(photo)
+    before = photo.read_bytes()
+    for command in (["generate", "a cat"], ["img2img", str(photo), "a cat"]):
+        proc = ldm(
+            *command, "--model", str(tiny), "--steps", "2", "--out", str(tmp_path / "out"),
+            "--preview", str(photo), check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2
+        assert proc.stderr == (
+            f"error: --preview {photo} exists and is not an ldm preview; give a new file name "
+            "(a preview replaces only a preview)\n"
+        )
+        assert photo.read_bytes() == before
+        assert not (tmp_path / "out").exists()  # refused before anything ran
+    with pytest.raises(ldm_cli.errors.UserError, match="is not an ldm preview"):
+        PreviewWriter(photo)
+
+
+def test_preview_of_an_earlier_run_is_replaced(tiny, tmp_path):
+    path = tmp_path / "live.png"
+    pipe = ldm_cli.load(tiny, device="cpu")
+    for seed in (1, 2):
+        pipe.preview = writer = PreviewWriter(path, every=1)
+        pipe.generate("a cat", steps=2, seed=seed, sampler="euler")
+        assert writer.written == 2
+
+
+def test_a_failed_preview_write_warns_once_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
+    import ldm_cli.preview as preview
+
+    calls = []
+
+    def full_disk(image, path):
+        calls.append(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(preview, "write_png_atomic", full_disk)
+    pipe = ldm_cli.load(tiny, device="cpu")
+    pipe.preview = writer = PreviewWriter(tmp_path / "p.png", every=1)
+    (image,) = pipe.generate("a cat", steps=3, seed=1, sampler="euler")
+    assert image.size == (64, 64) and writer.written == 0 and len(calls) == 1
+    warning = f"warning: preview {tmp_path / 'p.png'} not written (No space left on device); "
+    assert capsys.readouterr().err == warning + "previews stop\n"
