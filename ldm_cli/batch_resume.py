@@ -88,6 +88,27 @@ def check_output_dir(out: str | os.PathLike[str]) -> None:
         raise UserError(f"output directory {target} is not writable")
 
 
+def check_new_file(path: Path, flag: str) -> None:
+    """Refuse, before any work, a report file that exists (it is never replaced) or whose
+    folder cannot be made."""
+    if path.exists() or path.is_symlink():
+        what = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"{flag} {path} is {what} already; give a new file name")
+    check_output_dir(path.parent)
+
+
+def write_new_file(path: Path, text: str) -> None:
+    """Write `text` to a file that must not exist yet (one-line errors)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as file:
+            file.write(text)
+    except FileExistsError:
+        raise UserError(f"{path} appeared while this ran; it was not replaced") from None
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def only_main_process() -> bool:
     """For commands that do not share their work (img2img, inpaint, upscale, ...): True in
     the process that should do it all. Under a multi-process `accelerate launch` the others

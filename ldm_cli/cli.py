@@ -64,7 +64,13 @@ def main() -> None:
     from .cli_usage import run_app
 
     try:
-        run_app(app)
+        try:
+            run_app(app)
+        finally:
+            sys.stdout.flush()  # a full disk or closed pipe on stdout shows here, not at exit
+    except BrokenPipeError:  # `ldm info X | head`: the reader is gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except UserError as e:
         if _DEBUG["on"]:
             raise
@@ -77,6 +83,12 @@ def main() -> None:
         if _DEBUG["on"]:
             raise
         print("error: out of memory; try a smaller size or --batch-size 1", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # the system refused: a full disk, a vanished folder, permissions
+        if _DEBUG["on"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as e:  # torch.OutOfMemoryError and the CPU allocator's failures
         from .errors import out_of_memory_message

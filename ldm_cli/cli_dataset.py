@@ -29,6 +29,9 @@ def shapes(
         raise UserError(f"--num must be at least 1, got {num}")
     if not 16 <= size <= 1024:
         raise UserError(f"--size must be between 16 and 1024, got {size}")
+    from .batch_resume import check_output_dir
+
+    check_output_dir(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} is not empty; choose a new folder")
     from rich.progress import Progress

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from .errors import UserError
+from .limits import check_seed
 
 CHECKS = ("background", "colour", "shape", "place", "size", "scene")
 
@@ -61,6 +62,11 @@ def eval_command(
         raise UserError("--num, --steps and --batch-size must be at least 1")
     if train_num < 0:
         raise UserError("--train-num must be 0 or more")
+    check_seed(seed)
+    from .batch_resume import check_new_file, write_new_file
+
+    if json_out:
+        check_new_file(json_out, "--json")
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -108,8 +114,7 @@ def eval_command(
     if scorer is None:
         print("no CLIP score: no image tower beside the model (pass --clip-tower)")
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1))
+        write_new_file(json_out, json.dumps(report, indent=1))
         print(f"wrote {json_out}")
 
 

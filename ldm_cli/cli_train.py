@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .errors import UserError
+from .limits import check_seed
 from .training import embedded_config as recipe
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -90,9 +91,12 @@ def train(
     `accelerate launch`. An x4 upscaler config (--config embedded-x4) trains only its U-Net,
     on 1/4-size bicubic copies of the images, with --unet-steps, --batch-size and --lr.
     """
+    from .batch_resume import check_output_dir
     from .training import EXPORT_DTYPES, TrainPlan, run_training
     from .training.loop import LoopOptions, StageSettings
 
+    check_output_dir(out)  # the run folder, before anything is read or trained
+    check_seed(seed)
     cfg = _training_config(config, base)
     size = size or cfg.default_size
     multiple = cfg.vae.downscale * 2 ** (len(cfg.unet.channel_mult) - 1)

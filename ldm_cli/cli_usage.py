@@ -21,7 +21,8 @@ def run_app(app: typer.Typer) -> None:
     """Run `app` on sys.argv; exits with the command's status."""
     try:
         status = app(standalone_mode=False)
-    except exceptions.NoArgsIsHelpError as error:  # the help text was printed already
+    except exceptions.NoArgsIsHelpError as error:  # `ldm` or `ldm dataset` alone: the help
+        error.show()
         sys.exit(error.exit_code)
     except exceptions.UsageError as error:
         sys.stderr.write(f"error: {usage_message(error)}\n")

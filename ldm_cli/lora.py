@@ -44,7 +44,14 @@ import torch
 from .errors import UserError
 from .lora_files import LoraFile, find_lora, lora_hash, read_lora
 from .lora_keys import LayerTarget, layer_table
-from .lora_tags import LoraTag, is_file_like, parse_lora_option, parse_tags, strip_tags
+from .lora_tags import (
+    LoraTag,
+    finite_weight,
+    is_file_like,
+    parse_lora_option,
+    parse_tags,
+    strip_tags,
+)
 
 if TYPE_CHECKING:
     from .embeddings import EmbeddingDatabase
@@ -107,8 +114,15 @@ class Networks:
             tag = parse_lora_option(os.fspath(spec))
         else:
             path = Path(spec)
-            tag = LoraTag(path.stem, float(weight), float(weight), path)
+            value = finite_weight(weight, f"add_lora({os.fspath(spec)!r}, {weight!r})")
+            tag = LoraTag(path.stem if is_file_like(str(path)) else str(path), value, value, path)
+        self.path_of(tag)  # a missing file is an error now, not at every later run
         self.loras.append(tag)
+
+    def clear_loras(self) -> None:
+        """Forget the LoRAs of `add_lora` / ``--lora`` and give the model its base weights."""
+        self.loras.clear()
+        self.restore()
 
     def load_embeddings(self, directory: str | os.PathLike) -> EmbeddingDatabase:
         from .embeddings import EmbeddingDatabase

@@ -69,6 +69,16 @@ def _tag(args: str, text: str) -> LoraTag:
     return LoraTag(name, te, unet)
 
 
+def finite_weight(value, where: str) -> float:
+    """A LoRA multiplier given as a number (the Python API): a finite float or a UserError."""
+    if isinstance(value, (str, bool)):
+        return _number(str(value), where)
+    try:
+        return _number(str(float(value)), where)
+    except (TypeError, ValueError):
+        raise UserError(f"LoRA weight {value!r} in {where} is not a number") from None
+
+
 def _number(text: str, where: str) -> float:
     try:
         value = float(text)
@@ -82,8 +92,8 @@ def _number(text: str, where: str) -> float:
 def parse_lora_option(text: str) -> LoraTag:
     """``--lora PATH[:WEIGHT]``: a file (or a name in the LoRA folder) and its weight."""
     path, sep, weight = text.rpartition(":")
-    if sep and path and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", weight):
-        value = _number(weight, f"--lora {text}")
+    if sep and path and not is_file_like(weight):  # PATH:WEIGHT (a weight that is no number:
+        value = _number(weight, f"--lora {text}")  # an error, not a file name with a colon)
     else:
         path, value = text, 1.0
     return LoraTag(Path(path).stem if is_file_like(path) else path, value, value, Path(path))

@@ -335,6 +335,31 @@ def _cases():
     ]:
         yield pytest.param(["info", name], needles, 2, id=f"info-{case}")
     yield pytest.param(["nosuchcommand"], ["nosuchcommand"], 2, id="unknown-command")
+    for case, args, needles in [
+        (
+            "dataset-into-a-file",
+            ["dataset", "shapes", "@a-file", "--num", "2"],
+            ["not a directory"],
+        ),
+        (
+            "train-into-a-file",
+            ["train", "@folder.safetensors", "-o", "@a-file"],
+            ["not a directory"],
+        ),
+        ("train-seed", ["train", "@folder.safetensors", "-o", "OUT", "--seed", "-3"], ["--seed"]),
+        ("eval-json-exists", ["eval", "--num", "1", "--json", "@a-file"], ["is a file already"]),
+        (
+            "eval-json-under-file",
+            ["eval", "--num", "1", "--json", "UNDER_FILE"],
+            ["not a directory"],
+        ),
+        (
+            "eval-clip-tower-junk",
+            ["eval", "--num", "1", "--steps", "1", "--clip-tower", "@notes.safetensors"],
+            ["is not a CLIP tower"],
+        ),
+    ]:
+        yield pytest.param(args, needles, 2, id=case)
 
 
 @pytest.mark.parametrize("template, needles, status", list(_cases()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +35,17 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert "HEAVY []" in out
     assert "--negative-prompt" in out and "dpmpp_2m" in out
+
+
+@pytest.mark.parametrize("args", [[], ["dataset"]])
+def test_a_command_without_arguments_prints_its_usage(args):
+    proc = ldm(*args, check=False)
+    assert proc.returncode == 2
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("Usage: ") and first.endswith(
+        " ".join([*args, "[OPTIONS] COMMAND"]) + " [ARGS]..."
+    )
+    assert "Commands" in proc.stderr
 
 
 def test_sampler_help_lists_exactly_the_sampler_table():
@@ -222,3 +234,16 @@ def test_info_names_family_and_counts(tiny):
     assert "family:      sd1" in out and "prediction:  eps" in out
     assert "clip skip:   1" in out
     assert "unet:" in out and "parameters" in out
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_on_stdout_is_a_one_line_error(tiny):
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ldm_cli.cli", "info", str(tiny)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == "error: No space left on device\n"

@@ -413,6 +413,29 @@ def test_lora_option_parsing(tmp_path):
     assert parse_lora_option("x/style.safetensors").te == 1.0
     assert parse_lora_option("C:/loras/a.pt:-0.25").path == Path("C:/loras/a.pt")
     assert parse_lora_option("ink:2").name == "ink"  # a name in the LoRA folder
+    for bad, word in [("x/style.safetensors:abc", "abc"), ("ink:nan", "nan"), ("a.pt:inf", "inf")]:
+        with pytest.raises(UserError, match=f"LoRA weight '{word}' in --lora .* is not a"):
+            parse_lora_option(bad)
+
+
+def test_add_lora_checks_its_file_and_weight_and_clear_loras_undoes_it(fresh, reference, tmp_path):
+    pipe = fresh
+    with pytest.raises(UserError, match="LoRA file nope.safetensors not found"):
+        pipe.networks.add_lora("nope.safetensors", 0.8)
+    path = write_peft(tmp_path / "detail.safetensors", reference)
+    with pytest.raises(UserError, match="LoRA weight 'x' in add_lora"):
+        pipe.networks.add_lora(path, "x")
+    assert pipe.networks.loras == []
+    base = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    pipe.networks.add_lora(path, 0.8)
+    req = ldm_cli.pipeline.Request("a cat", steps=2, width=64, height=64)
+    pipe.conditioning([req])
+    assert "Lora hashes" in pipe.parameters_text(req)
+    pipe.networks.clear_loras()
+    assert all(torch.equal(v, base[k]) for k, v in pipe.model.state_dict().items())
+    pipe.conditioning([req])  # nothing is applied again
+    assert "Lora hashes" not in pipe.parameters_text(req)
+    assert all(torch.equal(v, base[k]) for k, v in pipe.model.state_dict().items())
 
 
 def test_layers_that_match_nothing_are_counted_in_a_warning(fresh, reference, tmp_path, capsys):

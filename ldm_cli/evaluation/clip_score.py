@@ -37,7 +37,16 @@ class ClipScorer:
     def __init__(self, tower_path: Path, text_encoder):
         from ldm_cli.training.text_stage import load_clip_heads
 
-        self.heads, self.image_size = load_clip_heads(tower_path)
+        try:
+            self.heads, self.image_size = load_clip_heads(tower_path)
+        except UserError:
+            raise
+        except Exception as error:  # another file: not safetensors, or without the heads
+            text = str(error).strip().splitlines()
+            reason = type(error).__name__ + (f": {text[0]}" if text else "")
+            raise UserError(
+                f"{tower_path} is not a CLIP tower saved by `ldm train` ({reason})"
+            ) from None
         hidden = text_encoder.cfg.hidden_size
         expected = self.heads.text_projection.in_features
         if hidden != expected:
