@@ -70,6 +70,7 @@ SEED = typer.Option(
 
 
 def generate(
+    ctx: typer.Context,
     prompt: str | None = typer.Argument(
         None, help="The prompt (or use --prompts-file / --from-png)."
     ),
@@ -184,6 +185,10 @@ def generate(
 
     check_output_dir(out)
     jobs = _jobs(prompt, prompts_file, from_png)
+    if from_png is not None:  # what the command line gives wins over the PNG's settings
+        from .from_png import OVERRIDABLE, command_line_wins
+
+        jobs = [command_line_wins(jobs[0], _given(ctx, OVERRIDABLE))]
     if resume and seed is None and any("seed" not in job["options"] for job in jobs):
         raise UserError(
             "--resume needs the --seed of the run it continues (the SEED in its file names "
@@ -196,7 +201,7 @@ def generate(
     from .hires import HiresFix
 
     hires = jobs[0].get("hires")
-    if hires is None and hires_scale is not None:
+    if hires_scale is not None:
         hires = HiresFix(hires_scale, hires_strength, hires_steps)
 
     from .distributed import shared_random_seed
@@ -263,6 +268,17 @@ def check_options(
         raise UserError(f"unknown --dtype {dtype!r}; use auto, fp32, fp16 or bf16")
 
 
+def _given(ctx: typer.Context, names) -> set[str]:
+    """The parameters among `names` that the command line (or the environment) set."""
+    try:  # typer >= 0.26 carries its own copy of click
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover - older typer, on click itself
+        from click.core import ParameterSource
+
+    explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name for name in names if ctx.get_parameter_source(name) in explicit}
+
+
 def check_model_options(prediction: str | None, clip_skip: int | None) -> None:
     """What can be checked before loading; the upper bound of --clip-skip depends on the model."""
     if prediction is not None and prediction not in ("eps", "v"):
@@ -284,43 +300,9 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
             {"prompt": j.prompt, "options": dict(j.overrides)}
             for j in read_prompts_file(prompts_file)
         ]
-    from .hires import hires_from_parameters
-    from .pngmeta import params_from_png
+    from .from_png import png_job
 
-    p = params_from_png(from_png)
-    options = {
-        "negative_prompt": p.negative_prompt,
-        "steps": p.steps,
-        "cfg": p.cfg_scale,
-        "seed": p.seed,
-        "sampler": p.sampler,
-        "scheduler": p.scheduler,
-        "width": p.width,
-        "height": p.height,
-        "num_images": 1,
-        "batch_size": 1,
-    }
-    hires = hires_from_parameters(p.extra)
-    skip = p.extra.get("Clip skip", "")
-    clip_skip = int(skip) if skip.isdigit() else None
-    if "CFG rescale" in p.extra:  # written by --rescale-cfg
-        try:
-            options["rescale_cfg"] = float(p.extra["CFG rescale"])
-        except ValueError:
-            raise UserError(f"{from_png}: bad 'CFG rescale' value") from None
-    if "Deep cache" in p.extra:  # written by --deep-cache
-        if not p.extra["Deep cache"].isdigit():
-            raise UserError(f"{from_png}: bad 'Deep cache' value")
-        options["deep_cache"] = int(p.extra["Deep cache"])
-    if "Token merging ratio" in p.extra:  # written by --token-merging
-        try:
-            options["token_merging"] = float(p.extra["Token merging ratio"])
-        except ValueError:
-            raise UserError(f"{from_png}: bad 'Token merging ratio' value") from None
-    job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
-    tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
-    tiling = tiling if tiling in ("on", "auto") else "off"
-    return [{**job, "clip_skip": clip_skip, "vae_tiling": tiling}]
+    return [png_job(from_png)]
 
 
 def _run(pipe, batches, out: Path, hires=None, resume: bool = False) -> None:

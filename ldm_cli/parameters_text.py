@@ -17,7 +17,9 @@ def parameters_text(pipe: Pipeline, req: Request, extra: dict[str, str] | None =
     under the names --from-png reads back."""
     extra = dict(extra or {})
     clip_skip = pipe.config.text.clip_skip
-    if clip_skip != 1:  # A1111 writes it when not the last layer
+    # A1111 writes it when not the last layer; it is written too where the file's own is not
+    # the last layer (SD 2.x), so that --from-png (which takes no key as the file's) reads it
+    if clip_skip != 1 or clip_skip != pipe.file_clip_skip:
         extra = {"Clip skip": str(clip_skip), **extra}
     if req.rescale_cfg:
         extra["CFG rescale"] = f"{req.rescale_cfg:g}"

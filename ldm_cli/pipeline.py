@@ -51,6 +51,9 @@ class Pipeline:
         self.vae_tiling = "auto"  # "auto", "on" or "off": see ldm_cli.vae_tiling
         self.preview = None  # called with each step's x0 (ldm_cli.preview.PreviewWriter)
         self.released: set[str] = set()  # parts whose weights `release` gave back
+        # the file's own clip skip (before a clip_skip= override): the parameters text names
+        # the one used wherever it differs, so that --from-png gets it back
+        self.file_clip_skip = self.config.text.clip_skip
 
     @property
     def unet(self):
@@ -406,6 +409,7 @@ def load(
     None (the default): so unless `compile` or `offload`; False: converted at load.
     `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs (compile_unet).
     """
+    from .detect import detect_config
     from .embedded import default_model_path
     from .vae_tiling import check_mode
 
@@ -424,4 +428,5 @@ def load(
     else:
         pipe = Pipeline(model, header.path, dev, dt)
     pipe.vae_tiling = vae_tiling
+    pipe.file_clip_skip = detect_config(header).text.clip_skip
     return pipe

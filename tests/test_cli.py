@@ -10,14 +10,19 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ldm_cli.cli_generate import SAMPLER_HELP
 from ldm_cli.config import TINY_SD1
+from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
 from ldm_cli.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 
 NAME = re.compile(r"^\d{5}-(\d+)-[a-z0-9-]+\.png$")
+
+
+EMBEDDED = WEIGHTS_DIR / DEFAULT_NAME
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,84 @@ def test_from_png_reproduces_bit_identically(tiny, tmp_path):
     )
     assert np.array_equal(pixels(orig), pixels(again))
     assert read_parameters(orig) == read_parameters(again)
+
+
+def test_from_png_takes_what_the_command_line_gives(tiny, tmp_path):
+    made = ("generate", "a cat", "--steps", "2", "--seed", "5", "--model", str(tiny))
+    (orig,) = written(ldm(*made, "--out", str(tmp_path / "a")))
+    again = (
+        "generate",
+        "--from-png",
+        str(orig),
+        "--model",
+        str(tiny),
+        "--out",
+        str(tmp_path / "b"),
+    )
+    paths = written(ldm(*again, "--steps", "3", "-N", "2"))
+    assert [p.name[:8] for p in paths] == ["00001-5-", "00002-6-"]
+    assert [parse_parameters(read_parameters(p)).steps for p in paths] == [3, 3]
+    # the settings the command line leaves alone are the PNG's: steps 2 gives the same pixels
+    (same,) = written(ldm(*again, "--steps", "2"))
+    assert np.array_equal(pixels(orig), pixels(same))
+
+
+def test_from_png_refuses_an_image_to_image_png(tiny, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(source)
+    (made,) = written(
+        ldm(
+            "img2img",
+            str(source),
+            "a cat",
+            "--steps",
+            "2",
+            "--model",
+            str(tiny),
+            "-o",
+            str(tmp_path),
+        )
+    )
+    proc = ldm(
+        "generate",
+        "--from-png",
+        str(made),
+        "--model",
+        str(tiny),
+        "-o",
+        str(tmp_path / "x"),
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: {made} was made by `ldm img2img` (or A1111's equivalent) from an input image; "
+        "--from-png re-renders text-to-image PNGs only\n"
+    )
+
+
+@pytest.mark.skipif(not EMBEDDED.exists(), reason="the embedded model is not in weights/")
+def test_from_png_keeps_clip_skip_1_on_a_model_whose_own_is_2(tmp_path):
+    (orig,) = written(
+        ldm(
+            "generate",
+            "a red circle",
+            "--clip-skip",
+            "1",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "-o",
+            str(tmp_path),
+        )
+    )
+    assert parse_parameters(read_parameters(orig)).extra["Clip skip"] == "1"
+    (again,) = written(ldm("generate", "--from-png", str(orig), "-o", str(tmp_path)))
+    assert np.array_equal(pixels(orig), pixels(again))
+    (default,) = written(
+        ldm("generate", "a red circle", "--steps", "2", "--seed", "1", "-o", str(tmp_path))
+    )
+    assert parse_parameters(read_parameters(default)).extra["Clip skip"] == "2"
 
 
 def test_seed_k_does_not_depend_on_batch_size(tiny, tmp_path):
