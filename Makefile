@@ -34,8 +34,8 @@ lint: install
 	$(VENV)/bin/ruff format --check ldm_cli tests examples
 
 format: install
-	$(VENV)/bin/ruff format ldm_cli tests
-	$(VENV)/bin/ruff check --fix ldm_cli tests
+	$(VENV)/bin/ruff format ldm_cli tests examples
+	$(VENV)/bin/ruff check --fix ldm_cli tests examples
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

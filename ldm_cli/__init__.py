@@ -7,8 +7,10 @@ images = pipe.generate("a red circle on a blue background", seed=1)
 
 from __future__ import annotations
 
+from .errors import UserError
+
 __version__ = "0.1.0"
-__all__ = ["load", "__version__"]
+__all__ = ["load", "UserError", "__version__"]
 
 
 def load(

@@ -176,6 +176,13 @@ def generate(
     check_model_options(prediction, clip_skip)
     check_side(width, "--width")
     check_side(height, "--height")
+    given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps"})
+    if "refiner_switch" in given and refiner is None:
+        raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
+    if not 0.0 <= refiner_switch <= 1.0:
+        raise UserError(f"--refiner-switch must be within [0, 1], got {refiner_switch}")
+    if given & {"hires_strength", "hires_steps"} and hires_scale is None:
+        raise UserError("--hires-strength and --hires-steps need --hires-scale (the hires fix)")
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,

@@ -24,7 +24,7 @@ from .cli_performance import (
     Performance,
 )
 from .cli_vae import VAE_TILING
-from .limits import MAX_SIDE
+from .limits import MAX_SIDE, check_side
 
 IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; any mode).")
 PROMPT = typer.Argument(..., help="The prompt.")
@@ -208,7 +208,9 @@ def inpaint(
         low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
     _check_image_options(strength, mask_blur, full_res_padding)
-    if (width or height) and not full_res:
+    check_side(width, "--width")
+    check_side(height, "--height")
+    if (width is not None or height is not None) and not full_res:
         from .errors import UserError
 
         raise UserError("--width/--height set the working size of --inpaint-full-res only")

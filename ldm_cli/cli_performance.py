@@ -16,9 +16,10 @@ from .errors import UserError
 COMPILE = typer.Option(
     False,
     "--compile",
-    help="Run the U-Net through torch.compile (inductor, static shapes): faster steps after a "
-    "one-time compilation at the first step (seconds to minutes); the same image up to float "
-    "rounding. Needs a C++ compiler on the CPU, triton on CUDA.",
+    help="Run the U-Net through torch.compile (inductor, static shapes) after a one-time "
+    "compilation at the first step (seconds to minutes); the same image up to float rounding. "
+    "Meant for GPUs: on a 2-core EPYC CPU the compiled SD 1.5 U-Net measured 2x slower than "
+    "ldm's own eager one (docs/benchmarks.md). Needs a C++ compiler on the CPU, triton on CUDA.",
 )
 CUDA_GRAPHS = typer.Option(
     False,

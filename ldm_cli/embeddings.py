@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .pickle_checkpoint import load_weights_only
+from .pickle_checkpoint import load_weights_only, pickle_allowed
 from .prompt_chunks import CHUNK_TOKENS
 
 PLACEHOLDER_BASE = 1 << 24  # far above any vocabulary
@@ -156,10 +156,14 @@ class EmbeddingDatabase:
         if not directory.is_dir():
             raise UserError(f"embeddings folder {directory} not found")
         db = cls.for_model(text_encoder, tokenizer)
+        allowed = pickle_allowed()  # one pickle does not end the run: it is skipped (warned)
         for root, _, files in sorted(os.walk(directory, followlinks=True)):
             for file in sorted(files):
                 path = Path(root) / file
-                if path.suffix.lower() in EMBEDDING_EXTENSIONS:
+                suffix = path.suffix.lower()
+                if suffix in EMBEDDING_EXTENSIONS and suffix != ".safetensors" and not allowed:
+                    db.skipped[path.stem] = f"{file} is a pickle, read only with --allow-pickle"
+                elif suffix in EMBEDDING_EXTENSIONS:
                     db.add(path.stem, path)
         return db
 

@@ -165,7 +165,8 @@ def iter_img2img(
         last = release and i == len(batches) - 1
         for req, result in render_img2img(pipe, batch, images, strength, progress, last):
             result = fitted.restore(result)
-            result.info["parameters"] = pipe.parameters_text(req, extra)
+            shown = replace(req, width=result.width, height=result.height)  # not the padded size
+            result.info["parameters"] = pipe.parameters_text(shown, extra)
             yield req, result
 
 

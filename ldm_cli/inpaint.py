@@ -166,7 +166,10 @@ def iter_inpaint(
     mask = load_mask(mask, image)
     if options.full_res:
         size = pipe.config.default_size
-        options = replace(options, width=options.width or size, height=options.height or size)
+        width = size if options.width is None else options.width
+        options = replace(
+            options, width=width, height=size if options.height is None else options.height
+        )
         pipe.validate(replace(base, width=options.width, height=options.height))
     elif notice and (message := size_notice(*image.size, pipe.size_multiple)):
         notice(message)
@@ -181,7 +184,11 @@ def iter_inpaint(
             pipe, batch, plan.work_image, plan.work_mask, options.strength, progress, last
         ):
             result = plan.finish(generated)
-            result.info["parameters"] = pipe.parameters_text(req, parameters)
+            # the image's size (not the padded one); "only masked" names its working size as A1111
+            shown = (
+                req if options.full_res else replace(req, width=result.width, height=result.height)
+            )
+            result.info["parameters"] = pipe.parameters_text(shown, parameters)
             yield req, result
 
 

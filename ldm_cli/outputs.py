@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from ldm_cli.errors import UserError
+from ldm_cli.lora_tags import EXTRA_NETWORK
 from ldm_cli.pngmeta import write_png
 
 SLUG_LENGTH = 48
@@ -35,7 +36,9 @@ _NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
 
 
 def slugify(prompt: str) -> str:
-    """Lowercase ASCII letters and digits, other runs as one dash, at most 48 characters."""
+    """Lowercase ASCII letters and digits, other runs as one dash, at most 48 characters;
+    ``<lora:...>`` tags, which are not part of the prompt's text, are left out."""
+    prompt = EXTRA_NETWORK.sub(" ", prompt)
     ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
     return slug[:SLUG_LENGTH].rstrip("-") or "image"

@@ -18,6 +18,7 @@ from .guidance import StepClock, cfg_denoiser
 from .image_start import ImageStart
 from .models.latent_diffusion import LatentDiffusion
 from .performance import load_prepared
+from .pipeline_images import ImageCommands
 from .request import Request, check_request, random_seed, seeded_batches
 from .samplers import SAMPLERS
 from .schedules import (
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 
 
-class Pipeline:
+class Pipeline(ImageCommands):
     def __init__(
         self, model: LatentDiffusion, path: Path, device: torch.device, dtype: torch.dtype
     ):
@@ -239,8 +240,12 @@ class Pipeline:
     # -- whole requests ---------------------------------------------------------------------
 
     def validate(self, req: Request) -> None:
-        """A one-line UserError for a request this model cannot render (request.check_request)."""
+        """A one-line UserError for a request this model cannot render (request.check_request),
+        or for a `vae_tiling` set to no mode, before anything is sampled."""
+        from .vae_tiling import check_mode
+
         check_request(req, self.size_multiple)
+        check_mode(self.vae_tiling)
 
     def conditioning(self, requests: list[Request]):
         """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
@@ -321,8 +326,8 @@ class Pipeline:
             random_seed() if seed is None else seed,
             sampler,
             scheduler,
-            width or size,
-            height or size,
+            size if width is None else width,
+            size if height is None else height,
             rescale_cfg,
             deep_cache,
             token_merging,
@@ -337,30 +342,6 @@ class Pipeline:
                 image.info["parameters"] = self.parameters_text(req, extra)
                 out.append(image)
         return out
-
-    def img2img(self, image, prompt: str, negative_prompt: str = "", **options):
-        """Image to image; see `ldm_cli.img2img.img2img` for the options."""
-        from .img2img import img2img
-
-        return img2img(self, image, prompt, negative_prompt, **options)
-
-    def inpaint(self, image, mask, prompt: str, negative_prompt: str = "", **options):
-        """Repaint where `mask` is white; see `ldm_cli.inpaint.inpaint` for the options."""
-        from .inpaint import inpaint
-
-        return inpaint(self, image, mask, prompt, negative_prompt, **options)
-
-    def outpaint(self, image, prompt: str, negative_prompt: str = "", **options):
-        """Extend the canvas and paint the new area; see `ldm_cli.inpaint.outpaint`."""
-        from .inpaint import outpaint
-
-        return outpaint(self, image, prompt, negative_prompt, **options)
-
-    def upscale(self, image, prompt: str = "", negative_prompt: str = "", **options):
-        """4x super-resolution with an x4 upscaler checkpoint; see `ldm_cli.upscale.upscale`."""
-        from .upscale import upscale
-
-        return upscale(self, image, prompt, negative_prompt, **options)
 
     def guidance_scale(self, cfg: float | None) -> float:
         """`cfg`, or where it is None the checkpoint's own scale (`config.default_cfg`: 7.5

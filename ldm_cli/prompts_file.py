@@ -7,8 +7,8 @@
 Option lines are split with shlex and read like A1111's "Prompts from file or textbox" script:
 the words after --prompt / --negative_prompt up to the next --option make up the prompt.
 Overrides come back under our option names: negative_prompt, seed, steps, cfg, sampler,
-scheduler (ours, or "auto" for A1111's Automatic), width, height, model, batch_size,
-num_images (= batch_size * n_iter).
+scheduler (ours, or "auto" for A1111's Automatic), width, height, batch_size,
+num_images (= batch_size * n_iter). A run uses one model: --model / --sd_model lines are refused.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _text(text: str) -> str:
 # option as written in the file (A1111's names, dashes read as underscores) -> (key, converter);
 # sampler_name and scheduler are kept as text here and resolved once the whole line is read
 _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
-    "seed": ("seed", _whole_number(None)),
+    "seed": ("seed", _whole_number(-1)),
     "steps": ("steps", _whole_number(1)),
     "cfg_scale": ("cfg", _finite_number),
     "cfg": ("cfg", _finite_number),
@@ -74,8 +74,6 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "batch_size": ("batch_size", _whole_number(1)),
     "n_iter": ("n_iter", _whole_number(1)),
     "num_images": ("num_images", _whole_number(1)),
-    "sd_model": ("model", _text),
-    "model": ("model", _text),
 }
 _PROMPT_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt"}
 # A1111 options that have no counterpart here: named as unsupported rather than unknown
@@ -119,6 +117,8 @@ def _parse_option_line(line: str) -> dict[str, object]:
             continue
         if name in _UNSUPPORTED:
             raise ValueError(f"option {word} is not supported")
+        if name in ("model", "sd_model"):
+            raise ValueError(f"{word} is not supported here: a run uses one model (--model)")
         if name not in _OPTIONS:
             raise ValueError(f"unknown option {word}")
         if not has_value:
@@ -151,6 +151,8 @@ def _resolve_names(options: dict[str, object]) -> None:
 
 
 def _overrides_from(options: dict[str, object]) -> dict[str, object]:
+    if options.get("seed") == -1:  # A1111's "random": the run's seed (random if not given)
+        del options["seed"]
     batch_size = options.pop("batch_size", None)
     batches = options.pop("n_iter", None)
     if batch_size is not None:

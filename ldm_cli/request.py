@@ -41,6 +41,9 @@ def check_request(req: Request, size_multiple: int) -> None:
     from .schedules import SPACINGS
     from .token_merging import check_token_merging
 
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(req, name), str):
+            raise UserError(f"{name} must be text, got {getattr(req, name)!r}")
     check_seed(req.seed, name="seed")
     check_steps(req.steps, name="steps")
     check_side(req.width, "width")

@@ -215,6 +215,8 @@ OPTIONS = [
     ("seed-plus-images", ["--seed", str(2**64 - 1), "-N", "2"], ["with 2 images"], 2),
     ("many-images", ["-N", str(10**8)], ["--num-images", "between 1 and 100000"], 2),
     ("leading-1000-steps", ["--sampler", "ddpm", "--steps", "1000"], ["at most 999 steps"], 2),
+    ("hires-steps-alone", ["--hires-steps", "5"], ["--hires-steps need --hires-scale"], 2),
+    ("refiner-switch-alone", ["--refiner-switch", "0.5"], ["--refiner-switch needs --refiner"], 2),
     ("hires-scale-huge", ["--hires-scale", "1000"], ["--hires-scale", "at most 8"], 2),
     ("hires-steps-huge", ["--hires-scale", "2", "--hires-steps", str(2**70)], ["--hires-steps"], 2),
     ("unknown-device", ["--device", "quantum"], ["--device"], 2),

@@ -53,6 +53,12 @@ def test_a_command_without_arguments_prints_its_usage(args):
     assert "Commands" in proc.stderr
 
 
+def test_version():
+    import ldm_cli
+
+    assert ldm("--version").stdout == f"ldm {ldm_cli.__version__}\n"
+
+
 def test_sampler_help_lists_exactly_the_sampler_table():
     from ldm_cli.samplers import SAMPLERS
 

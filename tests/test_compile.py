@@ -56,6 +56,30 @@ def test_compiled_unet_and_image_equal_eager(one_level):
     assert np.abs(images[0] - images[1]).max() <= 1  # measured 0
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_the_unet_compiles_as_one_graph(tmp_path, monkeypatch, layout):
+    """No graph break: a break in the U-Net's forward makes dynamo skip that frame and compile
+    each block on its own, which hits the recompile limit and leaves the rest eager."""
+    import ldm_cli.models.upsample_conv as upsample_conv
+    import ldm_cli.models.winograd_conv as winograd_conv
+    from ldm_cli.config import TINY_SD1
+
+    monkeypatch.setattr(upsample_conv, "MIN_ELEMENTS", 0)  # the folded, cached path too
+    # the Winograd mode not yet asked for: finding it asks the CPU, a break if traced
+    monkeypatch.setattr(winograd_conv, "_settings", {"mode": None, "tile": 2})
+    pipe = ldm_cli.load(random_checkpoint(TINY_SD1, tmp_path / "t.safetensors", seed=1), "cpu")
+    unet = pipe.model.unet
+    x = torch.randn(2, 4, 8, 8)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(unet.forward)(
+            x, torch.tensor([500.0, 500.0]), torch.randn(2, 77, unet.config.context_dim)
+        )
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_missing_compiler_is_a_one_line_error(monkeypatch):
     import torch._inductor.config as inductor_config
 

@@ -53,6 +53,17 @@ def test_a_pt_embedding_needs_allow_pickle(tmp_path):
         read_embedding(tmp_path / "style.pt")
 
 
+def test_a_pt_embedding_in_a_folder_is_skipped_without_allow_pickle(pipe, embedding_dir, capsys):
+    with allow_pickle(False):
+        pipe.networks.load_embeddings(embedding_dir)
+    try:
+        assert sorted(pipe.networks.embeddings.embeddings) == ["BadHands"]
+        warning = "warning: embedding shiny-style skipped: shiny-style.pt is a pickle, read only "
+        assert warning + "with --allow-pickle\n" in capsys.readouterr().err
+    finally:
+        pipe.networks.embeddings = None
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return random_checkpoint(TINY_SD1, tmp_path_factory.mktemp("m") / "tiny.safetensors", seed=5)

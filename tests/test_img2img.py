@@ -116,6 +116,7 @@ def test_inputs_of_any_mode_and_odd_size(pipe, kind):
     ((req, result),) = list(pairs)
     assert result.size == (61, 45) and result.mode == "RGB"
     assert (req.width, req.height) == (64, 48)  # padded to the size multiple, 4
+    assert "Size: 61x45," in result.info["parameters"]  # the image's, not the padded one
     assert notices == [size_notice(61, 45, 4)]
     assert "61x45" in notices[0] and "64x48" in notices[0]
 

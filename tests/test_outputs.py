@@ -32,6 +32,7 @@ def save(out_dir, seed=42, prompt="a cat", parameters="a cat\nSteps: 1"):
         ("猫", "image"),
         ("word " * 20, ("word-" * 10)[:48].rstrip("-")),
         ("a" * 47 + " b", "a" * 47),  # cut at 48 leaves a dash, which goes
+        ("ink sketch <lora:inkstyle:0.8>, shiny", "ink-sketch-shiny"),
     ],
 )
 def test_slugify(prompt, slug):

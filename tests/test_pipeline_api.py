@@ -79,3 +79,40 @@ def test_bad_requests_are_user_errors(pipe):
         pipe.generate("x", width=65)
     with pytest.raises(UserError, match="unknown sampler"):
         pipe.generate("x", sampler="k_nope")
+    bad = [
+        ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+        ({"steps": 10**6}, "steps must be between 1 and 10000"),
+        ({"seed": "1"}, "seed must be a whole number, got '1'"),
+        ({"seed": 2**64}, "seed must be between 0 and 2\\*\\*64-1"),
+        ({"seed": 2**64 - 1, "num_images": 2}, "with 2 images"),
+        ({"width": 0}, "width must be between 1 and 16384 pixels, got 0"),
+        ({"num_images": 0}, "num_images must be between 1 and 100000, got 0"),
+        ({"batch_size": 0}, "batch_size must be between 1 and 100000, got 0"),
+    ]
+    for options, message in bad:
+        with pytest.raises(UserError, match=message):
+            pipe.generate("x", **{"steps": 1, **options})
+    with pytest.raises(UserError, match="prompt must be text, got None"):
+        pipe.generate(None, steps=1)
+
+
+def test_bad_settings_fail_before_sampling(pipe):
+    pipe.vae_tiling = "maybe"
+    try:
+        with pytest.raises(UserError, match="unknown VAE tiling 'maybe'"):
+            pipe.generate("x", steps=1, sampler="euler", seed=1)
+    finally:
+        pipe.vae_tiling = "auto"
+
+
+def test_a_misspelt_option_is_named_as_the_methods(pipe):
+    from PIL import Image
+
+    with pytest.raises(
+        TypeError, match=r"Pipeline.img2img\(\) got an unexpected keyword .*'strenght'"
+    ):
+        pipe.img2img(Image.new("RGB", (64, 64)), "x", strenght=0.5)
+
+
+def test_user_error_is_exported():
+    assert ldm_cli.UserError is UserError

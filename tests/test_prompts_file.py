@@ -81,6 +81,11 @@ def test_our_option_names_and_dashes_are_accepted():
     assert job.overrides == {"cfg": 5.5, "sampler": "heun", "num_images": 4, "batch_size": 2}
 
 
+def test_seed_minus_one_is_the_runs_seed_as_a1111s_random():
+    [job] = parse("--prompt x --seed -1 --steps 3")
+    assert job.overrides == {"steps": 3}
+
+
 def test_n_iter_alone_sets_the_number_of_images():
     [job] = parse("--prompt x --n_iter 3")
     assert job.overrides == {"num_images": 3}
@@ -113,6 +118,9 @@ def test_a_prompt_containing_dashes_later_is_a_plain_prompt():
         ("--prompt x --sampler_name 'DPM fast'", "p.txt:1: unknown sampler 'DPM fast'"),
         ("--prompt x --scheduler beta", "p.txt:1: unknown schedule type 'beta'"),
         ("--prompt x --tiling true", "p.txt:1: option --tiling is not supported"),
+        ("--prompt x --seed -2", "p.txt:1: bad value for --seed: -2 is below -1"),
+        ("--prompt x --model y.safetensors", "p.txt:1: --model is not supported here: a run"),
+        ("--prompt x --sd_model y", "p.txt:1: --sd_model is not supported here: a run uses one"),
         ("", "prompts file p.txt has no prompts"),
         ("# only\n\n   \n# comments", "prompts file p.txt has no prompts"),
     ],

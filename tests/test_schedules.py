@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ldm_cli.config import ScheduleConfig
+from ldm_cli.errors import UserError
 from ldm_cli.schedules import (
     SPACING_HELP,
     SPACINGS,
@@ -147,7 +148,7 @@ def test_bad_arguments(schedule):
         get_sigmas(schedule, 10, "karras", final="sigma_min")
     with pytest.raises(ValueError, match="final"):
         get_sigmas(schedule, 10, "normal", final="one")
-    with pytest.raises(ValueError, match="leading"):
+    with pytest.raises(UserError, match="'leading' schedule .* at most 999 steps, got 1000"):
         get_sigmas(schedule, 1000, "leading")
 
 

@@ -59,7 +59,8 @@ def folded_kernels(weight: torch.Tensor) -> torch.Tensor:
 class FoldedKernels:
     """The folded kernels of one conv weight, remade whenever the weight changes (a new tensor,
     an in-place edit such as a LoRA patch, a dtype or device move). Under autograd they are
-    rebuilt every call so that gradients reach the weight."""
+    rebuilt every call so that gradients reach the weight, and under torch.compile they are
+    part of the compiled graph."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -69,6 +70,8 @@ class FoldedKernels:
         self._kernels, self._key = None, None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced: recomputed in the graph (no cache to key)
+            return folded_kernels(weight)
         if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
             return folded_kernels(weight)  # (inference tensors keep no version to key on)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)

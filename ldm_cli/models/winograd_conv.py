@@ -120,8 +120,10 @@ def winograd_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
 
     Only the CPU is measured to gain; CUDA and other devices keep their own kernels. Under
     autograd "auto" keeps F.conv2d, whose backward the Winograd path would reuse anyway."""
+    if torch.compiler.is_compiling():  # first: current_mode() may ask the CPU, a graph break
+        return 0
     mode, tile = current_mode(), _settings["tile"]
-    if mode == "never" or torch.compiler.is_compiling():
+    if mode == "never":
         return 0
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != x.dtype:
         return 0
