@@ -8,6 +8,7 @@ has `steps` sigmas (default: the first pass's steps) of which it runs the last
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -30,10 +31,8 @@ class HiresFix:
     steps: int | None = None  # None: the first pass's steps
 
     def __post_init__(self) -> None:
-        if not 0 < self.scale <= MAX_SCALE:
-            raise UserError(
-                f"--hires-scale must be above 0 and at most {MAX_SCALE}, got {self.scale}"
-            )
+        if not 1 <= self.scale <= MAX_SCALE:  # a hires fix does not shrink
+            raise UserError(f"--hires-scale must be from 1 to {MAX_SCALE}, got {self.scale}")
         if not 0.0 <= self.strength <= 1.0:
             raise UserError(f"--hires-strength must be between 0 and 1, got {self.strength}")
         if self.steps is not None:
@@ -82,6 +81,13 @@ def hires_from_parameters(extra: dict[str, str]) -> HiresFix | None:
     """The hires fix recorded in a PNG's parameters (A1111's keys), or None."""
     if "Hires upscale" not in extra:
         return None
+    upscaler = extra.get("Hires upscaler", UPSCALER)
+    if upscaler != UPSCALER:
+        print(
+            f"warning: the PNG's hires upscaler {upscaler!r} is not available here; "
+            f"{UPSCALER} is used, so the image will differ",
+            file=sys.stderr,
+        )
     try:
         return HiresFix(
             scale=float(extra["Hires upscale"]),

@@ -104,14 +104,16 @@ def pad_to(image: Image.Image, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.pad(pixels, pad, mode="edge"))
 
 
-def size_notice(width: int, height: int, multiple: int) -> str | None:
-    """The one-line notice for an input size the model cannot take as it is, else None."""
+def size_notice(width: int, height: int, multiple: int, scale: int = 1) -> str | None:
+    """The one-line notice for an input size the model cannot take as it is, else None;
+    `scale`: the output is that many times the input (the x4 upscaler)."""
     new = padded_size(width, height, multiple)
     if new == (width, height):
         return None
     return (
         f"note: {width}x{height} is not a multiple of {multiple}; the image is padded to "
-        f"{new[0]}x{new[1]} (edges repeated) and the result cropped back to {width}x{height}"
+        f"{new[0]}x{new[1]} (edges repeated) and the result cropped back to "
+        f"{width * scale}x{height * scale}"
     )
 
 

@@ -219,7 +219,7 @@ def iter_upscale(
         pipe.vae.float()
     picture = load_image(image)
     fitted = fit_to_multiple(picture, multiple)
-    message = size_notice(*picture.size, multiple)
+    message = size_notice(*picture.size, multiple, scale=pipe.latent_factor)
     if message and notice:
         notice(message)
     f = pipe.latent_factor

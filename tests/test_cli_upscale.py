@@ -103,6 +103,7 @@ def test_default_model_tiles_and_odd_sizes(files, tmp_path):
     assert path.name == "00001-3-odd-x4.png"
     assert pixels(path).shape == (40, 72, 3)
     assert "18x10 is not a multiple of 4" in proc.stderr
+    assert "the result cropped back to 72x40\n" in proc.stderr  # 4x the input, as written
     p = parse_parameters(read_parameters(path))
     assert (p.prompt, p.width, p.height) == ("", 72, 40)
     assert (p.extra["Tile size"], p.extra["Tile overlap"]) == ("8", "1")
