@@ -203,6 +203,8 @@ def generate(
         )
     if clip_skip is None:
         clip_skip = jobs[0].get("clip_skip")
+    if prediction is None:
+        prediction = jobs[0].get("prediction")
     if vae_tiling == "auto":  # --from-png: as the image was made
         performance = replace(performance, vae_tiling=jobs[0].get("vae_tiling", "auto"))
     from .hires import HiresFix

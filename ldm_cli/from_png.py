@@ -48,6 +48,9 @@ def png_job(from_png: Path) -> dict:
         "batch_size": 1,
     }
     hires = hires_from_parameters(p.extra)
+    prediction = p.extra.get("Prediction")  # written where the file does not settle it
+    if prediction not in (None, "eps", "v"):
+        raise UserError(f"{from_png}: bad 'Prediction' value {prediction!r}")
     skip = p.extra.get("Clip skip", "")
     clip_skip = int(skip) if skip.isdigit() else None
     if "CFG rescale" in p.extra:  # written by --rescale-cfg
@@ -67,7 +70,7 @@ def png_job(from_png: Path) -> dict:
     job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
     tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
     tiling = tiling if tiling in ("on", "auto") else "off"
-    return {**job, "clip_skip": clip_skip, "vae_tiling": tiling}
+    return {**job, "clip_skip": clip_skip, "vae_tiling": tiling, "prediction": prediction}
 
 
 def _check_text_to_image(path: Path, extra: dict[str, str]) -> None:

@@ -21,6 +21,8 @@ def parameters_text(pipe: Pipeline, req: Request, extra: dict[str, str] | None =
     # the last layer (SD 2.x), so that --from-png (which takes no key as the file's) reads it
     if clip_skip != 1 or clip_skip != pipe.file_clip_skip:
         extra = {"Clip skip": str(clip_skip), **extra}
+    if pipe.config.prediction != pipe.file_prediction:  # --prediction, or the probe's answer
+        extra["Prediction"] = pipe.config.prediction  # read back by --from-png
     if req.rescale_cfg:
         extra["CFG rescale"] = f"{req.rescale_cfg:g}"
     if req.deep_cache > 1:

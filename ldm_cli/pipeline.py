@@ -55,6 +55,7 @@ class Pipeline(ImageCommands):
         # the file's own clip skip (before a clip_skip= override): the parameters text names
         # the one used wherever it differs, so that --from-png gets it back
         self.file_clip_skip = self.config.text.clip_skip
+        self.file_prediction: str | None = self.config.prediction  # None: only a probe can tell
 
     @property
     def unet(self):
@@ -392,6 +393,7 @@ def load(
     """
     from .detect import detect_config
     from .embedded import default_model_path
+    from .prediction import settled_prediction
     from .vae_tiling import check_mode
 
     check_mode(vae_tiling)
@@ -409,5 +411,7 @@ def load(
     else:
         pipe = Pipeline(model, header.path, dev, dt)
     pipe.vae_tiling = vae_tiling
-    pipe.file_clip_skip = detect_config(header).text.clip_skip
+    detected = detect_config(header)
+    pipe.file_clip_skip = detected.text.clip_skip
+    pipe.file_prediction = settled_prediction(detected, header)
     return pipe

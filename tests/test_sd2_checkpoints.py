@@ -196,3 +196,19 @@ def test_generate_end_to_end_with_options(files, tmp_path):
     assert np.array_equal(pixels(first), pixels(second))  # "Clip skip: 3" was read back
     bad = ldm(*args, "--prediction", "x0", "--out", str(tmp_path / "c"), check=False)
     assert bad.returncode != 0 and "unknown --prediction" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_prediction_the_file_does_not_settle_is_written_and_read_back(files, tmp_path):
+    model = ("--model", str(files["probed-eps"]))
+    args = ("generate", "a blue triangle", *model, "-W", "64", "-H", "64", "--steps", "2")
+    (forced,) = written(ldm(*args, "--seed", "9", "--prediction", "v", "-o", str(tmp_path)))
+    assert parse_parameters(read_parameters(forced)).extra["Prediction"] == "v"
+    (again,) = written(ldm("generate", "--from-png", str(forced), *model, "-o", str(tmp_path)))
+    assert np.array_equal(pixels(forced), pixels(again))  # not the probe's eps
+    (probed,) = written(ldm(*args, "--seed", "9", "-o", str(tmp_path)))
+    assert parse_parameters(read_parameters(probed)).extra["Prediction"] == "eps"
+    assert not np.array_equal(pixels(forced), pixels(probed))
+    marked = ldm("generate", "x", "--model", str(files["marked-v"]), "-W", "64", "-H", "64",
+                 "--steps", "1", "-o", str(tmp_path / "m"))  # fmt: skip
+    assert "Prediction" not in read_parameters(written(marked)[0])  # the file settles it
