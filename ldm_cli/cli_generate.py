@@ -205,6 +205,15 @@ def generate(
         clip_skip = jobs[0].get("clip_skip")
     if prediction is None:
         prediction = jobs[0].get("prediction")
+    made_with = jobs[0].get("refiner")  # --from-png of an image made with a refiner
+    if made_with and refiner is None:
+        print(
+            f"warning: {from_png} was made with the refiner {made_with}; without --refiner the "
+            "image will differ",
+            file=sys.stderr,
+        )
+    if made_with and refiner is not None and "refiner_switch" not in given:
+        refiner_switch = jobs[0]["refiner_switch"]
     if vae_tiling == "auto":  # --from-png: as the image was made
         performance = replace(performance, vae_tiling=jobs[0].get("vae_tiling", "auto"))
     from .hires import HiresFix

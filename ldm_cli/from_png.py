@@ -70,7 +70,15 @@ def png_job(from_png: Path) -> dict:
     job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
     tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
     tiling = tiling if tiling in ("on", "auto") else "off"
-    return {**job, "clip_skip": clip_skip, "vae_tiling": tiling, "prediction": prediction}
+    refiner = p.extra.get("Refiner")  # "name [hash]", with "Refiner switch at"
+    try:
+        switch = float(p.extra["Refiner switch at"]) if refiner else None
+    except (KeyError, ValueError):
+        raise UserError(f"{from_png}: bad or missing 'Refiner switch at' value") from None
+    return {
+        **job, "clip_skip": clip_skip, "vae_tiling": tiling, "prediction": prediction,
+        "refiner": refiner, "refiner_switch": switch,
+    }  # fmt: skip
 
 
 def _check_text_to_image(path: Path, extra: dict[str, str]) -> None:

@@ -335,10 +335,14 @@ def test_generate_end_to_end(files, tmp_path):
     assert p.extra.get("Refiner switch at") == "0.5"
     assert pixels(first).shape == (64, 64, 3) and pixels(first).std() > 0
     again = ldm("generate", "--from-png", str(first), "--model", str(files["base"]),
-                "--refiner", str(files["refiner"]), "--refiner-switch", "0.5",
-                "--out", str(tmp_path / "b"))  # fmt: skip
+                "--refiner", str(files["refiner"]), "--out", str(tmp_path / "b"))  # fmt: skip
     (second,) = written(again)
-    assert np.array_equal(pixels(first), pixels(second))  # clip skip and rescale read back
+    # clip skip, rescale and the refiner's switch (0.5, not the default 0.8) read back
+    assert np.array_equal(pixels(first), pixels(second))
+    alone = ldm("generate", "--from-png", str(first), "--model", str(files["base"]),
+                "--out", str(tmp_path / "f"))  # fmt: skip
+    assert "was made with the refiner tiny-refiner [" in alone.stderr
+    assert "without --refiner the image will differ" in alone.stderr
     (plain,) = written(ldm(*common, "--out", str(tmp_path / "c")))
     assert not np.array_equal(pixels(first), pixels(plain))
     bad = ldm(*common, "--refiner", str(files["base"]), "--out", str(tmp_path / "d"), check=False)
