@@ -157,15 +157,7 @@ def test_from_png_reproduces_bit_identically(tiny, tmp_path):
 def test_from_png_takes_what_the_command_line_gives(tiny, tmp_path):
     made = ("generate", "a cat", "--steps", "2", "--seed", "5", "--model", str(tiny))
     (orig,) = written(ldm(*made, "--out", str(tmp_path / "a")))
-    again = (
-        "generate",
-        "--from-png",
-        str(orig),
-        "--model",
-        str(tiny),
-        "--out",
-        str(tmp_path / "b"),
-    )
+    again = ("generate", "--from-png", str(orig), "--model", str(tiny), "-o", str(tmp_path / "b"))
     paths = written(ldm(*again, "--steps", "3", "-N", "2"))
     assert [p.name[:8] for p in paths] == ["00001-5-", "00002-6-"]
     assert [parse_parameters(read_parameters(p)).steps for p in paths] == [3, 3]
