@@ -5,8 +5,6 @@ pipe = ldm_cli.load("v1-5-pruned-emaonly.safetensors")   # or load() for the emb
 images = pipe.generate("a red circle on a blue background", seed=1)
 """
 
-from __future__ import annotations
-
 from .errors import UserError
 
 __version__ = "0.1.0"

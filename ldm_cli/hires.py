@@ -26,6 +26,9 @@ MAX_SCALE = 8  # A1111 offers up to 4
 
 @dataclass(frozen=True)
 class HiresFix:
+    """A1111's hires fix: the first pass's images upscaled `scale` times (Lanczos) and refined
+    by img2img at `strength` for `steps` steps (None: the first pass's)."""
+
     scale: float = 2.0
     strength: float = 0.5
     steps: int | None = None  # None: the first pass's steps
