@@ -25,6 +25,9 @@ def info(
 
     header = read_header(checkpoint)
     cfg = detect_config(header)
+    from .loading import checked_architecture
+
+    checked_architecture(header, cfg)  # the same one-line error as `ldm generate` would give
     cfg, how = _prediction(cfg, header, prediction)
     components = {
         "unet": "model.diffusion_model.",
@@ -42,8 +45,9 @@ def info(
     print(f"resolution:  {cfg.default_size}x{cfg.default_size}")
     if cfg.default_cfg != ModelConfig.default_cfg:  # named in the file's ldm_config
         print(f"guidance:    {cfg.default_cfg:g} by default")
-    if not cfg.conditioner:  # which text layer the U-Net reads; 1 = the last
-        print(f"clip skip:   {cfg.text.clip_skip}")
+    # which text layer the U-Net reads; 1 = the last (SDXL: every tower, before its final norm)
+    towers = " (every text encoder)" if len(cfg.text_encoders) > 1 else ""
+    print(f"clip skip:   {cfg.text.clip_skip}{towers}")
     print(f"tensors:     {len(header.tensors)}")
     for name, prefix in components.items():
         infos = [

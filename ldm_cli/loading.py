@@ -60,6 +60,21 @@ def build_empty(cfg: ModelConfig) -> LatentDiffusion:
         return LatentDiffusion(cfg)
 
 
+def checked_architecture(
+    header: CheckpointHeader, cfg: ModelConfig
+) -> tuple[LatentDiffusion, list[str]]:
+    """The empty (meta) model of `cfg` and the file's keys to load into it; a UserError where
+    the file's tensors do not make that model."""
+    try:
+        model = build_empty(cfg)
+    except ValueError as error:  # shapes no real model of the family has (GroupNorm widths...)
+        raise UserError(
+            f"{header.path.name} does not match the detected architecture ({cfg.family}): "
+            f"{error} (a file of ldm's own needs the ldm_config metadata it was saved with)"
+        ) from None
+    return model, check_keys(model, header)
+
+
 def check_keys(model: torch.nn.Module, header: CheckpointHeader) -> list[str]:
     """The checkpoint keys to load; raises naming missing, unexpected or mis-shaped tensors."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -102,14 +117,7 @@ def load_model(
     (models/narrow_weights)."""
     header = path if isinstance(path, CheckpointHeader) else read_header(path)
     cfg = cfg or detect_config(header)
-    try:
-        model = build_empty(cfg)
-    except ValueError as error:  # shapes no real model of the family has (GroupNorm widths...)
-        raise UserError(
-            f"{header.path.name} does not match the detected architecture ({cfg.family}): "
-            f"{error} (a file of ldm's own needs the ldm_config metadata it was saved with)"
-        ) from None
-    keys = check_keys(model, header)
+    model, keys = checked_architecture(header, cfg)
     device = torch.device(device)
     if isinstance(header, PickledHeader):  # --allow-pickle: unpickled weights-only
         state = pickled_state(header, keys, device, dtype)

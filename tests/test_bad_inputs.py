@@ -335,6 +335,8 @@ def _cases():
         ("truncated", "@truncated.safetensors", ["truncated"]),
         ("unknown-architecture", "@other.safetensors", ["not a Stable Diffusion"]),
         ("pickle-refused", "@model.ckpt", ["pickled", "--allow-pickle"]),
+        ("tensors-unfit", "@no-config.safetensors", ["does not match", "num_groups"]),
+        ("wrong-shape", "@wrong-shape.safetensors", ["wrong shape", "out.2.bias"]),
     ]:
         yield pytest.param(["info", name], needles, 2, id=f"info-{case}")
     yield pytest.param(["nosuchcommand"], ["nosuchcommand"], 2, id="unknown-command")

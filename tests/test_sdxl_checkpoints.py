@@ -313,6 +313,7 @@ def test_info_names_the_families(files):
     clip_l = parameters(randomize_(LatentDiffusion(TINY_SDXL)).conditioner.embedders[0])
     assert f"text_encoder:{clip_l:>14,} parameters" in base
     assert "text_encoder_2:" in base and "e.g. conditioner" not in base
+    assert "clip skip:   2 (every text encoder)\n" in base
     refiner = ldm("info", str(files["refiner"])).stdout
     assert "family:      sdxl-refiner (Stable Diffusion XL refiner)" in refiner
     assert "text_encoder_2:" not in refiner
