@@ -90,8 +90,11 @@ def reserve(path: Path) -> bool:
         return False
     try:
         os.write(descriptor, str(os.getpid()).encode())
-    finally:
+    except OSError:  # a full disk: no empty reservation left behind
         os.close(descriptor)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(descriptor)
     return True
 
 

@@ -76,6 +76,20 @@ def test_no_temporary_or_reservation_files_are_left(tmp_path):
     ]
 
 
+def test_a_full_disk_leaves_no_reservation(tmp_path, monkeypatch):
+    real_write = os.write
+
+    def full(descriptor, data):
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(".reserved"):
+            raise OSError(28, "No space left on device")
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(outputs.os, "write", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        save(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_name_that_appears_meanwhile_is_not_overwritten(tmp_path, monkeypatch):
     existing = tmp_path / "00001-42-a-cat.png"
     existing.write_bytes(b"keep me")
