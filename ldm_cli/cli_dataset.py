@@ -27,6 +27,8 @@ def shapes(
     """
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise UserError(f"--seed must be between 0 and 2**32-1, got {seed}")
     if not 16 <= size <= 1024:
         raise UserError(f"--size must be between 16 and 1024, got {size}")
     from .batch_resume import check_output_dir

@@ -93,6 +93,8 @@ def test_train_all_stages_exports_a_loadable_model(shapes_dir, tmp_path):
     again = CliRunner().invoke(_app(), args)
     assert again.exit_code == 0, again.output
     assert (run_dir / "train_log.jsonl").read_text() == log
+    for stage in ("vae", "text", "unet"):
+        assert f"{stage}: trained already (" in again.output, again.output
 
 
 def _unet_run(run_dir, data, steps: int, stop_after: int | None, resume: bool):
@@ -181,3 +183,17 @@ def test_bad_options_are_user_errors(shapes_dir, tmp_path):
     assert isinstance(result.exception, UserError) and "unknown --config" in str(result.exception)
     result = CliRunner().invoke(_app(), [str(shapes_dir), "--out", str(tmp_path), "--size", "30"])
     assert isinstance(result.exception, UserError) and "--size" in str(result.exception)
+    from ldm_cli.config import SD15_INPAINT
+    from ldm_cli.detect import config_to_json
+
+    inpaint = tmp_path / "inpaint.json"
+    inpaint.write_text(config_to_json(SD15_INPAINT))
+    result = CliRunner().invoke(
+        _app(), [str(shapes_dir), "-o", str(tmp_path), "--config", str(inpaint)]
+    )
+    assert isinstance(result.exception, UserError), result.output
+    assert "takes 9 channels (an inpainting layout)" in str(result.exception)
+    result = CliRunner().invoke(
+        _app(), [str(shapes_dir), "-o", str(tmp_path), "--config", "sd15-inpaint"]
+    )
+    assert "unknown --config 'sd15-inpaint'" in str(result.exception)

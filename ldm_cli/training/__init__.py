@@ -58,7 +58,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.detect import is_upscaler_unet
     from ldm_cli.training import text_stage, unet_stage, vae_stage
     from ldm_cli.training.dataset import load_captioned_images
-    from ldm_cli.training.loop import is_main_process, wait_for_everyone
+    from ldm_cli.training.loop import is_main_process, note, wait_for_everyone
     from ldm_cli.training.run_log import merge_json
 
     if is_upscaler_unet(plan.config.unet):
@@ -91,6 +91,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     else:
         init = None
         if vae_stage.weights_path(loop).is_file():
+            note(loop, f"vae: trained already ({vae_stage.weights_path(loop)}), skipped")
             vae = vae_stage.load_vae(cfg.vae, vae_stage.weights_path(loop))
         else:
             vae = vae_stage.train_vae(cfg.vae, train, heldout, plan.vae, loop)
@@ -99,6 +100,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
         cfg, vae_model = cfg.with_(vae=vae.config), vae.vae
 
         if text_stage.weights_path(loop).is_file() and text_stage.tower_path(loop).is_file():
+            note(loop, f"text: trained already ({text_stage.weights_path(loop)}), skipped")
             text_model = text_stage.load_text(cfg.text, loop).text_encoder
         else:
             text = text_stage.train_text(cfg.text, train, heldout, plan.text, loop)
@@ -107,6 +109,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
             text_model = text.text_encoder
 
     if unet_stage.weights_path(loop).is_file():
+        note(loop, f"unet: trained already ({unet_stage.weights_path(loop)}), skipped")
         unet = unet_stage.load_unet(cfg, loop)
     else:
         unet = unet_stage.train_unet(

@@ -124,7 +124,10 @@ def load_captioned_images(data_dir: str | Path, size: int) -> CaptionedImages:
 def holdout_split(count: int, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, held-out indices): a seeded random ``holdout`` of the ``count`` items."""
     if not 0 < holdout < count:
-        raise UserError(f"cannot hold out {holdout} of {count} images for evaluation")
+        raise UserError(
+            f"cannot hold out {holdout} of {count} images for evaluation; --holdout takes 1 to "
+            f"{count - 1}"
+        )
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[holdout:].sort().values, order[:holdout].sort().values
 

@@ -106,7 +106,20 @@ EMBEDDED_X4 = ModelConfig(
     default_cfg=1.0,
 )
 
-CONFIGS: dict[str, ModelConfig] = {"embedded": EMBEDDED, "embedded-x4": EMBEDDED_X4, **PRESETS}
+
+def _trainable(cfg: ModelConfig) -> bool:
+    """Not an inpainting layout (a U-Net taking the masked image's extra channels): `ldm train`
+    makes text-to-image models and x4 upscalers only."""
+    from ldm_cli.detect import is_upscaler_unet
+
+    return cfg.unet.in_channels == cfg.unet.out_channels or is_upscaler_unet(cfg.unet)
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    name: cfg
+    for name, cfg in {"embedded": EMBEDDED, "embedded-x4": EMBEDDED_X4, **PRESETS}.items()
+    if _trainable(cfg)
+}
 
 
 def training_config(name: str) -> ModelConfig:
@@ -117,7 +130,13 @@ def training_config(name: str) -> ModelConfig:
     if path.suffix == ".json" and path.is_file():
         from ldm_cli.detect import config_from_json
 
-        return config_from_json(path.read_text(encoding="utf-8"))
+        cfg = config_from_json(path.read_text(encoding="utf-8"))
+        if not _trainable(cfg):
+            raise UserError(
+                f"--config {name}: its U-Net takes {cfg.unet.in_channels} channels (an inpainting "
+                "layout); ldm train makes text-to-image models and x4 upscalers only"
+            )
+        return cfg
     raise UserError(
         f"unknown --config {name!r}; use one of {', '.join(CONFIGS)} or a .json config file"
     )

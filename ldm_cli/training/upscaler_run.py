@@ -85,6 +85,7 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
 
     vae, text = base.vae, base.text_encoder
     if upscaler_stage.weights_path(loop).is_file():
+        note(loop, f"upscaler: trained already ({upscaler_stage.weights_path(loop)}), skipped")
         result = upscaler_stage.load_upscaler(cfg, loop)
     else:
         result = upscaler_stage.train_upscaler(cfg, vae, text, train, heldout, plan.unet, loop)
