@@ -50,13 +50,19 @@ def train(
     vae_lr: float = typer.Option(recipe.VAE_LR, "--vae-lr", help="VAE peak learning rate."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and noise."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue unfinished stages from RUN_DIR/<stage>/state."
+        False,
+        "--resume",
+        help="Continue unfinished stages from RUN_DIR/<stage>/state, the last --save-every "
+        "state (steps after it, as at Ctrl-C or a kill, are run again). Give the same settings "
+        "as the interrupted run: changed ones are not detected.",
     ),
     sample_every: int = typer.Option(
         500, "--sample-every", help="Write samples to RUN_DIR/samples every N steps (0: at end)."
     ),
     save_every: int = typer.Option(
-        250, "--save-every", help="Save the resumable state every N steps."
+        250,
+        "--save-every",
+        help="Save the resumable state every N steps (an interrupted run loses the steps since).",
     ),
     log_every: int = typer.Option(
         25, "--log-every", help="Log loss, lr and it/s to train_log.jsonl every N steps."
