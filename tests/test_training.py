@@ -142,6 +142,23 @@ def test_resume_continues_exactly(shapes_dir, tmp_path):
         torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_restart_without_state_drops_the_killed_runs_log_lines(shapes_dir, tmp_path):
+    """A run killed before its first state save starts over; its log lines go with it."""
+    data = load_captioned_images(shapes_dir, SIZE)
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [
+        {"stage": "vae", "step": 10},
+        {"stage": "unet", "step": 2},
+        {"stage": "unet", "step": 4},
+    ]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    _unet_run(run, data, 12, stop_after=4, resume=False)
+    records = [json.loads(line) for line in (run / "train_log.jsonl").open()]
+    assert [(r["stage"], r["step"]) for r in records] == [("vae", 10), ("unet", 2), ("unet", 4)]
+    assert "loss" in records[1] and "loss" in records[2]  # the new run's lines, once each
+
+
 def test_batches_walk_seeded_epochs():
     seen = torch.cat([StepRandom(7, "unet", step, 0, 1).batch_indices(10, 5) for step in range(4)])
     assert sorted(seen[:10].tolist()) == list(range(10))

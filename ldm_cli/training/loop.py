@@ -239,8 +239,8 @@ def train_stage(
         )
     if saved is not None:
         accelerator.load_state(str(saved))
-        if accelerator.is_main_process:
-            trim_log(options.run_dir / LOG_FILE, stage, counter.step)
+    if accelerator.is_main_process:  # drop the log lines past the state (all, starting afresh)
+        trim_log(options.run_dir / LOG_FILE, stage, counter.step)
 
     stop = settings.steps if options.stop_after is None else min(options.stop_after, settings.steps)
     log = TrainLog(options, stage, accelerator.is_main_process)
