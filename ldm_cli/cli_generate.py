@@ -179,8 +179,9 @@ def generate(
     given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps"})
     if "refiner_switch" in given and refiner is None:
         raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
-    if not 0.0 <= refiner_switch <= 1.0:
-        raise UserError(f"--refiner-switch must be within [0, 1], got {refiner_switch}")
+    from .refiner import check_switch  # no torch there
+
+    check_switch(refiner_switch)
     if given & {"hires_strength", "hires_steps"} and hires_scale is None:
         raise UserError("--hires-strength and --hires-steps need --hires-scale (the hires fix)")
     performance = Performance.checked(

@@ -25,9 +25,6 @@ def info(
 
     header = read_header(checkpoint)
     cfg = detect_config(header)
-    from .loading import checked_architecture
-
-    checked_architecture(header, cfg)  # the same one-line error as `ldm generate` would give
     cfg, how = _prediction(cfg, header, prediction)
     components = {
         "unet": "model.diffusion_model.",
@@ -65,15 +62,19 @@ def info(
 
 
 def _prediction(cfg, header, override: str | None):
-    """(`cfg` with its prediction type settled, a note on how when not read from the file)."""
+    """(`cfg` with its prediction type settled, a note on how when not read from the file);
+    a UserError where the file's tensors do not make the detected model."""
+    from .loading import checked_architecture, load_model
     from .prediction import check_prediction, settled_prediction, with_prediction
 
     check_prediction(override)
-    if override is not None:
+    if override is not None or settled_prediction(cfg, header) is not None:
+        # the tensors must make the model, with the same one-line error as `ldm generate`
+        checked_architecture(header, cfg)
+        if override is None:
+            return cfg, ""
         return with_prediction(cfg, header, override), " (--prediction)"
-    if settled_prediction(cfg, header) is not None:
-        return cfg, ""
-    from .loading import load_model  # only SD 2.x needs torch here
+    # the probe loads the model, which checks its tensors
     from .model_options import probe_prediction
 
     model, _ = load_model(header, cfg=cfg)

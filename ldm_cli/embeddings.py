@@ -161,9 +161,11 @@ class EmbeddingDatabase:
             for file in sorted(files):
                 path = Path(root) / file
                 suffix = path.suffix.lower()
-                if suffix in EMBEDDING_EXTENSIONS and suffix != ".safetensors" and not allowed:
+                if suffix not in EMBEDDING_EXTENSIONS:
+                    continue
+                if suffix != ".safetensors" and not allowed:
                     db.skipped[path.stem] = f"{file} is a pickle, read only with --allow-pickle"
-                elif suffix in EMBEDDING_EXTENSIONS:
+                else:
                     db.add(path.stem, path)
         return db
 

@@ -22,27 +22,27 @@ def check_seed(seed: int, count: int = 1, name: str = "--seed") -> None:
 
 
 def check_steps(steps: int, name: str = "--steps") -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise UserError(f"{name} must be a whole number, got {steps!r}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"{name} must be between 1 and {MAX_STEPS}, got {steps}")
+    _check_whole(steps, name, 1, MAX_STEPS)
 
 
 def check_side(value: int | None, name: str) -> None:
     """A width or height in pixels, when given."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} must be a whole number of pixels, got {value!r}")
-    if not 1 <= value <= MAX_SIDE:
-        raise UserError(f"{name} must be between 1 and {MAX_SIDE} pixels, got {value}")
+    if value is not None:
+        _check_whole(value, name, 1, MAX_SIDE, "pixels")
 
 
 def check_count(value: int, name: str, limit: int = MAX_IMAGES) -> None:
+    _check_whole(value, name, 1, limit)
+
+
+def _check_whole(value: int, name: str, low: int, high: int, unit: str = "") -> None:
+    """A whole number (not a bool) from `low` to `high`, else a UserError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} must be a whole number, got {value!r}")
-    if not 1 <= value <= limit:
-        raise UserError(f"{name} must be between 1 and {limit}, got {value}")
+        of_unit = f" of {unit}" if unit else ""
+        raise UserError(f"{name} must be a whole number{of_unit}, got {value!r}")
+    if not low <= value <= high:
+        units = f" {unit}" if unit else ""
+        raise UserError(f"{name} must be between {low} and {high}{units}, got {value}")
 
 
 def seed_option(value: int | None) -> int | None:
