@@ -8,7 +8,7 @@ images = pipe.generate("a red circle on a blue background", seed=1)
 from .errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["load", "UserError", "__version__"]
+__all__ = ["load", "load_upscaler", "UserError", "__version__"]
 
 
 def load(
@@ -42,3 +42,21 @@ def load(
         compile=compile, offload=offload, vae_tiling=vae_tiling, low_memory=low_memory,
         cuda_graphs=cuda_graphs,
     )  # fmt: skip
+
+
+def load_upscaler(path=None, *, scale=4, device=None):
+    """An image upscaler (`ldm_cli.image_upscaler.ImageUpscaler`): `path` an upscaler file
+    (ESRGAN, RealESRGAN, SwinIR, DAT, ... as .safetensors, or a .pth inside
+    `ldm_cli.pickle_checkpoint.allow_pickle()`), or None for the embedded ldm-sr network for
+    `scale` (x2 up to 2, x4 above). `device`: "auto" (None), "cpu", "cuda", ...
+
+    ldm_cli.load_upscaler().upscale("photo.png").save("photo-x4.png")
+    """
+    from .devices import resolve_device
+    from .image_upscaler import load_embedded_upscaler
+    from .image_upscaler import load_upscaler as _load_upscaler
+
+    where = resolve_device(device)
+    if path is None:
+        return load_embedded_upscaler(scale, where)
+    return _load_upscaler(path, where)

@@ -59,6 +59,8 @@ def _register() -> None:
     from .cli_info import info
     from .cli_pickle import with_allow_pickle
     from .cli_train import train
+    from .cli_train_group import train_app
+    from .cli_train_upscaler import train_upscaler
     from .cli_upscale import upscale
 
     app.command(no_args_is_help=False)(with_allow_pickle(generate))
@@ -67,7 +69,9 @@ def _register() -> None:
     app.command()(with_allow_pickle(outpaint))
     app.command()(with_allow_pickle(upscale))
     app.command()(with_allow_pickle(info))
-    app.command()(with_allow_pickle(train))
+    train_app.command("model")(with_allow_pickle(train))
+    train_app.command("upscaler")(train_upscaler)
+    app.add_typer(train_app, name="train")
     app.command("eval")(with_allow_pickle(eval_command))
     app.add_typer(dataset_app, name="dataset")
 

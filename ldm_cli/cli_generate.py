@@ -118,8 +118,14 @@ def generate(
     hires_scale: float | None = typer.Option(
         None,
         "--hires-scale",
-        help="Hires fix: upscale each image by this factor (Lanczos, rounded to the model's "
-        "size multiple) and refine it with img2img.",
+        help="Hires fix: upscale each image by this factor (with --hires-upscaler, to the "
+        "model's size multiple) and refine it with img2img.",
+    ),
+    hires_upscaler: str | None = typer.Option(
+        None,
+        "--hires-upscaler",
+        help="Hires fix: ldm-sr (the embedded super-resolution network, default), Lanczos, "
+        "or an upscaler file (ESRGAN, RealESRGAN, 4x-UltraSharp, ...; see `ldm upscale`).",
     ),
     hires_strength: float = typer.Option(
         0.5, "--hires-strength", help="Hires fix: img2img denoising strength (0..1)."
@@ -176,7 +182,7 @@ def generate(
     check_model_options(prediction, clip_skip)
     check_side(width, "--width")
     check_side(height, "--height")
-    given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps"})
+    given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps", "hires_upscaler"})
     if "refiner_switch" in given and refiner is None:
         raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
     from .refiner import check_switch  # no torch there
@@ -184,6 +190,8 @@ def generate(
     check_switch(refiner_switch)
     if given & {"hires_strength", "hires_steps"} and hires_scale is None:
         raise UserError("--hires-strength and --hires-steps need --hires-scale (the hires fix)")
+    if "hires_upscaler" in given and hires_scale is None and from_png is None:
+        raise UserError("--hires-upscaler needs --hires-scale (the hires fix)")
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -217,11 +225,13 @@ def generate(
         refiner_switch = jobs[0]["refiner_switch"]
     if vae_tiling == "auto":  # --from-png: as the image was made
         performance = replace(performance, vae_tiling=jobs[0].get("vae_tiling", "auto"))
-    from .hires import HiresFix
+    from .hires import UPSCALER, HiresFix
 
     hires = jobs[0].get("hires")
     if hires_scale is not None:
-        hires = HiresFix(hires_scale, hires_strength, hires_steps)
+        hires = HiresFix(hires_scale, hires_strength, hires_steps, hires_upscaler or UPSCALER)
+    elif hires is not None and hires_upscaler is not None:  # --from-png's, another upscaler
+        hires = replace(hires, upscaler=hires_upscaler)
 
     from .distributed import shared_random_seed
     from .pipeline import Request, seeded_batches
@@ -237,6 +247,8 @@ def generate(
     from .cli_networks import configure
 
     configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion (ldm_cli.lora)
+    if hires is not None:
+        hires.network(pipe.device)  # a bad --hires-upscaler file fails before any sampling
     wanted = jobs[0].get("model_hash")
     if wanted and wanted != pipe.model_hash:
         print(
@@ -281,6 +293,10 @@ def check_options(
     check_count(batch_size, "--batch-size")
     if seed is not None:
         check_seed(seed, num_images)
+    check_device_options(device, dtype)
+
+
+def check_device_options(device: str, dtype: str) -> None:
     if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or mps")
     if dtype not in ("auto", "fp32", "fp16", "bf16"):
@@ -342,7 +358,7 @@ def _run(pipe, batches, out: Path, hires=None, resume: bool = False) -> None:
     run_batches(batches, render, lambda req: pipe.parameters_text(req, extra), out, resume=resume)
 
 
-def save_all(results, total_images: int, out: Path) -> None:
+def save_all(results, total_images: int, out: Path, step_label: str = "steps") -> None:
     """Save what `results(on_step)` yields, (request, image with its "parameters" info), as
     PNGs in `out`, printing each path, with progress bars on a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -363,7 +379,7 @@ def save_all(results, total_images: int, out: Path) -> None:
     )
     with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as bar:
         images_task = bar.add_task("images", total=total_images)
-        steps_task = bar.add_task("steps", total=None)
+        steps_task = bar.add_task(step_label, total=None)
 
         def on_step(i: int, total: int) -> None:
             bar.update(steps_task, completed=i, total=total)

@@ -24,6 +24,15 @@ def info(
     from .detect import FAMILY_NAMES, detect_config
 
     header = read_header(checkpoint)
+    if not any(
+        k.startswith(("model.", "first_stage_model.", "conditioner.")) for k in header.tensors
+    ):
+        from .errors import UserError
+
+        try:
+            return _upscaler_info(checkpoint)
+        except UserError:
+            pass  # neither: detect_config names what the file lacks
     cfg = detect_config(header)
     cfg, how = _prediction(cfg, header, prediction)
     components = {
@@ -87,3 +96,22 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _upscaler_info(path: Path) -> None:
+    """An image upscaler file (ldm-sr, ESRGAN, ...): its architecture, scale and size."""
+    from .image_upscaler import file_metadata, load_upscaler
+
+    upscaler = load_upscaler(path, "cpu")
+    params = list(upscaler.module.parameters())
+    print(f"file:        {path}")
+    print(f"family:      image upscaler ({upscaler.architecture}, x{upscaler.scale})")
+    print(f"parameters:  {sum(p.numel() for p in params):,}")
+    print(f"tensors:     {len(upscaler.module.state_dict())}")
+    heldout = file_metadata(path).get("heldout_photos")
+    if heldout:
+        print(
+            f"trained:     held-out photos {heldout['mean_gain_db']:+.2f} dB PSNR over bicubic "
+            f"on average, {heldout['worst_gain_db']:+.2f} dB on the worst"
+        )
+    print(f"use:         ldm upscale IMAGE --upscaler {path}")

@@ -79,6 +79,18 @@ def train(
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads per process (default: all available cores)."
     ),
+    sides: str | None = typer.Option(
+        None,
+        "--sides",
+        help="x4 upscaler configs: image sides to train at in turn, e.g. 64,128,256 (the first "
+        "is --size; larger ones use as many images as hold the first's pixels, and batches of "
+        "as many pixels), so the model learns its domain at every scale.",
+    ),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="x4 upscaler configs: start the U-Net from this x4 checkpoint's (a fine-tune).",
+    ),
     base: Path | None = typer.Option(
         None,
         "--base",
@@ -98,6 +110,7 @@ def train(
     on 1/4-size bicubic copies of the images, with --unet-steps, --batch-size and --lr.
     """
     from .batch_resume import check_output_dir
+    from .detect import is_upscaler_unet
     from .training import EXPORT_DTYPES, TrainPlan, run_training
     from .training.loop import LoopOptions, StageSettings
 
@@ -129,6 +142,11 @@ def train(
     if export_dtype not in EXPORT_DTYPES:
         raise UserError(f"--export-dtype must be one of {', '.join(EXPORT_DTYPES)}")
 
+    side_list = _sides(sides, size, multiple)
+    if (side_list or init) and not is_upscaler_unet(cfg.unet):
+        raise UserError("--sides and --init are for x4 upscaler configs (--config embedded-x4)")
+    if init is not None and not init.is_file():
+        raise UserError(f"--init: checkpoint not found: {init}")
     plan = TrainPlan(
         data_dir=data_dir,
         config=cfg.with_(default_size=size),
@@ -148,6 +166,8 @@ def train(
         holdout=holdout,
         export_dtype=export_dtype,
         base=base,
+        sides=side_list,
+        init=init,
     )
     outcome = run_training(plan)
     metrics = outcome.metrics
@@ -165,6 +185,20 @@ def train(
         print(f"stopped early; continue with --resume (state in {out})")
     else:
         print(f"model: {outcome.model_path} ({metrics['export']['file_mb']} MB)")
+
+
+def _sides(text: str | None, size: int, multiple: int) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        sides = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--sides takes comma-separated whole numbers, got {text!r}") from None
+    if sides[0] != size or sorted(set(sides)) != list(sides):
+        raise UserError(f"--sides must start at --size ({size}) and grow, got {text}")
+    if any(side % multiple for side in sides):
+        raise UserError(f"--sides must be multiples of {multiple} for this config")
+    return sides
 
 
 def _warmup(steps: int) -> int:

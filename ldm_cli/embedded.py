@@ -26,12 +26,29 @@ UPSCALER_NAME = "ldm-shapes-x4.safetensors"
 
 
 def default_upscaler_path() -> Path:
-    """The embedded x4 upscaler (`ldm upscale` without --model)."""
+    """The embedded x4 diffusion upscaler (`ldm upscale --diffusion`)."""
     env = os.environ.get("LDM_DEFAULT_UPSCALER")
     path = Path(env) if env else WEIGHTS_DIR / UPSCALER_NAME
     if not path.exists():
         raise UserError(
-            f"no --model given and the embedded upscaler is missing ({path}); "
+            f"the embedded x4 diffusion upscaler is missing ({path}); "
             "pass --model X4_UPSCALER.safetensors"
         )
+    return path
+
+
+# The embedded super-resolution networks (`ldm upscale` and the hires fix by default).
+SR_NAMES = {2: "ldm-sr-x2.safetensors", 4: "ldm-sr-x4.safetensors"}
+
+
+def embedded_sr_paths() -> dict[int, Path]:
+    return {scale: WEIGHTS_DIR / name for scale, name in SR_NAMES.items()}
+
+
+def embedded_sr_path(scale: int) -> Path:
+    """The embedded x2 or x4 network (LDM_SR_X2 / LDM_SR_X4 name another file)."""
+    env = os.environ.get(f"LDM_SR_X{scale}")
+    path = Path(env) if env else embedded_sr_paths()[scale]
+    if not path.exists():
+        raise UserError(f"the embedded x{scale} upscaler is missing ({path}); pass --upscaler FILE")
     return path

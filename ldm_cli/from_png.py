@@ -18,6 +18,8 @@ IMAGE_INPUT_KEYS = {
     "Noise level": "upscale",
 }
 
+POSTPROCESS_KEY = "Postprocess upscaler:"
+
 # job options that `ldm generate` options of the same name override when given
 OVERRIDABLE = frozenset(
     {
@@ -31,8 +33,14 @@ def png_job(from_png: Path) -> dict:
     """The job of a text-to-image PNG: prompt, options, model hash, hires fix, clip skip and
     VAE tiling as it was made."""
     from .hires import hires_from_parameters
-    from .pngmeta import params_from_png
+    from .pngmeta import params_from_png, read_parameters
 
+    text = read_parameters(from_png) or ""
+    if POSTPROCESS_KEY in text:  # A1111's extras: no prompt, no steps
+        raise UserError(
+            f"{from_png} was made by `ldm upscale` (or A1111's extras) from an input image; "
+            "--from-png re-renders text-to-image PNGs only"
+        )
     p = params_from_png(from_png)
     _check_text_to_image(from_png, p.extra)
     options = {

@@ -44,7 +44,11 @@ def slugify(prompt: str) -> str:
     return slug[:SLUG_LENGTH].rstrip("-") or "image"
 
 
-def output_name(counter: int, seed: int, prompt: str) -> str:
+def output_name(counter: int, seed: int | None, prompt: str) -> str:
+    """`NNNNN-SEED-slug.png`; `NNNNN-slug.png` for an image no seed made (a feed-forward
+    upscale)."""
+    if seed is None:
+        return f"{counter:05d}-{slugify(prompt)}.png"
     return f"{counter:05d}-{seed}-{slugify(prompt)}.png"
 
 
@@ -159,7 +163,7 @@ def _sync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def publish_as(temporary: Path, out_dir: Path, number: int, seed: int, prompt: str):
+def publish_as(temporary: Path, out_dir: Path, number: int, seed: int | None, prompt: str):
     """Link `temporary` into `out_dir` as output `number` (its `NNNNN-SEED-slug.png`) unless
     another image holds or is taking that number: then None. The number is reserved first
     (an exclusive `.NNNNN.reserved` file), so two processes never publish under one."""
@@ -183,7 +187,7 @@ def publish_as(temporary: Path, out_dir: Path, number: int, seed: int, prompt: s
 def save_png_atomic(
     image: Image.Image,
     out_dir: str | os.PathLike[str],
-    seed: int,
+    seed: int | None,
     prompt: str,
     parameters: str,
     number: int | None = None,

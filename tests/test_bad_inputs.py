@@ -348,10 +348,19 @@ def _cases():
         ),
         (
             "train-into-a-file",
-            ["train", "@folder.safetensors", "-o", "@a-file"],
+            ["train", "model", "@folder.safetensors", "-o", "@a-file"],
             ["not a directory"],
         ),
-        ("train-seed", ["train", "@folder.safetensors", "-o", "OUT", "--seed", "-3"], ["--seed"]),
+        (
+            "train-seed",
+            ["train", "model", "@folder.safetensors", "-o", "OUT", "--seed", "-3"],
+            ["--seed"],
+        ),
+        (
+            "train-upscaler-scale",
+            ["train", "upscaler", "-o", "OUT", "--scale", "3"],
+            ["--scale must be 2 or 4"],
+        ),
         ("eval-json-exists", ["eval", "--num", "1", "--json", "@a-file"], ["is a file already"]),
         (
             "eval-json-under-file",

@@ -157,6 +157,11 @@ def test_hires_fix_from_the_command_line_and_back_from_the_png(tiny, tmp_path):
         (("outpaint", "{in}/photo.png", "x"), "at least one of"),
         (("outpaint", "{in}/photo.png", "x", "--left", "-4"), "--left"),
         (("generate", "x", "--hires-scale", "0"), "--hires-scale"),
+        (("generate", "x", "--hires-upscaler", "Lanczos"), "--hires-upscaler needs --hires-scale"),
+        (
+            ("generate", "x", "--hires-scale", "2", "--hires-upscaler", "nope"),
+            "--hires-upscaler must",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tiny, inputs, args, needle):

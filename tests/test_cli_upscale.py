@@ -91,7 +91,8 @@ def test_default_model_tiles_and_odd_sizes(files, tmp_path):
     --tile-size 8 splits the 20x12 padded input into tiles."""
     env = dict(os.environ, LDM_DEFAULT_UPSCALER=str(files["x4"]))
     proc = subprocess.run(
-        [sys.executable, "-m", "ldm_cli.cli", "upscale", str(files["odd"]), "--steps", "2"]
+        [sys.executable, "-m", "ldm_cli.cli", "upscale", str(files["odd"]), "--diffusion"]
+        + ["--steps", "2"]
         + ["--seed", "3", "--tile-size", "8", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
@@ -133,7 +134,7 @@ def test_bad_input_is_a_one_line_error(files, tmp_path, extra, message):
 def test_missing_embedded_upscaler_is_a_one_line_error(files, tmp_path):
     env = dict(os.environ, LDM_DEFAULT_UPSCALER=str(tmp_path / "absent.safetensors"))
     proc = subprocess.run(
-        [sys.executable, "-m", "ldm_cli.cli", "upscale", str(files["cat"])],
+        [sys.executable, "-m", "ldm_cli.cli", "upscale", str(files["cat"]), "--diffusion"],
         capture_output=True,
         text=True,
         env=env,
@@ -141,7 +142,7 @@ def test_missing_embedded_upscaler_is_a_one_line_error(files, tmp_path):
     )
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1
-    assert "the embedded upscaler is missing" in proc.stderr
+    assert "the embedded x4 diffusion upscaler is missing" in proc.stderr
 
 
 def test_info_on_the_real_layout(tmp_path):

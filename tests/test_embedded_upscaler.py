@@ -46,5 +46,7 @@ def test_cli_upscales_the_default_model_without_a_model_option(tmp_path):
     image, _ = training_example(UNSEEN_SEED, 99, 64)
     small = tmp_path / "small.png"
     image.resize((16, 16), Image.BICUBIC).save(small)
-    (path,) = written(ldm("upscale", str(small), "--out", str(tmp_path / "out"), "--seed", "3"))
+    out = ldm("upscale", str(small), "--diffusion", "--out", str(tmp_path / "out"), "--seed", "3")
+    (path,) = written(out)
     assert Image.open(path).size == (64, 64)
+    assert out.stderr == ""  # a shapes scene: no note that the input is outside the domain

@@ -164,9 +164,35 @@ def test_hires_fix_doubles_the_size_and_records_a1111_keys(pipe):
         "Denoising strength": "0.5",
         "Hires upscale": "2",
         "Hires steps": "3",
-        "Hires upscaler": "Lanczos",
+        "Hires upscaler": "ldm-sr",
     }
     assert hires_from_parameters(params.extra) == hires
+
+
+def test_hires_upscalers_lanczos_and_a_file(pipe, tmp_path, capsys):
+    from ldm_cli.models.sr_compact import CompactShape
+    from tests.sr_helpers import write_compact
+
+    mine = write_compact(tmp_path / "2x-Mine.safetensors", CompactShape(2, 8, 1))
+    images = {}
+    for upscaler, name in [("lanczos", "Lanczos"), (str(mine), "2x-Mine"), ("ldm-sr", "ldm-sr")]:
+        hires = HiresFix(scale=2, strength=0.3, steps=2, upscaler=upscaler)
+        (image,) = pipe.generate("a cat", steps=2, seed=4, width=64, height=48, hires=hires)
+        extra = parse_parameters(image.info["parameters"]).extra
+        assert extra["Hires upscaler"] == name
+        images[name] = np.asarray(image, dtype=int)
+        if name != "2x-Mine":
+            assert hires_from_parameters(extra) == hires
+    assert all(
+        np.abs(images[a] - images[b]).max() > 0
+        for a, b in [("Lanczos", "ldm-sr"), ("ldm-sr", "2x-Mine")]
+    )
+    unknown = {"Hires upscale": "2", "Hires upscaler": "4x-UltraSharp"}
+    assert hires_from_parameters(unknown).upscaler == "ldm-sr"
+    assert "'4x-UltraSharp' is not known here" in capsys.readouterr().err
+    assert hires_from_parameters({"Hires upscale": "2"}).upscaler == "Lanczos"  # before ldm-sr
+    with pytest.raises(UserError, match="--hires-upscaler must be ldm-sr, Lanczos or an upscaler"):
+        HiresFix(upscaler=str(tmp_path / "absent.pth"))
 
 
 def test_hires_second_pass_runs_strength_times_steps(pipe):

@@ -46,6 +46,10 @@ class TrainPlan:
     # text-to-image config also starts its U-Net from it (x4 upscaler configs: None means the
     # embedded model; others: None trains every stage from scratch).
     base: Path | None = None
+    # x4 upscaler configs: the image sides to train at in turn (the first is config's
+    # default_size; empty: that one only), and an x4 checkpoint whose U-Net to start from.
+    sides: tuple[int, ...] = ()
+    init: Path | None = None
 
 
 @dataclass

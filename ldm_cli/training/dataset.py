@@ -109,8 +109,13 @@ def load_square_image(path: Path, size: int) -> np.ndarray:
     return np.array(image).transpose(2, 0, 1)
 
 
-def load_captioned_images(data_dir: str | Path, size: int) -> CaptionedImages:
+def load_captioned_images(
+    data_dir: str | Path, size: int, indices: torch.Tensor | None = None
+) -> CaptionedImages:
+    """The folder's images at side `size` (all, or those at `indices` of its sorted list)."""
     pairs = find_captioned_files(Path(data_dir))
+    if indices is not None:
+        pairs = [pairs[int(i)] for i in indices]
     images = torch.empty((len(pairs), 3, size, size), dtype=torch.uint8)
 
     def load(index: int) -> None:

@@ -62,6 +62,36 @@ def load_base(path: Path | None):
     return model
 
 
+def larger_sides(plan: TrainPlan, count: int, side: int) -> list:
+    """The training images again at each of `plan.sides` past the first, as many of them as
+    hold the first set's pixels (the first ones of the training split)."""
+    from ldm_cli.training.dataset import default_holdout, holdout_split, load_captioned_images
+
+    if not plan.sides:
+        return []
+    holdout = default_holdout(count) if plan.holdout is None else plan.holdout
+    train_idx, _ = holdout_split(count, holdout, plan.loop.seed)
+    out = []
+    for larger in plan.sides[1:]:
+        keep = max(1, len(train_idx) * side**2 // larger**2)
+        out.append(load_captioned_images(plan.data_dir, larger, train_idx[:keep]))
+    return out
+
+
+def load_init(path: Path | None, cfg: ModelConfig):
+    """The U-Net of an x4 upscaler checkpoint to fine-tune (`--init`), checked against `cfg`."""
+    if path is None:
+        return None
+    import torch
+
+    from ldm_cli.loading import load_model
+
+    model, _ = load_model(path, device="cpu", dtype=torch.float32)
+    if model.config.unet != cfg.unet:
+        raise UserError(f"--init {path.name}: its U-Net is not this config's")
+    return model.unet
+
+
 def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.training import upscaler_stage
     from ldm_cli.training.dataset import load_captioned_images
@@ -76,6 +106,7 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
     cfg = upscaler_config(plan.config, base.config)
     data = load_captioned_images(plan.data_dir, cfg.default_size)
     train, heldout = split(data, plan.holdout, loop.seed)
+    train_sets = [train] + larger_sides(plan, len(data), cfg.default_size)
     if main:
         loop.run_dir.mkdir(parents=True, exist_ok=True)
         check_run_config(loop.run_dir / CONFIG_FILE, cfg)
@@ -88,7 +119,10 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
         note(loop, f"upscaler: trained already ({upscaler_stage.weights_path(loop)}), skipped")
         result = upscaler_stage.load_upscaler(cfg, loop)
     else:
-        result = upscaler_stage.train_upscaler(cfg, vae, text, train, heldout, plan.unet, loop)
+        init = load_init(plan.init, cfg)
+        result = upscaler_stage.train_upscaler(
+            cfg, vae, text, train_sets, heldout, plan.unet, loop, init=init
+        )
         if result is None:
             return TrainOutcome(None, _read_metrics(loop))
 

@@ -185,25 +185,47 @@ def write_samples(pipe, samples: CaptionedImages, path: Path, seed: int) -> None
     save_grid(torch.cat(rows), path, rows=3)
 
 
+def batch_for(base_batch: int, base_side: int, side: int) -> int:
+    """The batch at `side` that costs what `base_batch` costs at `base_side` (same pixels)."""
+    return max(1, base_batch * base_side**2 // side**2)
+
+
 def train_upscaler(
     cfg: ModelConfig,
     vae: AutoencoderKL,
     text_encoder: CLIPTextEncoder,
-    train: CaptionedImages,
+    train: list[CaptionedImages],
     heldout: CaptionedImages,
     settings: StageSettings,
     options: LoopOptions,
+    init: UNetModel | None = None,
 ) -> UnetResult | None:
-    """Train (or resume) the upscaler U-Net; None when stopped early by ``stop_after``."""
+    """Train (or resume) the upscaler U-Net; None when stopped early by ``stop_after``.
+
+    `train` holds one set per image side (the first the smallest): step k trains on set
+    k mod len(train), with a batch of as many pixels as `settings.batch_size` images of the
+    first set, so one model learns the domain at every scale. `init`: the U-Net to start from
+    (a fine-tune), else LDM's zero-initialised residual branches."""
     torch.manual_seed(options.seed + 3)
     unet = zero_init_like_ldm(UNetModel(cfg.unet))
-    note(options, f"{STAGE}: caching latents, low-res copies and captions of {len(train)} images")
-    examples = prepare_upscaler_examples(vae, text_encoder, train, cfg)
+    if init is not None:
+        unet.load_state_dict(init.state_dict())
+    sides = [int(part.images.shape[-1]) for part in train]
+    note(
+        options,
+        f"{STAGE}: caching latents, low-res copies and captions of {len(train[0])} "
+        f"images at {', '.join(f'{s}px' for s in sides)}",
+    )
+    examples = [prepare_upscaler_examples(vae, text_encoder, part, cfg) for part in train]
+    batches = [batch_for(settings.batch_size, sides[0], side) for side in sides]
     alphas_cumprod = DiscreteSchedule(cfg.schedule).alphas_cumprod
 
     def loss_fn(model, draws: StepRandom) -> torch.Tensor:
-        indices = draws.batch_indices(len(examples.low_res), settings.batch_size)
-        return upscaler_loss(model, examples, alphas_cumprod, cfg.prediction, indices, draws.local)
+        k = draws.step % len(examples)
+        indices = draws.batch_indices(len(examples[k].low_res), batches[k])
+        return upscaler_loss(
+            model, examples[k], alphas_cumprod, cfg.prediction, indices, draws.local
+        )
 
     samples = heldout.subset(torch.arange(min(SAMPLE_IMAGES, len(heldout))))
     samples_dir = options.run_dir / "samples"
@@ -218,7 +240,7 @@ def train_upscaler(
     if not result.finished:
         return None
     first = round(result.losses[0], 5) if result.losses else None
-    return finish_stage(STAGE, result, options, {"first_loss": first})
+    return finish_stage(STAGE, result, options, {"first_loss": first, "sides": sides})
 
 
 def load_upscaler(cfg: ModelConfig, options: LoopOptions) -> UnetResult:
