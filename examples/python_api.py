@@ -8,7 +8,7 @@ import sys
 import torch
 
 import ldm_cli
-from ldm_cli.pngmeta import write_png
+from ldm_cli.core.pngmeta import write_png
 
 pipe = ldm_cli.load(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu", dtype="fp32")
 

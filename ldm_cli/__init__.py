@@ -5,7 +5,7 @@ pipe = ldm_cli.load("v1-5-pruned-emaonly.safetensors")   # or load() for the emb
 images = pipe.generate("a red circle on a blue background", seed=1)
 """
 
-from .errors import UserError
+from ldm_cli.core.errors import UserError
 
 __version__ = "0.1.0"
 __all__ = ["load", "load_upscaler", "UserError", "__version__"]
@@ -24,18 +24,19 @@ def load(
     low_memory=None,
     cuda_graphs=False,
 ):
-    """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline).
+    """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline.base).
 
     `prediction` ("eps" or "v") and `clip_skip` (1 = last text layer) override the defaults;
     `compile=True` runs the U-Net through torch.compile, `offload="model"` or `"sequential"`
-    keeps the weights in CPU memory on a CUDA device (see ldm_cli.performance);
+    keeps the weights in CPU memory on a CUDA device (see ldm_cli.pipeline.performance);
     `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
-    (ldm_cli.vae_tiling); `low_memory` keeps an fp16 file's large U-Net weights in 16 bits on
-    the CPU, widened per call (ldm_cli.models.narrow_weights): by default unless `compile` or
+    (ldm_cli.pipeline.vae_codec); `low_memory` keeps an fp16 file's large U-Net weights in 16
+    bits on
+    the CPU, widened per call (ldm_cli.ops.narrow_weights): by default unless `compile` or
     `offload`; False converts them at load. `cuda_graphs=True` (CUDA) compiles the U-Net to
-    replay each step as CUDA graphs (ldm_cli.compile_unet).
+    replay each step as CUDA graphs (ldm_cli.runtime.compile).
     """
-    from .pipeline import load as _load
+    from ldm_cli.pipeline.base import load as _load
 
     return _load(
         path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip,
@@ -45,16 +46,17 @@ def load(
 
 
 def load_upscaler(path=None, *, scale=4, device=None):
-    """An image upscaler (`ldm_cli.image_upscaler.ImageUpscaler`): `path` an upscaler file
+    """An image upscaler (`ldm_cli.pipeline.tasks.image_upscaler.ImageUpscaler`): `path` an
+    upscaler file
     (ESRGAN, RealESRGAN, SwinIR, DAT, ... as .safetensors, or a .pth inside
-    `ldm_cli.pickle_checkpoint.allow_pickle()`), or None for the embedded ldm-sr network for
+    `ldm_cli.checkpoints.pickled.allow_pickle()`), or None for the embedded ldm-sr network for
     `scale` (x2 up to 2, x4 above). `device`: "auto" (None), "cpu", "cuda", ...
 
     ldm_cli.load_upscaler().upscale("photo.png").save("photo-x4.png")
     """
-    from .devices import resolve_device
-    from .image_upscaler import load_embedded_upscaler
-    from .image_upscaler import load_upscaler as _load_upscaler
+    from ldm_cli.core.devices import resolve_device
+    from ldm_cli.pipeline.tasks.image_upscaler import load_embedded_upscaler
+    from ldm_cli.pipeline.tasks.image_upscaler import load_upscaler as _load_upscaler
 
     where = resolve_device(device)
     if path is None:

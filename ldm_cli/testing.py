@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_save import save_checkpoint
-from .config import TINY_SD1, ModelConfig
+from ldm_cli.checkpoints.save import save_checkpoint
+from ldm_cli.core.config import TINY_SD1, ModelConfig
 
 # TINY_SD1 with one resolution level: every kind of U-Net block (ResBlock, SpatialTransformer,
 # time embedding) in half the kernels, for tests that compile the U-Net
@@ -58,7 +58,7 @@ def random_checkpoint(
     real_extras: bool = True,
 ) -> Path:
     """Write a checkpoint of `cfg` with seeded random weights in the original layout."""
-    from .models.latent_diffusion import LatentDiffusion
+    from ldm_cli.models.latent_diffusion import LatentDiffusion
 
     path = Path(path)
     with torch.device("meta"):  # skip the default init: every parameter is overwritten

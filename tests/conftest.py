@@ -6,7 +6,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
-# model hashes are cached on disk (ldm_cli.model_hash): never in the user's own cache, and each
+# model hashes are cached on disk (ldm_cli.checkpoints.hash): never in the user's own cache, and
+# each
 # test run starts with none, subprocesses included
 os.environ["LDM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldm-test-cache-")
 

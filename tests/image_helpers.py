@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from ldm_cli.config import TINY_SD1
+from ldm_cli.core.config import TINY_SD1
 
 TINY_INPAINT = replace(TINY_SD1, family="sd1-inpaint", unet=replace(TINY_SD1.unet, in_channels=9))
 PHOTOS = ("astronaut", "coffee", "chelsea")

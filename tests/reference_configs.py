@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ldm_cli.config import TextConfig, UNetConfig, VAEConfig
+from ldm_cli.core.config import TextConfig, UNetConfig, VAEConfig
 
 
 def diffusers_unet_config(cfg: UNetConfig, addition_time_embed_dim: int = 256) -> dict:

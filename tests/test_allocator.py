@@ -10,7 +10,7 @@ import pytest
 # Allocates and frees a 64 MB tensor 40 times and prints the minor page faults of the last 20.
 PROBE = """
 import resource, sys
-from ldm_cli.allocator import keep_freed_memory
+from ldm_cli.ops.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 import torch
 def faults():

@@ -1,4 +1,4 @@
-"""Attention in slices of queries (ldm_cli.models.attention_slicing) and the VAE attention's
+"""Attention in slices of queries (ldm_cli.ops.attention_slicing) and the VAE attention's
 layout for torch's memory-bounded SDPA kernels."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.models import attention_slicing
 from ldm_cli.models.attention import CrossAttention
-from ldm_cli.models.attention_slicing import attention, query_slice
 from ldm_cli.models.vae import AttnBlock
+from ldm_cli.ops import attention_slicing
+from ldm_cli.ops.attention_slicing import attention, query_slice
 from ldm_cli.testing import randomize_
 
 

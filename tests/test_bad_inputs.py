@@ -19,8 +19,8 @@ from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm
 
@@ -416,7 +416,8 @@ def test_debug_shows_the_traceback(files, tmp_path):
 
 def test_out_of_memory_is_one_line(monkeypatch, capsys):
     """The CPU allocator's RuntimeError and torch.OutOfMemoryError become one line, exit 1."""
-    from ldm_cli import cli, cli_usage
+    from ldm_cli import cli
+    from ldm_cli.cli import usage as cli_usage
 
     for error in (
         RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"),
@@ -436,7 +437,8 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
 
 
 def test_other_runtime_errors_are_not_hidden(monkeypatch):
-    from ldm_cli import cli, cli_usage
+    from ldm_cli import cli
+    from ldm_cli.cli import usage as cli_usage
 
     def boom(app):
         raise RuntimeError("an internal bug")

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_cli.batch_resume import (
+from ldm_cli.cli.batch_resume import (
     Planned,
     base_number,
     clean_leftovers,
     find_finished,
     save_png_numbered,
 )
-from ldm_cli.config import TINY_SD1
-from ldm_cli.outputs import reservation_owner, reserve
-from ldm_cli.pipeline import Request
-from ldm_cli.pngmeta import read_parameters
+from ldm_cli.cli.outputs import reservation_owner, reserve
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.pngmeta import read_parameters
+from ldm_cli.pipeline.base import Request
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 
@@ -285,7 +285,7 @@ def test_clean_leftovers_of_dead_processes(tmp_path):
 
 
 def test_an_interrupt_while_publishing_waits_for_the_path_to_be_printed(capsys):
-    from ldm_cli.interrupts import interrupt_after
+    from ldm_cli.core.interrupts import interrupt_after
 
     # SIGINT as a terminal's foreground run has it (a run started in the background ignores it)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)

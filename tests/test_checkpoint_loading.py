@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.config import TINY_SD1
-from ldm_cli.detect import detect_config
-from ldm_cli.errors import UserError
-from ldm_cli.loading import load_model
+from ldm_cli.checkpoints.detect import detect_config
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
 from ldm_cli.models.latent_diffusion import LatentDiffusion
+from ldm_cli.models.loading import load_model
 from ldm_cli.testing import random_checkpoint, randomize_
 
 
@@ -150,7 +150,7 @@ def test_pickle_and_missing_files_are_refused(tmp_path):
 
 
 def test_weights_in_their_own_dtype_are_views_of_the_file_and_writable(tmp_path, tiny_state):
-    from ldm_cli.file_pages import file_mapped
+    from ldm_cli.ops.file_pages import file_mapped
 
     path = random_checkpoint(TINY_SD1, tmp_path / "tiny.safetensors", seed=3)
     before = path.read_bytes()
@@ -165,7 +165,7 @@ def test_weights_in_their_own_dtype_are_views_of_the_file_and_writable(tmp_path,
 
 
 def test_a_tensor_misaligned_for_its_dtype_is_read_into_its_own_memory(tmp_path):
-    from ldm_cli.loading import _read_safetensors
+    from ldm_cli.models.loading import _read_safetensors
 
     entries = {
         "a": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},

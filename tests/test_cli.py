@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_cli.cli_generate import SAMPLER_HELP
-from ldm_cli.config import TINY_SD1
-from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
-from ldm_cli.pngmeta import parse_parameters, read_parameters
+from ldm_cli.cli.generate import SAMPLER_HELP
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.image_inputs import blur_mask
-from ldm_cli.pngmeta import parse_parameters, read_parameters
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.image_inputs import blur_mask
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
     ldm,

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from ldm_cli import cli_upscale, upscale
-from ldm_cli.config import TINY_SD1, TINY_X4, X4_UPSCALER
-from ldm_cli.pngmeta import parse_parameters, read_parameters
+from ldm_cli.cli import upscale as cli_upscale
+from ldm_cli.core.config import TINY_SD1, TINY_X4, X4_UPSCALER
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
+from ldm_cli.pipeline.tasks import upscale
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
     ldm,

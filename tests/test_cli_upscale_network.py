@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from ldm_cli.config import TINY_X4
+from ldm_cli.core.config import TINY_X4
+from ldm_cli.core.pngmeta import read_parameters
 from ldm_cli.models.sr_compact import CompactShape
-from ldm_cli.pngmeta import read_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
     ldm,
@@ -170,7 +170,7 @@ def test_a_1024_input_runs_tile_by_tile_in_bounded_memory(files, tmp_path):
     photo("astronaut", 1024).save(tmp_path / "big.png")
     code = f"""
 import json, resource
-from ldm_cli.image_upscaler import load_upscaler
+from ldm_cli.pipeline.tasks.image_upscaler import load_upscaler
 ticks = []
 out = load_upscaler({str(files["x4"])!r}).upscale(
     {str(tmp_path / "big.png")!r}, progress=lambda i, n: ticks.append([i, n])

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.compile_unet import check_compile, is_compiled, unavailable_reason
-from ldm_cli.errors import UserError
+from ldm_cli.core.errors import UserError
+from ldm_cli.runtime.compile import check_compile, is_compiled, unavailable_reason
 from ldm_cli.testing import ONE_LEVEL_SD1, random_checkpoint
 from tests.cli_helpers import ldm
 
@@ -60,9 +60,9 @@ def test_compiled_unet_and_image_equal_eager(one_level):
 def test_the_unet_compiles_as_one_graph(tmp_path, monkeypatch, layout):
     """No graph break: a break in the U-Net's forward makes dynamo skip that frame and compile
     each block on its own, which hits the recompile limit and leaves the rest eager."""
-    import ldm_cli.models.upsample_conv as upsample_conv
-    import ldm_cli.models.winograd_conv as winograd_conv
-    from ldm_cli.config import TINY_SD1
+    import ldm_cli.ops.upsample_conv as upsample_conv
+    import ldm_cli.ops.winograd_conv as winograd_conv
+    from ldm_cli.core.config import TINY_SD1
 
     monkeypatch.setattr(upsample_conv, "MIN_ELEMENTS", 0)  # the folded, cached path too
     # the Winograd mode not yet asked for: finding it asks the CPU, a break if traced
@@ -110,7 +110,7 @@ def test_cuda_graphs_need_a_cuda_device(one_level):
 
 
 def test_cuda_graphs_clashes_are_refused_before_loading(tmp_path):
-    from ldm_cli.performance import load_prepared
+    from ldm_cli.pipeline.performance import load_prepared
 
     missing = tmp_path / "never-read.safetensors"  # the error must come before any read
     with pytest.raises(UserError, match="--cuda-graphs does not work with --offload"):
@@ -126,7 +126,7 @@ def test_cuda_graphs_clashes_are_refused_before_loading(tmp_path):
 def test_cuda_graph_replays_are_copied_out(monkeypatch):
     """Each call marks a new step for torch's graph trees and returns a copy of the replay's
     output, which the next replay overwrites in place (the fake below does the same)."""
-    import ldm_cli.compile_unet as cu
+    import ldm_cli.runtime.compile as cu
 
     static_out = torch.zeros(3)
     modes, steps = [], []

@@ -1,4 +1,4 @@
-"""Linear layers as oneDNN 1x1 convolutions (ldm_cli.models.conv_linear)."""
+"""Linear layers as oneDNN 1x1 convolutions (ldm_cli.ops.conv_linear)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.errors import UserError
-from ldm_cli.models import conv_linear
-from ldm_cli.models.conv_linear import Linear, linear, set_linear_mode, uses_conv
+from ldm_cli.core.errors import UserError
+from ldm_cli.ops import conv_linear
+from ldm_cli.ops.conv_linear import Linear, linear, set_linear_mode, uses_conv
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.converted_load import ALIGN, read_converted
-from ldm_cli.loading import TORCH_DTYPES
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.models.loading import TORCH_DTYPES
+from ldm_cli.ops.converted_load import ALIGN, read_converted
 
 
 def test_values_shapes_and_alignment(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.compile_unet import unavailable_reason
-from ldm_cli.config import TINY_SD1
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.runtime.compile import unavailable_reason
 from ldm_cli.testing import ONE_LEVEL_SD1, random_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""--deep-cache: deep U-Net features reused across calls (ldm_cli.deep_cache)."""
+"""--deep-cache: deep U-Net features reused across calls (ldm_cli.runtime.deep_cache)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
-from ldm_cli.deep_cache import deep_cache
-from ldm_cli.errors import UserError
-from ldm_cli.image_metrics import psnr
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.image_metrics import psnr
+from ldm_cli.core.pngmeta import params_from_png
 from ldm_cli.models.unet import UNetModel
-from ldm_cli.pngmeta import params_from_png
+from ldm_cli.runtime.deep_cache import deep_cache
 from ldm_cli.testing import random_checkpoint, randomize_
 from tests.cli_helpers import ldm, one_thread_per_command, pixels, written  # noqa: F401
 

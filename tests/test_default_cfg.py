@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.pngmeta import parse_parameters, read_parameters
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, one_thread_per_command, written  # noqa: F401
 
@@ -47,7 +47,7 @@ def test_generate_and_img2img_use_the_checkpoints_scale(models, tmp_path):
 
 def test_the_python_api_uses_it_too(models):
     from ldm_cli.evaluation.run_eval import evaluate
-    from ldm_cli.pipeline import load
+    from ldm_cli.pipeline.base import load
 
     pipe = load(models["own"], dtype="fp32")
     (image,) = pipe.generate("a cat", steps=1, seed=0, width=32, height=32)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.distributed import Shard
-from ldm_cli.pngmeta import read_parameters
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.pngmeta import read_parameters
+from ldm_cli.runtime.distributed import Shard
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 
@@ -126,7 +126,7 @@ def test_two_processes_agree_on_a_random_seed(tiny, tmp_path):
 
 def test_plain_runs_are_one_shard_without_accelerate():
     code = (
-        "import sys\nfrom ldm_cli.distributed import current\n"
+        "import sys\nfrom ldm_cli.runtime.distributed import current\n"
         "print(current(), 'accelerate' in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
@@ -150,9 +150,9 @@ def test_two_process_training_is_one_ddp_run(tmp_path):
     believe they are the main process and write the same files."""
     from dataclasses import replace
 
+    from ldm_cli.checkpoints.detect import config_to_json
     from ldm_cli.data.shapes_writer import write_shapes_dataset
-    from ldm_cli.detect import config_to_json
-    from ldm_cli.loading import load_model
+    from ldm_cli.models.loading import load_model
 
     tiny = TINY_SD1.with_(
         unet=replace(TINY_SD1.unet, model_channels=32, attention_resolutions=(2,)),

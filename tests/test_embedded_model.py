@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
+from ldm_cli.core.image_metrics import psnr
 from ldm_cli.data.shapes import Scene, ShapeObject, caption
-from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
 from ldm_cli.evaluation.pixel_analysis import COLOUR_NAMES, analyse, classify_pixels
-from ldm_cli.image_metrics import psnr
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 MODEL = WEIGHTS_DIR / DEFAULT_NAME
@@ -47,14 +47,14 @@ GOLDEN_MIN_PSNR = 30.0
 
 @pytest.fixture(scope="module")
 def pipe():
-    from ldm_cli.pipeline import load
+    from ldm_cli.pipeline.base import load
 
     return load(None, device="cpu")
 
 
 def test_the_embedded_model_ships_small_and_loads_strictly():
-    from ldm_cli.checkpoint_file import read_header
-    from ldm_cli.detect import detect_config
+    from ldm_cli.checkpoints.detect import detect_config
+    from ldm_cli.checkpoints.file import read_header
 
     assert MODEL.is_file(), "weights/ldm-shapes.safetensors is missing"
     assert MODEL.stat().st_size <= 30 * 2**20

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from ldm_cli.embedded import SR_NAMES, UPSCALER_NAME, WEIGHTS_DIR
+from ldm_cli.core.embedded import SR_NAMES, WEIGHTS_DIR
 from ldm_cli.evaluation.upscalers import (
     SHAPES_SIDES,
-    diffusion_method,
     evaluate_set,
     network_method,
     photo_examples,
@@ -39,7 +38,7 @@ def test_held_out_photos_at_x4(network):
 
 
 def test_the_x2_network_beats_bicubic_at_x2():
-    from ldm_cli.image_upscaler import load_embedded_upscaler
+    from ldm_cli.pipeline.tasks.image_upscaler import load_embedded_upscaler
     from ldm_cli.training.sr_stage import evaluate_photos
 
     result = evaluate_photos(load_embedded_upscaler(2))
@@ -50,8 +49,6 @@ def test_the_x2_network_beats_bicubic_at_x2():
 @pytest.mark.parametrize("side", SHAPES_SIDES)
 def test_shapes_scenes_at_every_scale(network, side):
     methods = {"bicubic": BICUBIC, "ldm-sr": network}
-    if (WEIGHTS_DIR / UPSCALER_NAME).exists():
-        methods["x4 diffusion"] = diffusion_method(prompted=True)
     rows, _ = evaluate_set(shapes_examples(side, 8), methods)
     for name in methods:
         if name != "bicubic":

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_cli.core.embedded import UPSCALER_NAME, WEIGHTS_DIR
 from ldm_cli.data.shapes_writer import training_example
-from ldm_cli.embedded import UPSCALER_NAME, WEIGHTS_DIR
 from ldm_cli.training.dataset import CaptionedImages
 
 MODEL = WEIGHTS_DIR / UPSCALER_NAME

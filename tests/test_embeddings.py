@@ -13,20 +13,16 @@ import torch
 from safetensors.torch import save_file
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1, TINY_SDXL
-from ldm_cli.embeddings import (
-    PLACEHOLDER_BASE,
-    EmbeddingDatabase,
-    read_embedding,
-)
-from ldm_cli.errors import UserError
+from ldm_cli.checkpoints.pickled import allow_pickle
+from ldm_cli.core.config import TINY_SD1, TINY_SDXL
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.models.latent_diffusion import LatentDiffusion
-from ldm_cli.pickle_checkpoint import allow_pickle
-from ldm_cli.pipeline import Request
-from ldm_cli.pngmeta import parse_parameters, read_parameters
-from ldm_cli.prompt_chunks import CHUNK_TOKENS, prompt_chunks
+from ldm_cli.pipeline.base import Request
 from ldm_cli.testing import random_checkpoint, randomize_
-from ldm_cli.tokenizer import get_tokenizer
+from ldm_cli.text.chunks import prompt_chunks
+from ldm_cli.text.embeddings import PLACEHOLDER_BASE, EmbeddingDatabase, read_embedding
+from ldm_cli.text.tokenizer import CHUNK_TOKENS, get_tokenizer
 from tests.cli_helpers import ldm, written
 
 WIDTH = TINY_SD1.text.hidden_size

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm_cli.file_pages import drop_file_pages, file_mapped
-from ldm_cli.models import upsample_conv
 from ldm_cli.models.unet_blocks import Upsample
+from ldm_cli.ops import upsample_conv
+from ldm_cli.ops.file_pages import drop_file_pages, file_mapped
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/maps is Linux's")
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ldm_cli.config import TINY_SD1
+from ldm_cli.checkpoints.detect import config_to_json
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
 from ldm_cli.data.shapes_writer import write_shapes_dataset
-from ldm_cli.detect import config_to_json
-from ldm_cli.errors import UserError
 from ldm_cli.models.unet import UNetModel
 from ldm_cli.testing import random_checkpoint
 from ldm_cli.training.fine_tune import start_from
@@ -76,7 +76,7 @@ def test_a_base_that_does_not_fit_is_refused():
 
 @pytest.mark.slow
 def test_fine_tune_run_keeps_the_base_vae_and_text_encoder(tmp_path):
-    from ldm_cli.pipeline import load
+    from ldm_cli.pipeline.base import load
 
     data = write_shapes_dataset(tmp_path / "shapes", 32, size=SIZE, seed=0)
     base = random_checkpoint(BASE, tmp_path / "base.safetensors", seed=5)
@@ -113,7 +113,7 @@ def test_fine_tune_run_keeps_the_base_vae_and_text_encoder(tmp_path):
 
 
 def test_an_upscaler_base_is_refused_for_text_to_image(tmp_path):
-    from ldm_cli.config import TINY_X4
+    from ldm_cli.core.config import TINY_X4
     from ldm_cli.training.fine_tune import base_config
 
     with pytest.raises(UserError, match="x4 upscaler"):
@@ -121,7 +121,7 @@ def test_an_upscaler_base_is_refused_for_text_to_image(tmp_path):
 
 
 def test_an_sdxl_base_is_refused():
-    from ldm_cli.config import TINY_SDXL
+    from ldm_cli.core.config import TINY_SDXL
     from ldm_cli.training.fine_tune import base_config
 
     with pytest.raises(UserError, match="SD 1.x/2.x-shaped models only"):
@@ -129,8 +129,8 @@ def test_an_sdxl_base_is_refused():
 
 
 def test_without_config_a_base_is_fine_tuned_as_it_is(tmp_path):
-    from ldm_cli.cli_train import _training_config
-    from ldm_cli.config import TINY_X4
+    from ldm_cli.cli.train import _training_config
+    from ldm_cli.core.config import TINY_X4
     from ldm_cli.training.embedded_config import EMBEDDED
 
     assert _training_config(None, None) == EMBEDDED

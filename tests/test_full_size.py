@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.config import SD15
-from ldm_cli.detect import detect_config
-from ldm_cli.pngmeta import parse_parameters, read_parameters
+from ldm_cli.checkpoints.detect import detect_config
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.core.config import SD15
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

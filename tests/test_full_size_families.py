@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from ldm_cli.config import SD21, SDXL_BASE
+from ldm_cli.core.config import SD21, SDXL_BASE
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ldm_cli.checkpoint_file import DTYPE_SIZES, read_header
-from ldm_cli.errors import UserError
-from ldm_cli.pickle_checkpoint import looks_pickled
-from ldm_cli.prompts_file import decode_prompts, parse_prompts
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.checkpoints.header import DTYPE_SIZES
+from ldm_cli.checkpoints.pickled import looks_pickled
+from ldm_cli.core.errors import UserError
+from ldm_cli.text.prompts_file import decode_prompts, parse_prompts
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

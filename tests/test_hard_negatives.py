@@ -8,13 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ldm_cli.config import TextConfig
-from ldm_cli.training.hard_negatives import (
-    WORD_GROUPS,
-    hard_negative,
-    hard_negatives,
-    swapped_word,
-)
+from ldm_cli.core.config import TextConfig
+from ldm_cli.training.hard_negatives import WORD_GROUPS, hard_negative, hard_negatives, swapped_word
 from ldm_cli.training.text_stage import ClipModel
 
 CAPTION = (
@@ -90,7 +85,7 @@ def test_evaluation_swap_is_deterministic():
 
 @pytest.fixture(scope="module")
 def clip_batch():
-    from ldm_cli.tokenizer import get_tokenizer
+    from ldm_cli.text.tokenizer import get_tokenizer
 
     torch.manual_seed(0)
     model = ClipModel(TINY_TEXT).eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli.image_metrics import psnr
+from ldm_cli.core.image_metrics import psnr
 
 
 def test_known_value_and_identical_images():

@@ -1,4 +1,5 @@
-"""Feed-forward upscalers (ldm_cli.image_upscaler): files of the ESRGAN family give the pixels
+"""Feed-forward upscalers (ldm_cli.pipeline.tasks.image_upscaler): files of the ESRGAN family
+give the pixels
 spandrel's own model gives, read safely; tiles blend to the untiled result; scales beyond the
 network's are reached in passes."""
 
@@ -12,8 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
 
-from ldm_cli.errors import UserError
-from ldm_cli.image_upscaler import (
+from ldm_cli.checkpoints.pickled import allow_pickle
+from ldm_cli.core.errors import UserError
+from ldm_cli.models.sr_compact import CompactShape, SRVGGCompact, compact_shape
+from ldm_cli.pipeline.tasks.image_upscaler import (
     load_upscaler,
     parameters_text,
     passes_for,
@@ -21,8 +24,6 @@ from ldm_cli.image_upscaler import (
     to_tensor,
     upscale_image,
 )
-from ldm_cli.models.sr_compact import CompactShape, SRVGGCompact, compact_shape
-from ldm_cli.pickle_checkpoint import allow_pickle
 from tests.image_helpers import photo
 from tests.sr_helpers import compact_state, rrdb_state, write_compact
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
-from ldm_cli.hires import HiresFix, hires_from_parameters
-from ldm_cli.image_inputs import as_mask, as_rgb, load_image, size_notice, to_pixels
-from ldm_cli.image_start import first_step
-from ldm_cli.img2img import encode_latents
-from ldm_cli.pipeline import load
-from ldm_cli.pngmeta import parse_parameters
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.image_inputs import as_mask, as_rgb, load_image, size_notice, to_pixels
+from ldm_cli.core.pngmeta import parse_parameters
+from ldm_cli.pipeline.base import load
+from ldm_cli.pipeline.image_start import first_step
+from ldm_cli.pipeline.tasks.hires import HiresFix, hires_from_parameters
+from ldm_cli.pipeline.tasks.img2img import encode_latents
 from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import PHOTOS, TINY_INPAINT, photo
 
@@ -108,7 +108,7 @@ def _odd_inputs() -> dict[str, Image.Image]:
 def test_inputs_of_any_mode_and_odd_size(pipe, kind):
     image = _odd_inputs()[kind]
     notices = []
-    from ldm_cli.img2img import base_request, iter_img2img
+    from ldm_cli.pipeline.tasks.img2img import base_request, iter_img2img
 
     pairs = iter_img2img(
         pipe, image, base_request("a cat", steps=2), strength=0.5, notice=notices.append

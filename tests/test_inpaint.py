@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
-from ldm_cli.image_inputs import blur_mask, load_mask, to_pixels
-from ldm_cli.image_metrics import psnr
-from ldm_cli.image_start import keep_outside_mask
-from ldm_cli.img2img import encode_latents
-from ldm_cli.inpaint_regions import crop_box, extend_canvas
-from ldm_cli.pipeline import load
-from ldm_cli.pngmeta import parse_parameters
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.image_inputs import blur_mask, load_mask, to_pixels
+from ldm_cli.core.image_metrics import psnr
+from ldm_cli.core.pngmeta import parse_parameters
+from ldm_cli.pipeline.base import load
+from ldm_cli.pipeline.image_start import keep_outside_mask
+from ldm_cli.pipeline.tasks.img2img import encode_latents
+from ldm_cli.pipeline.tasks.inpaint_regions import crop_box, extend_canvas
 from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import PHOTOS, TINY_INPAINT, box_mask, photo
 

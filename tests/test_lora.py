@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1, TINY_SD2, TINY_SDXL
-from ldm_cli.errors import UserError
-from ldm_cli.lora_keys import UNET_ROOT, diffusers_unet_path, layer_table
-from ldm_cli.lora_tags import LoraTag, parse_lora_option, parse_tags
+from ldm_cli.core.config import TINY_SD1, TINY_SD2, TINY_SDXL
+from ldm_cli.core.errors import UserError
 from ldm_cli.models.latent_diffusion import LatentDiffusion
+from ldm_cli.networks.keys import UNET_ROOT, diffusers_unet_path, layer_table
+from ldm_cli.networks.tags import LoraTag, parse_lora_option, parse_tags
 from ldm_cli.testing import random_checkpoint, randomize_
 from tests.reference_configs import diffusers_unet_config, diffusers_vae_config
 
@@ -347,7 +347,7 @@ def test_prompt_tags_apply_for_the_run_and_go_away_after(fresh, reference, tmp_p
 
     # the tag is not text: the conditioning is that of the prompt without it, LoRA applied
     cond, _ = pipe.conditioning(
-        [ldm_cli.pipeline.Request("a red circle <lora:ink:0.8>", steps=2, width=64, height=64)]
+        [ldm_cli.pipeline.base.Request("a red circle <lora:ink:0.8>", steps=2, width=64, height=64)]
     )
     expected = pipe.encode_prompts(["a red circle "])[0]
     assert torch.equal(cond.images[0][0][0].features[0], expected)
@@ -369,7 +369,7 @@ def test_lora_option_applies_to_every_prompt_and_is_recorded(fresh, reference, t
     pipe = fresh
     path = write_peft(tmp_path / "detail.safetensors", reference)
     pipe.networks.add_lora(f"{path}:0.6")
-    req = ldm_cli.pipeline.Request("a cat", steps=2, width=64, height=64)
+    req = ldm_cli.pipeline.base.Request("a cat", steps=2, width=64, height=64)
     pipe.conditioning([req])
     assert pipe.networks._applied
     assert f'Lora hashes: "detail: {addnet_hash(path)}"' in pipe.parameters_text(req)
@@ -428,7 +428,7 @@ def test_add_lora_checks_its_file_and_weight_and_clear_loras_undoes_it(fresh, re
     assert pipe.networks.loras == []
     base = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     pipe.networks.add_lora(path, 0.8)
-    req = ldm_cli.pipeline.Request("a cat", steps=2, width=64, height=64)
+    req = ldm_cli.pipeline.base.Request("a cat", steps=2, width=64, height=64)
     pipe.conditioning([req])
     assert "Lora hashes" in pipe.parameters_text(req)
     pipe.networks.clear_loras()
@@ -486,7 +486,7 @@ def test_missing_lora_names_the_folder(fresh, tmp_path):
     fresh.networks.lora_dir = tmp_path
     with pytest.raises(UserError, match=r"LoRA 'nope' not found in .* --lora-dir"):
         fresh.conditioning(
-            [ldm_cli.pipeline.Request("<lora:nope:1>", steps=1, width=64, height=64)]
+            [ldm_cli.pipeline.base.Request("<lora:nope:1>", steps=1, width=64, height=64)]
         )
 
 
@@ -610,7 +610,7 @@ def test_sdxl_kohya_lora_equals_diffusers(tmp_path):
         }
 
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    from ldm_cli.lora import Networks
+    from ldm_cli.networks.lora import Networks
 
     networks = Networks(type("Pipe", (), {"model": model})())
     networks.apply([(tmp_path / "ours.safetensors", scale, scale)])
@@ -635,7 +635,7 @@ def test_sdxl_kohya_lora_equals_diffusers(tmp_path):
 
 
 def test_lora_hash_is_a1111s(tmp_path):
-    from ldm_cli.lora_files import lora_hash
+    from ldm_cli.networks.files import lora_hash
 
     tensors = {"lora_te_x.lora_down.weight": torch.ones(1, 2)}
     plain = tmp_path / "plain.safetensors"

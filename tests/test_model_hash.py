@@ -6,8 +6,8 @@ import hashlib
 import os
 import threading
 
-from ldm_cli import model_hash as hashing
-from ldm_cli.model_hash import hash_in_background, model_hash
+from ldm_cli.checkpoints import hash as hashing
+from ldm_cli.checkpoints.hash import hash_in_background, model_hash
 
 
 def test_background_hash_is_the_one_model_hash_returns(tmp_path, monkeypatch):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli import loading
-from ldm_cli.config import TINY_SD1
-from ldm_cli.file_pages import file_mapped
-from ldm_cli.models import conv_linear, narrow_weights, weight_slices
-from ldm_cli.models.winograd_conv import WinogradConv2d
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.models import loading
+from ldm_cli.ops import conv_linear, narrow_weights, weight_slices
+from ldm_cli.ops.file_pages import file_mapped
+from ldm_cli.ops.winograd_conv import WinogradConv2d
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm
 

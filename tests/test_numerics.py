@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
-from ldm_cli.numerics import check_latents, decode_finite
-from ldm_cli.pipeline import load
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.numerics import check_latents, decode_finite
+from ldm_cli.pipeline.base import load
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1, TINY_SDXL
-from ldm_cli.errors import UserError
-from ldm_cli.models import channels_last
-from ldm_cli.offload import PRELOAD_CLASSES, apply_offload, check_offload_device
+from ldm_cli.core.config import TINY_SD1, TINY_SDXL
+from ldm_cli.core.errors import UserError
+from ldm_cli.ops import channels_last
+from ldm_cli.runtime.offload import PRELOAD_CLASSES, apply_offload, check_offload_device
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm
 
@@ -117,7 +117,7 @@ def test_vae_decode_brings_the_vae_although_it_bypasses_forward(checkpoints):
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offloaded_pipeline_renders_the_same_image(checkpoints, family, mode, monkeypatch):
     # Offloaded weights arrive layer by layer, so the decoder never goes channels-last
-    # (ldm_cli.models.channels_last); the plain run keeps NCHW too, for the same bits.
+    # (ldm_cli.ops.channels_last); the plain run keeps NCHW too, for the same bits.
     monkeypatch.setattr(channels_last, "default_layout", lambda: "nchw")
     plain = ldm_cli.load(checkpoints[family], device="cpu")
     expected = np.asarray(plain.generate("a cat", steps=2, seed=1, sampler="euler")[0])
@@ -138,7 +138,7 @@ def test_lora_under_sequential_offload_is_refused(checkpoints, tmp_path):
     """The U-Net's weights are meta tensors then; patching them would silently do nothing."""
     from safetensors.torch import save_file
 
-    from ldm_cli.lora_keys import layer_table
+    from ldm_cli.networks.keys import layer_table
 
     pipe = ldm_cli.load(checkpoints["sd1"], device="cpu")
     params = dict(pipe.model.named_parameters())

@@ -7,10 +7,10 @@ import threading
 import pytest
 from PIL import Image
 
-from ldm_cli import outputs
-from ldm_cli.errors import UserError
-from ldm_cli.outputs import next_counter, output_name, save_png_atomic, slugify
-from ldm_cli.pngmeta import read_parameters
+from ldm_cli.cli import outputs
+from ldm_cli.cli.outputs import next_counter, output_name, save_png_atomic, slugify
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import read_parameters
 
 
 def tiny_image(value=0):
@@ -190,7 +190,7 @@ def test_concurrent_processes_write_distinct_files(tmp_path):
 
 def test_metadata_modules_do_not_import_torch():
     code = (
-        "import sys, ldm_cli.outputs, ldm_cli.prompts_file, ldm_cli.pngmeta\n"
+        "import sys, ldm_cli.cli.outputs, ldm_cli.text.prompts_file, ldm_cli.core.pngmeta\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -202,7 +202,7 @@ def test_written_paths_are_printed_in_one_write(monkeypatch, tmp_path):
     import io
     import sys
 
-    from ldm_cli.outputs import print_written
+    from ldm_cli.cli.outputs import print_written
 
     class Unbuffered(io.StringIO):
         writes: list[str] = []

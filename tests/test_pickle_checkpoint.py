@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
-from ldm_cli.loading import load_model
-from ldm_cli.pickle_checkpoint import PickledHeader, allow_pickle
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.checkpoints.pickled import PickledHeader, allow_pickle
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.models.loading import load_model
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
 from ldm_cli.testing import random_checkpoint
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.pipeline import load
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.pipeline.base import load
 from ldm_cli.testing import random_checkpoint
 from tests.reference_configs import (
     diffusers_unet_config,

@@ -5,15 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ldm_cli.data.shapes import (
-    COLOURS,
-    PLACES,
-    SHAPES,
-    Scene,
-    ShapeObject,
-    random_scene,
-    render,
-)
+from ldm_cli.data.shapes import COLOURS, PLACES, SHAPES, Scene, ShapeObject, random_scene, render
 from ldm_cli.evaluation.pixel_analysis import (
     COLOUR_NAMES,
     analyse,

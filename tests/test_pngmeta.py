@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ldm_cli.errors import UserError
-from ldm_cli.model_hash import model_hash
-from ldm_cli.pngmeta import (
+from ldm_cli.checkpoints.hash import model_hash
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import (
     RESERVED_KEYS,
     SAMPLER_LABELS,
     SCHEDULER_LABELS,

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
-from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
-from ldm_cli.pipeline import Request
-from ldm_cli.preview import PreviewWriter, latents_to_rgb
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
+from ldm_cli.pipeline.base import Request
+from ldm_cli.runtime.preview import PreviewWriter, latents_to_rgb
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, written
 
@@ -70,7 +70,7 @@ def test_preview_is_written_every_n_steps_and_at_the_last(tiny, tmp_path):
 
 def test_preview_file_is_replaced_atomically(tiny, tmp_path, monkeypatch):
     """The PNG is complete under its temporary name, in the same folder, before the rename."""
-    import ldm_cli.preview as preview
+    import ldm_cli.runtime.preview as preview
 
     renames = []
     real_replace = os.replace
@@ -131,7 +131,7 @@ def test_preview_never_replaces_a_file_it_did_not_write(tiny, tmp_path):
         )
         assert photo.read_bytes() == before
         assert not (tmp_path / "out").exists()  # refused before anything ran
-    with pytest.raises(ldm_cli.errors.UserError, match="is not an ldm preview"):
+    with pytest.raises(ldm_cli.core.errors.UserError, match="is not an ldm preview"):
         PreviewWriter(photo)
 
 
@@ -145,7 +145,7 @@ def test_preview_of_an_earlier_run_is_replaced(tiny, tmp_path):
 
 
 def test_a_failed_preview_write_warns_once_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
-    import ldm_cli.preview as preview
+    import ldm_cli.runtime.preview as preview
 
     calls = []
 

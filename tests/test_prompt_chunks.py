@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldm_cli.prompt_chunks import CHUNK_TOKENS, empty_chunk, prompt_chunks, weighted_chunks
-from ldm_cli.tokenizer import OPENCLIP_PAD_ID, SD1_PAD_ID, get_tokenizer
+from ldm_cli.text.chunks import empty_chunk, prompt_chunks, weighted_chunks
+from ldm_cli.text.tokenizer import CHUNK_TOKENS, OPENCLIP_PAD_ID, SD1_PAD_ID, get_tokenizer
 
 
 @pytest.fixture(params=[SD1_PAD_ID, OPENCLIP_PAD_ID], ids=["sd1-pad", "openclip-pad"])

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
-from ldm_cli.guidance import StepClock, cfg_denoiser
-from ldm_cli.pipeline import Request
-from ldm_cli.pngmeta import parse_parameters, read_parameters
-from ldm_cli.prompt_batch import PromptBatch, ScheduledFeatures
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
+from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.guidance import StepClock, cfg_denoiser
 from ldm_cli.testing import random_checkpoint
+from ldm_cli.text.batch import PromptBatch, ScheduledFeatures
 from tests.cli_helpers import ldm, pixels, written
 
 HIDDEN = TINY_SD1.text.hidden_size
@@ -211,7 +211,7 @@ def _old_path_image(pipe, reqs: list[Request], monkeypatch) -> list[np.ndarray]:
     uncond = pipe.encode_prompts([r.negative_prompt for r in reqs])
     noises, gens = zip(*(pipe.initial_noise(r.seed, r.width, r.height) for r in reqs), strict=True)
     with monkeypatch.context() as patch:
-        patch.setattr("ldm_cli.pipeline.cfg_denoiser", _previous_cfg_denoiser)
+        patch.setattr("ldm_cli.pipeline.base.cfg_denoiser", _previous_cfg_denoiser)
         latents = pipe.sample(cond, uncond, torch.cat(noises), list(gens), reqs[0])
     return [np.asarray(image) for image in pipe.decode(latents)]
 

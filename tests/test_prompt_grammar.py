@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ldm_cli.errors import UserError
-from ldm_cli.prompt_attention import parse_attention
-from ldm_cli.prompt_grammar import parse_prompt, prompt_schedule, split_and, text_at
+from ldm_cli.core.errors import UserError
+from ldm_cli.text.emphasis import parse_attention
+from ldm_cli.text.grammar import parse_prompt, prompt_schedule, split_and, text_at
 
 SCHEDULES_AT_10_STEPS = [
     ("test", [(10, "test")]),

@@ -2,8 +2,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ldm_cli.errors import UserError
-from ldm_cli.prompts_file import PromptJob, decode_prompts, parse_prompts, read_prompts_file
+from ldm_cli.core.errors import UserError
+from ldm_cli.text.prompts_file import PromptJob, decode_prompts, parse_prompts, read_prompts_file
 
 
 def parse(text, default_prompt=None):

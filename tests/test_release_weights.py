@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import SD15, TINY_SD1, VAEConfig
-from ldm_cli.pipeline import Request
-from ldm_cli.release_weights import decode_room, discard_pages, owns_its_bytes, release_module
+from ldm_cli.core.config import SD15, TINY_SD1, VAEConfig
+from ldm_cli.ops.release_weights import decode_room, discard_pages, owns_its_bytes, release_module
+from ldm_cli.pipeline.base import Request
 from ldm_cli.testing import random_checkpoint
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
@@ -120,13 +120,13 @@ def test_views_and_shared_storages_are_not_owned():
 # 256x256 decode, whose largest is 32 MiB, after a U-Net whose largest weights are 59 MiB).
 REUSE_PROBE = """
 import resource, sys
-from ldm_cli.allocator import keep_freed_memory
+from ldm_cli.ops.allocator import keep_freed_memory
 assert keep_freed_memory()
 import torch
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.converted_load import read_converted
-from ldm_cli.loading import TORCH_DTYPES
-from ldm_cli.release_weights import release_module
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.ops.converted_load import read_converted
+from ldm_cli.models.loading import TORCH_DTYPES
+from ldm_cli.ops.release_weights import release_module
 header = read_header(sys.argv[1])
 wanted = {k: (TORCH_DTYPES[i.dtype], i.shape, i.offset) for k, i in header.tensors.items()}
 module = torch.nn.Module()
@@ -198,8 +198,8 @@ def _photo():
 def test_image_modes_release_only_during_their_last_batch(tiny, mode):
     from PIL import Image
 
-    from ldm_cli.img2img import iter_img2img
-    from ldm_cli.inpaint import InpaintOptions, iter_inpaint
+    from ldm_cli.pipeline.tasks.img2img import iter_img2img
+    from ldm_cli.pipeline.tasks.inpaint import InpaintOptions, iter_inpaint
 
     base = Request("a red circle", "", steps=3, cfg=5.0, seed=7)
     mask = Image.new("L", (64, 64), 0)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_cli.config import ScheduleConfig
+from ldm_cli.core.config import ScheduleConfig
 from ldm_cli.samplers import SAMPLERS
-from ldm_cli.schedules import (
+from ldm_cli.samplers.schedules import (
     SPACINGS,
     Denoiser,
     DiscreteSchedule,

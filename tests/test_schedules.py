@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ldm_cli.config import ScheduleConfig
-from ldm_cli.errors import UserError
-from ldm_cli.schedules import (
+from ldm_cli.core.config import ScheduleConfig
+from ldm_cli.core.errors import UserError
+from ldm_cli.samplers.schedules import (
     SPACING_HELP,
     SPACINGS,
     Denoiser,

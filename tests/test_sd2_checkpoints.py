@@ -12,17 +12,18 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.checkpoint_file import CheckpointHeader, TensorInfo, read_header
-from ldm_cli.checkpoint_save import save_checkpoint
-from ldm_cli.config import SD2, SD2_INPAINT, SD21, TINY_SD2, ModelConfig
-from ldm_cli.detect import detect_config
-from ldm_cli.errors import UserError
-from ldm_cli.loading import build_empty, check_keys
-from ldm_cli.model_options import probe_prediction
+from ldm_cli.checkpoints.detect import detect_config
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.checkpoints.header import CheckpointHeader, TensorInfo
+from ldm_cli.checkpoints.prediction import settled_prediction, with_clip_skip
+from ldm_cli.checkpoints.save import save_checkpoint
+from ldm_cli.core.config import SD2, SD2_INPAINT, SD21, TINY_SD2, ModelConfig
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.models.latent_diffusion import LatentDiffusion
-from ldm_cli.pipeline import load
-from ldm_cli.pngmeta import parse_parameters, read_parameters
-from ldm_cli.prediction import settled_prediction, with_clip_skip
+from ldm_cli.models.loading import build_empty, check_keys
+from ldm_cli.pipeline.base import load
+from ldm_cli.pipeline.model_options import probe_prediction
 from ldm_cli.testing import randomize_, training_extras
 from tests.cli_helpers import ldm, pixels, written
 

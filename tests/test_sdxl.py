@@ -22,16 +22,16 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_cli.cfg_rescale import rescale_x0
-from ldm_cli.config import TINY_SDXL, TINY_SDXL_REFINER, TextConfig
-from ldm_cli.guidance import combine
+from ldm_cli.core.config import TINY_SDXL, TINY_SDXL_REFINER, TextConfig
 from ldm_cli.models.sdxl_conditioner import Conditioner
-from ldm_cli.pipeline import Request, load
-from ldm_cli.refiner import attach_refiner
-from ldm_cli.schedules import eps_to_x0, v_to_x0
-from ldm_cli.sdxl import adm_vector, base_time_ids, refiner_time_ids
+from ldm_cli.pipeline.base import Request, load
+from ldm_cli.pipeline.cfg_rescale import rescale_x0
+from ldm_cli.pipeline.guidance import combine
+from ldm_cli.pipeline.tasks.refiner import attach_refiner
+from ldm_cli.pipeline.tasks.sdxl import adm_vector, base_time_ids, refiner_time_ids
+from ldm_cli.samplers.schedules import eps_to_x0, v_to_x0
 from ldm_cli.testing import random_checkpoint, randomize_
-from ldm_cli.tokenizer import get_tokenizer
+from ldm_cli.text.tokenizer import get_tokenizer
 from tests.reference_configs import (
     diffusers_unet_config,
     diffusers_vae_config,

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.checkpoint_save import save_checkpoint
-from ldm_cli.config import (
+from ldm_cli.checkpoints.detect import FAMILY_NAMES, config_from_json, config_to_json, detect_config
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.checkpoints.prediction import with_clip_skip
+from ldm_cli.checkpoints.save import save_checkpoint
+from ldm_cli.core.config import (
     SDXL_BASE,
     SDXL_INPAINT,
     SDXL_REFINER,
@@ -22,17 +24,15 @@ from ldm_cli.config import (
     TINY_SDXL_REFINER,
     ModelConfig,
 )
-from ldm_cli.detect import FAMILY_NAMES, config_from_json, config_to_json, detect_config
-from ldm_cli.errors import UserError
-from ldm_cli.loading import build_empty, check_keys
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.models.latent_diffusion import LatentDiffusion
+from ldm_cli.models.loading import build_empty, check_keys
 from ldm_cli.models.sdxl_conditioner import repad
 from ldm_cli.models.unet import unet_param_count
-from ldm_cli.pipeline import Request, load
-from ldm_cli.pngmeta import parse_parameters, read_parameters
-from ldm_cli.prediction import with_clip_skip
-from ldm_cli.refiner import Refiner, attach_refiner, refiner_step_count
-from ldm_cli.sdxl import SDXLPipeline
+from ldm_cli.pipeline.base import Request, load
+from ldm_cli.pipeline.tasks.refiner import Refiner, attach_refiner, refiner_step_count
+from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
 from ldm_cli.testing import randomize_, training_extras
 from tests.cli_helpers import ldm, pixels, written
 from tests.test_sd2_checkpoints import parameters, shapes_header

@@ -1,4 +1,4 @@
-"""SDXL prompts through the A1111 prompt path (ldm_cli.prompt_conditioning) on tiny random
+"""SDXL prompts through the A1111 prompt path (ldm_cli.pipeline.conditioning) on tiny random
 checkpoints: long prompts (chunks of both towers concatenated along the sequence), emphasis
 on the text features only, ``y`` from the first chunk's pooled output at every position,
 prompt editing, AND, BREAK, textual inversion, the refiner, and plain prompts unchanged."""
@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 import ldm_cli
-from ldm_cli.config import TINY_SDXL, TINY_SDXL_REFINER
-from ldm_cli.pipeline import Request
-from ldm_cli.prompt_batch import GuidanceContext, PromptBatch
-from ldm_cli.refiner import attach_refiner
+from ldm_cli.core.config import TINY_SDXL, TINY_SDXL_REFINER
+from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.tasks.refiner import attach_refiner
 from ldm_cli.testing import random_checkpoint
+from ldm_cli.text.batch import GuidanceContext, PromptBatch
 
 TEXT = TINY_SDXL.unet.context_dim  # CLIP-L + bigG features (2048 for the real model)
 ADM = TINY_SDXL.unet.adm_in_channels

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.models import strip_conv
-from ldm_cli.models.strip_conv import norm_silu_conv, use_strips
 from ldm_cli.models.vae import ResnetBlock
+from ldm_cli.ops import strip_conv
+from ldm_cli.ops.strip_conv import norm_silu_conv, use_strips
 
 
 def plain(x, norm, conv):

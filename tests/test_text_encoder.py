@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm_cli.config import TINY_SD1, TextConfig
+from ldm_cli.core.config import TINY_SD1, TextConfig
 from ldm_cli.models.clip_text_model import CLIPTextModel as OurCLIPTextModel
 from ldm_cli.models.text_encoder import CLIPTextEncoder
-from ldm_cli.tokenizer import get_tokenizer
+from ldm_cli.text.tokenizer import get_tokenizer
 
 pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint  # noqa: E402
@@ -238,8 +238,8 @@ def test_unknown_activation_is_rejected():
 def test_runtime_modules_do_not_import_transformers():
     code = (
         "import sys\n"
-        "import ldm_cli.models.text_encoder, ldm_cli.tokenizer\n"
-        "ldm_cli.tokenizer.get_tokenizer()(['a photo of a cat, 8k'])\n"
+        "import ldm_cli.models.text_encoder, ldm_cli.text.tokenizer\n"
+        "ldm_cli.text.tokenizer.get_tokenizer()(['a photo of a cat, 8k'])\n"
         "print(sorted(m for m in ('transformers', 'ftfy', 'diffusers') if m in sys.modules))\n"
     )
     result = subprocess.run(

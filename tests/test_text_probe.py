@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
+from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
 from ldm_cli.evaluation.text_probe import _probe, probe_layers
 
 
@@ -20,7 +20,7 @@ def test_probe_fits_separable_classes_and_fails_on_noise():
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / DEFAULT_NAME).exists(), reason="no embedded model")
 def test_the_embedded_text_encoders_first_layer_generalises_colour_best():
-    from ldm_cli.pipeline import load
+    from ldm_cli.pipeline.base import load
 
     rows = probe_layers(load(None, device="cpu").model.text_encoder, num_scenes=3000)
     assert [r["clip_skip"] for r in rows] == [3, 2, 1]

@@ -1,4 +1,5 @@
-"""--token-merging: ToMe for the U-Net's full-resolution self-attention (ldm_cli.token_merging)."""
+"""--token-merging: ToMe for the U-Net's full-resolution self-attention
+(ldm_cli.runtime.token_merging)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import pytest
 import torch
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import params_from_png
 from ldm_cli.models.attention import BasicTransformerBlock
 from ldm_cli.models.unet import UNetModel
-from ldm_cli.pngmeta import params_from_png
+from ldm_cli.runtime.token_merging import TokenMerger, token_merging
 from ldm_cli.testing import random_checkpoint, randomize_
-from ldm_cli.token_merging import TokenMerger, token_merging
 from tests.cli_helpers import ldm, one_thread_per_command, pixels, written  # noqa: F401
 
 

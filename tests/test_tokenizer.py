@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from ldm_cli.tokenizer import (
+from ldm_cli.text.tokenizer import (
     OPENCLIP_PAD_ID,
     ClipTokenizer,
     bpe_table_path,

@@ -11,14 +11,15 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ldm_cli.cli_train import train
-from ldm_cli.config import TINY_SD1
+from ldm_cli.cli.train import train
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
 from ldm_cli.data.shapes_writer import write_shapes_dataset
-from ldm_cli.errors import UserError
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.training.dataset import holdout_split, load_captioned_images
-from ldm_cli.training.loop import LoopOptions, StageSettings, StepRandom
+from ldm_cli.training.loop import StepRandom
+from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.unet_stage import train_unet, weights_path
 
 SIZE = 32
@@ -53,10 +54,10 @@ def _falls(losses: list[float]) -> bool:
 
 @pytest.mark.slow
 def test_train_all_stages_exports_a_loadable_model(shapes_dir, tmp_path):
-    from ldm_cli.cli_info import info
-    from ldm_cli.detect import config_to_json
-    from ldm_cli.loading import load_model
-    from ldm_cli.pipeline import load
+    from ldm_cli.checkpoints.detect import config_to_json
+    from ldm_cli.cli.info import info
+    from ldm_cli.models.loading import load_model
+    from ldm_cli.pipeline.base import load
 
     config_file = tmp_path / "tiny.json"
     config_file.write_text(config_to_json(TINY))
@@ -200,8 +201,8 @@ def test_bad_options_are_user_errors(shapes_dir, tmp_path):
     assert isinstance(result.exception, UserError) and "unknown --config" in str(result.exception)
     result = CliRunner().invoke(_app(), [str(shapes_dir), "--out", str(tmp_path), "--size", "30"])
     assert isinstance(result.exception, UserError) and "--size" in str(result.exception)
-    from ldm_cli.config import SD15_INPAINT
-    from ldm_cli.detect import config_to_json
+    from ldm_cli.checkpoints.detect import config_to_json
+    from ldm_cli.core.config import SD15_INPAINT
 
     inpaint = tmp_path / "inpaint.json"
     inpaint.write_text(config_to_json(SD15_INPAINT))

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ldm_cli.config import SD15, TINY_SD1, X4_UPSCALER, UNetConfig
+from ldm_cli.core.config import SD15, TINY_SD1, X4_UPSCALER, UNetConfig
 from ldm_cli.models.unet import UNetModel, unet_param_count
 from ldm_cli.models.unet_blocks import timestep_embedding
 from tests.reference_configs import diffusers_unet_config
@@ -27,7 +27,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # n
 LDM_PREFIX = "model.diffusion_model."
 PARITY_ATOL = 1e-5
 
-# Full-size architectures (see ../shared/reference/yaml); candidates for ldm_cli.config presets.
+# Full-size architectures (see ../shared/reference/yaml); candidates for ldm_cli.core.config
+# presets.
 SD21_UNET = replace(
     SD15.unet, use_linear_in_transformer=True, num_head_channels=64, context_dim=1024
 )

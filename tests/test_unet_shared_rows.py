@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ldm_cli.config import TINY_SD1
+from ldm_cli.core.config import TINY_SD1
 from ldm_cli.models.unet import UNetModel
 
 VARIANTS = {

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.models import upsample_conv
-from ldm_cli.models.upsample_conv import FoldedKernels, folded_kernels, upsample2x_conv3x3
 from ldm_cli.models.vae import Upsample as VAEUpsample
+from ldm_cli.ops import upsample_conv
+from ldm_cli.ops.upsample_conv import FoldedKernels, folded_kernels, upsample2x_conv3x3
 
 
 def plain(x, weight, bias):
@@ -106,10 +106,10 @@ def test_a_module_built_under_inference_mode_still_upsamples():
 
 
 def test_moving_or_releasing_forgets_the_folded_kernels():
-    from ldm_cli.config import TINY_SD1
-    from ldm_cli.loading import build_empty
+    from ldm_cli.core.config import TINY_SD1
+    from ldm_cli.models.loading import build_empty
     from ldm_cli.models.unet_blocks import Upsample
-    from ldm_cli.release_weights import release_module
+    from ldm_cli.ops.release_weights import release_module
 
     up = VAEUpsample(4)
     x = torch.randn(1, 4, 8, 8)

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_cli.config import TINY_X4
-from ldm_cli.errors import UserError
-from ldm_cli.image_inputs import to_pixels
-from ldm_cli.pipeline import Request, load
-from ldm_cli.testing import random_checkpoint
-from ldm_cli.tiling import Blender, Tile, tile_grid, tile_starts
-from ldm_cli.upscale import (
+from ldm_cli.core.config import TINY_X4
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.image_inputs import to_pixels
+from ldm_cli.core.tiling import Blender, Tile, tile_grid, tile_starts
+from ldm_cli.pipeline.base import Request, load
+from ldm_cli.pipeline.tasks.upscale import (
     UpscaleOptions,
     decode_pixels,
     noise_augment,
     sample_latents,
     upscale_pixels,
 )
+from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import photo
 from tests.reference_configs import diffusers_unet_config, diffusers_vae_config
 
@@ -246,6 +246,6 @@ def test_bad_inputs_are_one_line_errors(ours, tmp_path):
 
 
 def _tiny_sd1():
-    from ldm_cli.config import TINY_SD1
+    from ldm_cli.core.config import TINY_SD1
 
     return TINY_SD1

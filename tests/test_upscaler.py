@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_cli.checkpoint_file import read_header
-from ldm_cli.config import TINY_X4, X4_UPSCALER, UNetConfig
-from ldm_cli.detect import detect_config, is_upscaler_unet
-from ldm_cli.loading import build_empty, load_model
+from ldm_cli.checkpoints.detect import detect_config, is_upscaler_unet
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.core.config import TINY_X4, X4_UPSCALER, UNetConfig
+from ldm_cli.models.loading import build_empty, load_model
 from ldm_cli.models.unet import UNetModel, unet_param_count
 from ldm_cli.models.vae import AutoencoderKL
+from ldm_cli.pipeline.tasks.upscale import LOW_RES_SCHEDULE, MAX_NOISE_LEVEL
 from ldm_cli.testing import random_checkpoint
-from ldm_cli.upscale import LOW_RES_SCHEDULE, MAX_NOISE_LEVEL
 from tests.reference_configs import diffusers_unet_config, diffusers_vae_config
 from tests.upscaler_helpers import real_layout_shapes, write_sparse_checkpoint
 
@@ -209,8 +209,8 @@ def test_tiny_without_metadata_is_detected_and_loads_strictly(tmp_path):
 
 def test_tiny_openclip_upscaler_in_the_real_layout_loads_and_upscales(tmp_path):
     """The real x4 upscaler conditions on an OpenCLIP tower (cond_stage_model.model.*)."""
-    from ldm_cli.config import TextConfig
-    from ldm_cli.pipeline import load
+    from ldm_cli.core.config import TextConfig
+    from ldm_cli.pipeline.base import load
     from tests.image_helpers import photo
 
     text = TextConfig(

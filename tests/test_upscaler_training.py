@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from ldm_cli.cli import app
-from ldm_cli.config import TINY_SD1, TINY_X4
-from ldm_cli.errors import UserError
+from ldm_cli.core.config import TINY_SD1, TINY_X4
+from ldm_cli.core.errors import UserError
 from ldm_cli.testing import random_checkpoint
 from ldm_cli.training.embedded_config import EMBEDDED, EMBEDDED_X4, training_config
 from ldm_cli.training.upscaler_run import upscaler_config

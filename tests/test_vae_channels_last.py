@@ -1,4 +1,4 @@
-"""The VAE decoder run channels-last (ldm_cli.models.channels_last): same image as NCHW."""
+"""The VAE decoder run channels-last (ldm_cli.ops.channels_last): same image as NCHW."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.models import channels_last, strip_conv, upsample_conv
-from ldm_cli.models.strip_conv import norm_silu_conv
-from ldm_cli.models.upsample_conv import upsample2x_conv3x3
+from ldm_cli.core.config import TINY_SD1
 from ldm_cli.models.vae import AutoencoderKL
+from ldm_cli.ops import channels_last, strip_conv, upsample_conv
+from ldm_cli.ops.strip_conv import norm_silu_conv
+from ldm_cli.ops.upsample_conv import upsample2x_conv3x3
 
 CL = torch.channels_last
 
@@ -124,7 +124,7 @@ def test_nhwc_only_for_frozen_cpu_fp32_inference(monkeypatch):
 def test_fp16_checkpoint_loads_decoder_convs_channels_last(monkeypatch, tmp_path):
     from safetensors.torch import load_file
 
-    from ldm_cli.loading import load_model
+    from ldm_cli.models.loading import load_model
     from ldm_cli.testing import random_checkpoint
 
     path = random_checkpoint(TINY_SD1, tmp_path / "t.safetensors", seed=2, dtype=torch.float16)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli.config import SD15, TINY_SD1, X4_UPSCALER, VAEConfig
+from ldm_cli.core.config import SD15, TINY_SD1, X4_UPSCALER, VAEConfig
 from ldm_cli.models.vae import AutoencoderKL
 from tests.reference_configs import diffusers_vae_config
 

@@ -1,4 +1,4 @@
-"""Tiled VAE decode and encode (ldm_cli.vae_tiling) on small random VAEs.
+"""Tiled VAE decode and encode (ldm_cli.pipeline.vae_codec) on small random VAEs.
 
 One tile gives exactly the untiled result; several tiles differ by the decoder's global
 operations (GroupNorm statistics and mid-block attention over one tile instead of the whole
@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_cli.cli_vae import VAE_TILING_MODES
-from ldm_cli.config import TINY_SD1, VAEConfig
-from ldm_cli.errors import UserError
+from ldm_cli.cli.vae import VAE_TILING_MODES
+from ldm_cli.core.config import TINY_SD1, VAEConfig
+from ldm_cli.core.errors import UserError
 from ldm_cli.models.vae import AttnBlock, AutoencoderKL
+from ldm_cli.pipeline.vae_codec import MODES, decode_tiled, encode_tiled, is_tiled, wants_tiling
 from ldm_cli.testing import randomize_
-from ldm_cli.vae_tiling import MODES, decode_tiled, encode_tiled, is_tiled, wants_tiling
 
 # f = 8 like SD's VAE, with few channels
 SMALL_F8 = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
@@ -133,10 +133,10 @@ def test_modes():
 _PEAK = """
 import json, sys, torch
 from ldm_cli.bench.vae_2048 import peak_rss_bytes
-from ldm_cli.config import VAEConfig
+from ldm_cli.core.config import VAEConfig
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.testing import randomize_
-from ldm_cli.vae_tiling import decode_tiled
+from ldm_cli.pipeline.vae_codec import decode_tiled
 
 torch.set_grad_enabled(False)
 vae = randomize_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval())

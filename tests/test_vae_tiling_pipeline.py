@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import ldm_cli
-from ldm_cli.config import TINY_SD1
-from ldm_cli.errors import UserError
-from ldm_cli.pipeline import Request
-from ldm_cli.pngmeta import read_parameters
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.pngmeta import read_parameters
+from ldm_cli.pipeline.base import Request
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
     ldm,
@@ -56,7 +56,7 @@ def test_tiling_changes_the_image_only_when_there_are_several_tiles(pipe):
 
 
 def test_the_hires_pass_counts(pipe):
-    from ldm_cli.hires import HiresFix
+    from ldm_cli.pipeline.tasks.hires import HiresFix
 
     req = Request("a cat", width=96, height=96)
     hires = HiresFix(scale=2).parameters()  # the second pass decodes 192 x 192 px

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.config import TINY_SD1
-from ldm_cli.loading import build_empty
-from ldm_cli.models import conv_linear, upsample_conv, weight_slices
+from ldm_cli.core.config import TINY_SD1
+from ldm_cli.models.loading import build_empty
 from ldm_cli.models.unet_blocks import Downsample
-from ldm_cli.models.winograd_conv import WinogradConv2d
+from ldm_cli.ops import conv_linear, upsample_conv, weight_slices
+from ldm_cli.ops.winograd_conv import WinogradConv2d
 
 
 @pytest.fixture

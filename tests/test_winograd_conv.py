@@ -6,16 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.errors import UserError
-from ldm_cli.models import winograd_conv
+from ldm_cli.core.errors import UserError
 from ldm_cli.models.unet_blocks import ResBlock
 from ldm_cli.models.vae import ResnetBlock
-from ldm_cli.models.winograd_conv import (
-    WinogradConv2d,
-    set_winograd,
-    winograd_conv3x3,
-    winograd_tile,
-)
+from ldm_cli.ops import winograd_conv
+from ldm_cli.ops.winograd_conv import WinogradConv2d, set_winograd, winograd_conv3x3, winograd_tile
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ldm_cli.config import ModelConfig
-from ldm_cli.loading import build_empty
+from ldm_cli.core.config import ModelConfig
+from ldm_cli.models.loading import build_empty
 from ldm_cli.testing import training_extras
 
 LDM_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.int32: "I32"}

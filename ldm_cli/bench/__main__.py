@@ -38,7 +38,7 @@ FILE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def checkpoint(cache: Path, file_dtype: str = "fp16") -> Path:
-    from ldm_cli.config import SD15
+    from ldm_cli.core.config import SD15
     from ldm_cli.testing import random_checkpoint
 
     path = cache / f"sd15-random-{file_dtype}.safetensors"
@@ -153,8 +153,8 @@ def model_gflop(size: int) -> tuple[float, float]:
     """(U-Net per CFG step, VAE decode) in GFLOP, counted on the meta device (no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm_cli.config import SD15
-    from ldm_cli.loading import build_empty
+    from ldm_cli.core.config import SD15
+    from ldm_cli.models.loading import build_empty
 
     model = build_empty(SD15)
     lat = size // 8
@@ -180,7 +180,7 @@ def wall(cmd: list[str], reps: int) -> float:
 
 def startup_lines() -> list[str]:
     """`ldm --help` and the embedded default model, process start to PNG."""
-    from ldm_cli.embedded import DEFAULT_NAME, WEIGHTS_DIR
+    from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
 
     script = Path(sys.executable).parent / "ldm"
     # where ldm is not installed (a GPU machine running it from the source tree), the module
@@ -219,7 +219,7 @@ def run_order(tools: list[str], repeat: int) -> list[str]:
 
 def ablation_tool() -> str:
     """The worker that runs ldm with Winograd flipped from this CPU's default."""
-    from ldm_cli.models.winograd_conv import default_mode
+    from ldm_cli.ops.winograd_conv import default_mode
 
     return "ldm-conv2d" if default_mode() == "auto" else "ldm-winograd"
 

@@ -55,11 +55,11 @@ def _worker(size: int, tiling: str, tile: int, overlap: int) -> dict:
     start = time.perf_counter()
     import torch
 
-    from ldm_cli.config import SD15
+    from ldm_cli.core.config import SD15
+    from ldm_cli.core.tiling import tile_grid
     from ldm_cli.models.vae import AutoencoderKL
+    from ldm_cli.pipeline.vae_codec import decode_tiled
     from ldm_cli.testing import randomize_
-    from ldm_cli.tiling import tile_grid
-    from ldm_cli.vae_tiling import decode_tiled
 
     with torch.device("meta"):  # every weight is overwritten by randomize_
         vae = AutoencoderKL(SD15.vae)

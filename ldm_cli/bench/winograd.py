@@ -6,7 +6,7 @@ the U-Net's ResBlock shapes at 512 x 512 px (64 x 64 latent, batch 2) and the VA
 winograd, conv, ...) so that a change in machine load hits both, and medians are reported, in
 wall-clock ms and in process CPU ms. `rel err` is the max abs difference from a float64
 convolution over the output's max abs value. `--sweep` adds smaller channel counts and sizes,
-the grid that sets `MIN_CHANNELS` and `MIN_PIXELS` in ldm_cli.models.winograd_conv.
+the grid that sets `MIN_CHANNELS` and `MIN_PIXELS` in ldm_cli.ops.winograd_conv.
 
 On a machine whose cores are busy with another job, every multithreaded op waits for the
 scheduler to wake its worker threads (about 8 ms per op on a loaded 2-core VM), which the
@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.models.winograd_conv import winograd_conv3x3
+from ldm_cli.ops.winograd_conv import winograd_conv3x3
 
 UNET = [(2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 1280, 16), (2, 1280, 1280, 8)]
 VAE = [(1, 512, 512, 64), (1, 512, 512, 128), (1, 256, 256, 256), (1, 128, 128, 512)]

@@ -38,8 +38,8 @@ def _clock(device: str):
 def run_ldm(args) -> dict:
     import torch
 
-    from ldm_cli.pipeline import Request, load
-    from ldm_cli.pngmeta import write_png
+    from ldm_cli.core.pngmeta import write_png
+    from ldm_cli.pipeline.base import Request, load
 
     now = _clock(args.device)
     t = {"imported": time.time()}
@@ -136,12 +136,12 @@ def main() -> None:
     args = ap.parse_args()
     t0 = float(os.environ.get("LDM_BENCH_T0", time.time()))
     if args.tool in ("ldm-winograd", "ldm-conv2d"):
-        from ldm_cli.models.winograd_conv import set_winograd
+        from ldm_cli.ops.winograd_conv import set_winograd
 
         set_winograd("auto" if args.tool == "ldm-winograd" else "never")
     if args.tool != "diffusers":  # as the `ldm` commands do at start
-        from ldm_cli.allocator import keep_freed_memory
-        from ldm_cli.model_hash import hash_in_background
+        from ldm_cli.checkpoints.hash import hash_in_background
+        from ldm_cli.ops.allocator import keep_freed_memory
 
         keep_freed_memory()
         hash_in_background(args.model)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_cli.errors import UserError
+from ldm_cli.core.errors import UserError
 
 # Beside a shipped model NAME.safetensors, or the run folder's file beside model.safetensors.
 TOWER_SUFFIX = ".clip-tower.safetensors"

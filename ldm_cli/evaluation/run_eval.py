@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..data.shapes import render, sample_eval_prompts
-from .pixel_analysis import analyse, score
+from ldm_cli.data.shapes import render, sample_eval_prompts
+from ldm_cli.evaluation.pixel_analysis import analyse, score
 
 
 def evaluate(
@@ -34,7 +34,7 @@ def evaluate(
     ceiling, of the exact render of its scene. ``request_options`` are further Request fields
     (e.g. ``deep_cache``) for every image.
     """
-    from ..pipeline import Request
+    from ldm_cli.pipeline.base import Request
 
     prompts = sample_eval_prompts(seed, num, mix=mix, exclude=exclude)
     size = pipe.config.default_size

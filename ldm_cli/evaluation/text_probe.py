@@ -68,7 +68,7 @@ def probe_layers(text_encoder, num_scenes: int = 6000, seed: int = 5) -> list[di
 
 
 def main() -> None:
-    from ldm_cli.pipeline import load
+    from ldm_cli.pipeline.base import load
 
     pipe = load(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu", dtype="fp32")
     print("layer  clip_skip  colour in / held-out  shape in / held-out")

@@ -2,7 +2,7 @@
 network (ldm-sr) and the embedded x4 diffusion model, on held-out photos at x4 and on shapes
 scenes at 16->64, 32->128 and 64->256 px.
 
-PSNR and SSIM are scikit-image's (`ldm_cli.image_metrics`), against the original; the colour
+PSNR and SSIM are scikit-image's (`ldm_cli.core.image_metrics`), against the original; the colour
 shift is the largest per-channel difference of mean colours. On shapes scenes the template
 check of `ldm eval` (`pixel_analysis.analyse`) reads every object's colour and shape off each
 result: "shapes kept" is the fraction of objects whose shape it finds as in the original.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm_cli.image_metrics import colour_shift, psnr, ssim
+from ldm_cli.core.image_metrics import colour_shift, psnr, ssim
 
 PHOTO_SCALE = 4
 SHAPES_SIDES = (64, 128, 256)  # high-res sides; the inputs are a quarter of that
@@ -72,7 +72,7 @@ def resampler(kind: Image.Resampling) -> Method:
 
 
 def network_method() -> Method:
-    from ldm_cli.image_upscaler import load_embedded_upscaler
+    from ldm_cli.pipeline.tasks.image_upscaler import load_embedded_upscaler
 
     network = load_embedded_upscaler(PHOTO_SCALE, "cpu")
 
@@ -83,9 +83,9 @@ def network_method() -> Method:
 
 
 def diffusion_method(prompted: bool) -> Method:
-    from ldm_cli.embedded import default_upscaler_path
-    from ldm_cli.pipeline import load
-    from ldm_cli.upscale import upscale
+    from ldm_cli.core.embedded import default_upscaler_path
+    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.tasks.upscale import upscale
 
     pipe = load(default_upscaler_path(), device="cpu", dtype="fp32")
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_slicing import attention
-from .conv_linear import Linear
+from ldm_cli.ops.attention_slicing import attention
+from ldm_cli.ops.conv_linear import Linear
 
 # The original's ``Normalize`` (plain GroupNorm) in the transformer uses a smaller eps than the
 # ResBlocks' GroupNorm32 (1e-5).
@@ -72,7 +72,7 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention (or cross-attention when disabled), cross-attention, GEGLU MLP."""
 
-    # Set for the duration of a run by ldm_cli.token_merging (--token-merging).
+    # Set for the duration of a run by ldm_cli.runtime.token_merging (--token-merging).
     token_merger = None
 
     def __init__(

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.config import TextConfig
-from ldm_cli.models.conv_linear import Linear
+from ldm_cli.core.config import TextConfig
+from ldm_cli.ops.conv_linear import Linear
 
 EOS_TOKEN_ID = 49407
 

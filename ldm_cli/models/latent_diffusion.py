@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
-from .openclip_text import OpenCLIPTextEncoder
-from .sdxl_conditioner import Conditioner
-from .text_encoder import CLIPTextEncoder
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from ldm_cli.core.config import ModelConfig
+from ldm_cli.models.openclip_text import OpenCLIPTextEncoder
+from ldm_cli.models.sdxl_conditioner import Conditioner
+from ldm_cli.models.text_encoder import CLIPTextEncoder
+from ldm_cli.models.unet import UNetModel
+from ldm_cli.models.vae import AutoencoderKL
 
 
 class DiffusionWrapper(nn.Module):

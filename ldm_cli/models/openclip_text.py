@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.config import TextConfig
+from ldm_cli.core.config import TextConfig
 from ldm_cli.models.clip_text_model import ACTIVATIONS
-from ldm_cli.models.conv_linear import Linear, linear
-from ldm_cli.tokenizer import get_tokenizer
+from ldm_cli.ops.conv_linear import Linear, linear
+from ldm_cli.text.tokenizer import get_tokenizer
 
 
 class FusedSelfAttention(nn.Module):
@@ -152,6 +152,12 @@ class OpenCLIPTextEncoder(nn.Module):
             )
         self.cfg = cfg
         self.model = OpenCLIPTextModel(cfg)
+
+    tower_key = "clip_g"  # what textual-inversion files call SDXL's second tower
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
 
     def materialize_buffers(self) -> None:
         """Nothing to do: the causal mask is SDPA's ``is_causal``, never a buffer."""

@@ -9,7 +9,7 @@ An original SDXL file stores its text encoders under ``conditioner.embedders.N``
 * refiner: ``embedders.0`` is the bigG tower alone.
 
 The other embedders of the SGM config (the micro-conditioning sizes) have no weights; their
-part of the ADM vector is built in :mod:`ldm_cli.sdxl`.
+part of the ADM vector is built in :mod:`ldm_cli.pipeline.tasks.sdxl`.
 
 Each tower gives the hidden state ``clip_skip`` blocks from the end (2: the penultimate layer
 SDXL uses) *without* its final layer norm, as SGM's ``layer="hidden"``/``"penultimate"`` and
@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm_cli.config import TextConfig
+from ldm_cli.core.config import TextConfig
 from ldm_cli.models.clip_text_model import EOS_TOKEN_ID
 from ldm_cli.models.openclip_text import OpenCLIPTextEncoder, OpenCLIPTextModel
 from ldm_cli.models.text_encoder import CLIPTextEncoder
-from ldm_cli.tokenizer import get_tokenizer
+from ldm_cli.text.tokenizer import get_tokenizer
 
 
 def repad(tokens: torch.Tensor, pad_id: int, eos_id: int = EOS_TOKEN_ID) -> torch.Tensor:

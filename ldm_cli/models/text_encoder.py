@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm_cli.config import TextConfig
+from ldm_cli.core.config import TextConfig
 from ldm_cli.models.clip_text_model import EOS_TOKEN_ID, CLIPTextModel
-from ldm_cli.tokenizer import get_tokenizer
+from ldm_cli.text.tokenizer import get_tokenizer
 
 BOS_TOKEN_ID = 49406
 
@@ -34,6 +34,8 @@ class CLIPTextEncoder(nn.Module):
     through the final layer norm (the A1111/ComfyUI "CLIP skip" convention).
     """
 
+    tower_key = "clip_l"  # what textual-inversion files call this tower (SDXL's first)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         if not 1 <= cfg.clip_skip <= cfg.num_hidden_layers:
@@ -46,6 +48,10 @@ class CLIPTextEncoder(nn.Module):
     @property
     def text_model(self) -> CLIPTextModel:
         return self.transformer.text_model
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
 
     def materialize_buffers(self) -> None:
         """Kept for callers that load with ``assign=True``: there is nothing to materialize, as

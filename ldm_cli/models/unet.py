@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm_cli.config import UNetConfig
+from ldm_cli.core.config import UNetConfig
 from ldm_cli.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_cli.models.unet_blocks import (
     RESBLOCK_GROUPNORM_EPS,
@@ -42,7 +42,7 @@ class UNetModel(nn.Module):
     upscaler, integer noise-level labels (``num_classes``).
     """
 
-    # Set for the duration of a run by ldm_cli.deep_cache (--deep-cache); None: every call
+    # Set for the duration of a run by ldm_cli.runtime.deep_cache (--deep-cache); None: every call
     # computes every block.
     feature_cache = None
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.models.attention import SpatialTransformer
-from ldm_cli.models.upsample_conv import FoldedUpsample
-from ldm_cli.models.winograd_conv import WinogradConv2d
+from ldm_cli.ops.upsample_conv import FoldedUpsample
+from ldm_cli.ops.winograd_conv import WinogradConv2d
 
 RESBLOCK_GROUPNORM_EPS = 1e-5
 TIMESTEP_MAX_PERIOD = 10000

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.config import VAEConfig
-from ldm_cli.models.attention_slicing import attention
-from ldm_cli.models.channels_last import decode_channels_last, is_channels_last
-from ldm_cli.models.strip_conv import norm_silu_conv, use_strips
-from ldm_cli.models.upsample_conv import FoldedUpsample
-from ldm_cli.models.winograd_conv import WinogradConv2d, winograd_tile
+from ldm_cli.core.config import VAEConfig
+from ldm_cli.ops.attention_slicing import attention
+from ldm_cli.ops.channels_last import decode_channels_last, is_channels_last
+from ldm_cli.ops.strip_conv import norm_silu_conv, use_strips
+from ldm_cli.ops.upsample_conv import FoldedUpsample
+from ldm_cli.ops.winograd_conv import WinogradConv2d, winograd_tile
 
 GROUP_NORM_EPS = 1e-6
 

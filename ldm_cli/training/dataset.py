@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_cli.errors import UserError
+from ldm_cli.core.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"

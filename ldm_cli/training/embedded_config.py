@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_cli.config import PRESETS, X4_UPSCALER, ModelConfig, TextConfig, UNetConfig, VAEConfig
-from ldm_cli.errors import UserError
+from ldm_cli.core.config import PRESETS, X4_UPSCALER, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ldm_cli.core.errors import UserError
 
 EMBEDDED = ModelConfig(
     family="sd1",
@@ -110,7 +110,7 @@ EMBEDDED_X4 = ModelConfig(
 def _trainable(cfg: ModelConfig) -> bool:
     """Not an inpainting layout (a U-Net taking the masked image's extra channels): `ldm train`
     makes text-to-image models and x4 upscalers only."""
-    from ldm_cli.detect import is_upscaler_unet
+    from ldm_cli.checkpoints.detect import is_upscaler_unet
 
     return cfg.unet.in_channels == cfg.unet.out_channels or is_upscaler_unet(cfg.unet)
 
@@ -128,7 +128,7 @@ def training_config(name: str) -> ModelConfig:
         return CONFIGS[name]
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
-        from ldm_cli.detect import config_from_json
+        from ldm_cli.checkpoints.detect import config_from_json
 
         cfg = config_from_json(path.read_text(encoding="utf-8"))
         if not _trainable(cfg):

@@ -14,8 +14,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ldm_cli.config import ModelConfig
-from ldm_cli.errors import UserError
+from ldm_cli.core.config import ModelConfig
+from ldm_cli.core.errors import UserError
 
 
 @dataclass
@@ -42,7 +42,7 @@ class FineTuneBase:
 def base_config(cfg: ModelConfig, base: ModelConfig) -> ModelConfig:
     """``cfg`` with the base's VAE and text encoder; the U-Net must fit them. Which text layer
     conditions the U-Net (``clip_skip``) is the config's: it belongs to the U-Net being trained."""
-    from ldm_cli.detect import is_upscaler_unet
+    from ldm_cli.checkpoints.detect import is_upscaler_unet
 
     if base.conditioner:
         raise UserError(
@@ -73,9 +73,9 @@ def base_config(cfg: ModelConfig, base: ModelConfig) -> ModelConfig:
 def load_fine_tune_base(path: Path, cfg: ModelConfig) -> FineTuneBase:
     import torch
 
-    from ldm_cli.checkpoint_file import read_header
-    from ldm_cli.detect import detect_config
-    from ldm_cli.loading import load_model
+    from ldm_cli.checkpoints.detect import detect_config
+    from ldm_cli.checkpoints.file import read_header
+    from ldm_cli.models.loading import load_model
 
     own = detect_config(read_header(path))
     config = base_config(cfg, own)

@@ -22,39 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm_cli.errors import UserError
+from ldm_cli.core.errors import UserError
 from ldm_cli.training.run_log import LOG_FILE, ProgressDisplay, TrainLog, trim_log
+from ldm_cli.training.settings import LoopOptions, StageSettings
 
 STATE_DIR = "state"
 FINAL_LR_FRACTION = 0.1
 EMA_WARMUP_OFFSET = 10
-
-
-@dataclass(frozen=True)
-class StageSettings:
-    steps: int
-    batch_size: int  # per process
-    lr: float
-    warmup: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float | None = 1.0
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    run_dir: Path
-    seed: int = 0
-    resume: bool = False
-    mixed_precision: str = "no"
-    log_every: int = 25
-    save_every: int = 500
-    sample_every: int = 0  # 0: only at the end of a stage
-    samples: bool = True  # False: no samples at all
-    quiet: bool = False
-    # Stop after this many steps (saving the state) though the schedule runs to
-    # StageSettings.steps; a later --resume run carries on from there.
-    stop_after: int | None = None
-    threads: int | None = None
 
 
 @dataclass
@@ -157,7 +131,7 @@ def learning_rate(settings: StageSettings, step: int) -> float:
 def make_accelerator(options: LoopOptions):
     from accelerate import Accelerator
 
-    from ldm_cli.distributed import cpu_processes
+    from ldm_cli.runtime.distributed import cpu_processes
 
     try:  # cpu: several processes on a machine without a GPU train with gloo
         accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=cpu_processes())
@@ -171,13 +145,13 @@ def make_accelerator(options: LoopOptions):
 
 
 def is_main_process() -> bool:
-    from ldm_cli.distributed import partial_state
+    from ldm_cli.runtime.distributed import partial_state
 
     return partial_state().is_main_process
 
 
 def wait_for_everyone() -> None:
-    from ldm_cli.distributed import partial_state
+    from ldm_cli.runtime.distributed import partial_state
 
     partial_state().wait_for_everyone()
 

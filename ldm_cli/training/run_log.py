@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ldm_cli.training.loop import LoopOptions
+    from ldm_cli.training.settings import LoopOptions
 
 LOG_FILE = "train_log.jsonl"
 

@@ -1,6 +1,6 @@
 """`ldm train upscaler`: the embedded super-resolution network, trained on offline images.
 
-The network is Real-ESRGAN's compact SRVGG layout (`ldm_cli.image_upscaler.compact_network`):
+The network is Real-ESRGAN's compact SRVGG layout (`ldm_cli.models.sr_compact`):
 every convolution runs at the input's size and one pixel shuffle makes the output, so a
 256->1024 upscale costs about a second on two CPU cores, and the file loads in every tool that
 reads Real-ESRGAN files (spandrel, ComfyUI, chaiNNer). It learns the residual over the
@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_cli.image_metrics import colour_shift, psnr, ssim
-from ldm_cli.image_upscaler import (
+from ldm_cli.core.image_metrics import colour_shift, psnr, ssim
+from ldm_cli.models.sr_compact import CompactShape, SRVGGCompact
+from ldm_cli.pipeline.tasks.image_upscaler import (
     METADATA_KEY,
     ImageUpscaler,
     compact_upscaler,
     upscale_image,
 )
-from ldm_cli.models.sr_compact import CompactShape, SRVGGCompact
-from ldm_cli.training.loop import LoopOptions, StageSettings, note, stage_dir, train_stage
+from ldm_cli.training.loop import note, stage_dir, train_stage
 from ldm_cli.training.run_log import merge_json
+from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.sr_init import linear_start
 from ldm_cli.training.sr_pairs import SourcePool, mosaic, sample_batch
 from ldm_cli.training.sr_sources import (
@@ -69,8 +70,8 @@ class SrPlan:
 
 
 def load_folder_images(folder: Path) -> list[np.ndarray]:
-    from ldm_cli.errors import UserError
-    from ldm_cli.image_inputs import load_image
+    from ldm_cli.core.errors import UserError
+    from ldm_cli.core.image_inputs import load_image
 
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
     if not folder.is_dir():

@@ -18,13 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_cli.config import TextConfig
+from ldm_cli.core.config import TextConfig
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.training.dataset import CaptionedImages, to_model_range
 from ldm_cli.training.hard_negatives import hard_negatives, swapped_word
 from ldm_cli.training.loop import (
-    LoopOptions,
-    StageSettings,
     StepRandom,
     is_main_process,
     stage_dir,
@@ -32,6 +30,7 @@ from ldm_cli.training.loop import (
     wait_for_everyone,
 )
 from ldm_cli.training.run_log import merge_json
+from ldm_cli.training.settings import LoopOptions, StageSettings
 
 STAGE = "text"
 WEIGHTS_FILE = "weights.safetensors"
@@ -148,7 +147,7 @@ def tower_path(options: LoopOptions) -> Path:
 
 
 def tokenize(captions: list[str], pad_id: int) -> torch.Tensor:
-    from ldm_cli.tokenizer import get_tokenizer
+    from ldm_cli.text.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(pad_id)
     return torch.cat(
@@ -243,7 +242,7 @@ def swap_accuracy(model: ClipModel, heldout: CaptionedImages, group: str) -> flo
 def save_text(
     model: ClipModel, cfg: TextConfig, encoder_path: Path, heads_path: Path, image_size: int
 ) -> None:
-    from ldm_cli.checkpoint_save import save_checkpoint
+    from ldm_cli.checkpoints.save import save_checkpoint
 
     save_checkpoint(model.text_encoder.state_dict(), encoder_path)
     metadata = {

@@ -15,18 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm_cli.config import ModelConfig
+from ldm_cli.core.config import ModelConfig
 from ldm_cli.models.attention import SpatialTransformer
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.models.unet import UNetModel
 from ldm_cli.models.unet_blocks import ResBlock
 from ldm_cli.models.vae import AutoencoderKL
-from ldm_cli.schedules import DiscreteSchedule
+from ldm_cli.samplers.schedules import DiscreteSchedule
 from ldm_cli.training.dataset import CaptionedImages
 from ldm_cli.training.loop import (
-    LoopOptions,
-    StageSettings,
     StepRandom,
     is_main_process,
     note,
@@ -35,6 +33,7 @@ from ldm_cli.training.loop import (
     wait_for_everyone,
 )
 from ldm_cli.training.run_log import merge_json
+from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.text_stage import tokenize
 from ldm_cli.training.vae_stage import encode_means, save_grid
 
@@ -173,7 +172,7 @@ def write_samples(model: LatentDiffusion, prompts: list[str], path: Path, seed: 
     """One image per prompt through the Pipeline's sampling code, as one PNG row."""
     import numpy as np
 
-    from ldm_cli.pipeline import Pipeline, Request
+    from ldm_cli.pipeline.base import Pipeline, Request
 
     device = next(model.unet.parameters()).device
     pipe = Pipeline(model, path, device, torch.float32)
@@ -252,7 +251,7 @@ def finish_stage(stage: str, result, options: LoopOptions, extra: dict) -> UnetR
         **extra,
     }
     if is_main_process():
-        from ldm_cli.checkpoint_save import save_checkpoint
+        from ldm_cli.checkpoints.save import save_checkpoint
 
         save_checkpoint(ema.state_dict(), stage_dir(options, stage) / WEIGHTS_FILE)
         merge_json(options.run_dir / "metrics.json", {stage: metrics})

@@ -12,17 +12,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ldm_cli.config import ModelConfig
-from ldm_cli.errors import UserError
-from ldm_cli.training import (
+from ldm_cli.core.config import ModelConfig
+from ldm_cli.core.errors import UserError
+from ldm_cli.training.plan import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
     TrainOutcome,
     TrainPlan,
-    _read_metrics,
     check_run_config,
     export_model,
+    read_metrics,
     split,
 )
 
@@ -50,8 +50,8 @@ def load_base(path: Path | None):
     """The base model (default: the embedded one), in float32 on the CPU."""
     import torch
 
-    from ldm_cli.embedded import default_model_path
-    from ldm_cli.loading import load_model
+    from ldm_cli.core.embedded import default_model_path
+    from ldm_cli.models.loading import load_model
 
     if path is None:
         try:
@@ -84,7 +84,7 @@ def load_init(path: Path | None, cfg: ModelConfig):
         return None
     import torch
 
-    from ldm_cli.loading import load_model
+    from ldm_cli.models.loading import load_model
 
     model, _ = load_model(path, device="cpu", dtype=torch.float32)
     if model.config.unet != cfg.unet:
@@ -124,7 +124,7 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
             cfg, vae, text, train_sets, heldout, plan.unet, loop, init=init
         )
         if result is None:
-            return TrainOutcome(None, _read_metrics(loop))
+            return TrainOutcome(None, read_metrics(loop))
 
     path = loop.run_dir / MODEL_FILE
     if main:
@@ -137,4 +137,4 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
         minutes = round((time.perf_counter() - started) / 60, 2)
         merge_json(loop.run_dir / METRICS_FILE, {"export": {**sizes, "minutes_this_run": minutes}})
     wait_for_everyone()
-    return TrainOutcome(path, _read_metrics(loop))
+    return TrainOutcome(path, read_metrics(loop))

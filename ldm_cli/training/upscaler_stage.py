@@ -18,21 +18,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_cli.config import ModelConfig
-from ldm_cli.image_metrics import psnr
+from ldm_cli.core.config import ModelConfig
+from ldm_cli.core.image_metrics import psnr
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.models.unet import UNetModel
 from ldm_cli.models.vae import AutoencoderKL
-from ldm_cli.schedules import DiscreteSchedule
-from ldm_cli.training.dataset import CaptionedImages, to_model_range
-from ldm_cli.training.loop import (
-    LoopOptions,
-    StageSettings,
-    StepRandom,
-    note,
-    stage_dir,
-    train_stage,
+from ldm_cli.pipeline.tasks.upscale import (
+    MAX_NOISE_LEVEL,
+    UpscaleOptions,
+    noise_augment,
+    upscale_pixels,
 )
+from ldm_cli.samplers.schedules import DiscreteSchedule
+from ldm_cli.training.dataset import CaptionedImages, to_model_range
+from ldm_cli.training.loop import StepRandom, note, stage_dir, train_stage
+from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.unet_stage import (
     CAPTION_DROPOUT,
     EMA_DECAY,
@@ -46,7 +46,6 @@ from ldm_cli.training.unet_stage import (
     zero_init_like_ldm,
 )
 from ldm_cli.training.vae_stage import save_grid
-from ldm_cli.upscale import MAX_NOISE_LEVEL, UpscaleOptions, noise_augment, upscale_pixels
 
 STAGE = "upscaler"
 WEIGHTS_FILE = "weights.safetensors"
@@ -125,7 +124,7 @@ def upscaler_loss(
 
 
 def stage_pipeline(cfg: ModelConfig, unet: UNetModel, vae: AutoencoderKL, text: CLIPTextEncoder):
-    from ldm_cli.pipeline import Pipeline
+    from ldm_cli.pipeline.base import Pipeline
 
     device = next(unet.parameters()).device
     model = assemble_model(cfg, unet, vae.to(device), text.to(device))
@@ -139,7 +138,7 @@ def upscale_batch(
     """uint8 low-res images [N, 3, s, s] -> uint8 upscales, as `ldm upscale IMAGE [CAPTION]
     --seed` would make them (image i uses seed + i and captions[i]; the checkpoint's default
     guidance scale; no prompt, so no guidance, without captions)."""
-    from ldm_cli.pipeline import Request
+    from ldm_cli.pipeline.base import Request
 
     size = low_res.shape[-1] * pipe.latent_factor
     options = UpscaleOptions(EVAL_NOISE_LEVEL, tile_size=0)

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldm_cli.config import VAEConfig
-from ldm_cli.image_metrics import psnr
+from ldm_cli.core.config import VAEConfig
+from ldm_cli.core.image_metrics import psnr
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.training.dataset import CaptionedImages, to_model_range, to_uint8
 from ldm_cli.training.loop import (
-    LoopOptions,
-    StageSettings,
     StepRandom,
     is_main_process,
     stage_dir,
@@ -34,6 +32,7 @@ from ldm_cli.training.loop import (
     wait_for_everyone,
 )
 from ldm_cli.training.run_log import merge_json
+from ldm_cli.training.settings import LoopOptions, StageSettings
 
 STAGE = "vae"
 WEIGHTS_FILE = "weights.safetensors"
@@ -178,7 +177,7 @@ def heldout_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
 
 
 def save_vae(vae: AutoencoderKL, cfg: VAEConfig, metrics: dict, path: Path) -> None:
-    from ldm_cli.checkpoint_save import save_checkpoint
+    from ldm_cli.checkpoints.save import save_checkpoint
 
     metadata = {"scale_factor": repr(cfg.scale_factor), "psnr_db": repr(metrics["psnr_db"])}
     save_checkpoint(vae.state_dict(), path, metadata=metadata)

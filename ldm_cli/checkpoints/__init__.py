@@ -1,0 +1,3 @@
+"""Layer 1: checkpoint files: safetensors and pickle headers and tensors, saving, hashing, and
+detecting the model family from tensor shapes.
+"""

@@ -1,0 +1,212 @@
+"""LoRA files: their layers read and mapped to our parameters, their hashes, and where a
+named LoRA lies (see :mod:`ldm_cli.networks.lora` for the formats)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm_cli.checkpoints.pickled import load_weights_only
+from ldm_cli.core.errors import UserError
+from ldm_cli.networks.keys import LayerTarget, split_key, unsupported_kind
+from ldm_cli.networks.tags import LORA_EXTENSIONS
+
+
+@dataclass
+class LoraLayer:
+    target: LayerTarget
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float  # alpha / rank (alpha / sqrt(rank) for rsLoRA)
+
+    def delta(self, target_shape: torch.Size, name: str, device=None) -> torch.Tensor:
+        """up @ down * scale in float32 on `device`, shaped like the weight it changes."""
+        out_dim, rank = self.up.shape[0], self.up.shape[1]
+        if self.up[0, 0].numel() != 1 or self.down.shape[0] != rank:
+            raise UserError(
+                f"LoRA {name}: layer {self.target.param} has a down {tuple(self.down.shape)} "
+                f"and up {tuple(self.up.shape)} that do not make a LoRA"
+            )
+        up = self.up.reshape(out_dim, rank).to(device, torch.float32)
+        down = self.down.reshape(rank, -1).to(device, torch.float32)
+        delta = (up @ down) * self.scale
+        rows = self.target.rows
+        shape = list(target_shape)
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        if delta.shape[0] != shape[0] or delta.numel() != torch.Size(shape).numel():
+            raise UserError(
+                f"LoRA {name} does not fit this model: layer {self.target.param} is "
+                f"{'x'.join(map(str, shape))} here, the LoRA changes "
+                f"{'x'.join(map(str, (out_dim, *self.down.shape[1:])))} (a LoRA for another "
+                "model family?)"
+            )
+        return delta.reshape(shape)
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    layers: list[LoraLayer]
+    unmatched: list[str]  # layer names of the file that match nothing in the model
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's short hash of a LoRA: the first 12 hex digits of the file's
+    ``sshs_model_hash``, or of the sha256 of its tensor data (kohya's "addnet" hash: the file
+    after its header) for .safetensors, or of the whole file otherwise."""
+    if _is_safetensors(path):
+        stored = _safetensors_metadata(path).get("sshs_model_hash", "")
+        if re.fullmatch(r"[0-9a-fA-F]{12,64}", stored):
+            return stored[:12].lower()
+    return file_sha256(path, skip_header=_is_safetensors(path))[:12]
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+    except (OSError, ValueError, struct.error):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix.lower() == ".safetensors"
+
+
+def file_sha256(path: Path, skip_header: bool = False) -> str:
+    """sha256 of a file; `skip_header`: of what follows a safetensors header (addnet hash)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            if skip_header:
+                (length,) = struct.unpack("<Q", file.read(8))
+                file.seek(8 + length)
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    return digest.hexdigest()
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (safetensors) metadata of a LoRA file; pickles load with weights_only."""
+    try:
+        if _is_safetensors(path):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                metadata = file.metadata() or {}
+                return {key: file.get_tensor(key) for key in file.keys()}, metadata  # noqa: SIM118
+        state = load_weights_only(path)  # refused without --allow-pickle
+    except UserError:
+        raise
+    except OSError as error:
+        raise UserError(f"cannot read LoRA {path}: {error.strerror or error}") from None
+    except Exception as error:  # a damaged or unsafe file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read LoRA {path}: {reason}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"LoRA {path} holds no tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def read_lora(path: Path, table: dict[str, LayerTarget]) -> LoraFile:
+    """A LoRA file's layers, mapped to our parameters with `table` (lora_keys.layer_table)."""
+    state, metadata = read_state(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        kind = unsupported_kind(key)
+        split = split_key(key)
+        if kind is not None or split is None:
+            raise UserError(
+                f"LoRA {path.name} holds {kind or 'unknown'} layers ({key}); only LoRA "
+                "(lora_up/lora_down, lora_A/lora_B) files are supported"
+            )
+        name, part = split
+        parts.setdefault(name, {})[part] = tensor
+    peft = _peft_alphas(metadata)
+    layers, unmatched = [], []
+    for name, found in parts.items():
+        if "down" not in found or "up" not in found:
+            missing = "up" if "down" in found else "down"
+            raise UserError(f"LoRA {path.name}: layer {name} has no {missing} weight")
+        target = table.get(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        rank = found["down"].shape[0]
+        alpha = float(found["alpha"]) if "alpha" in found else peft.alpha(name, rank)
+        scale = alpha / (rank**0.5 if peft.rslora else rank)
+        layers.append(LoraLayer(target, found["down"], found["up"], scale))
+    if not layers:
+        some = ", ".join(sorted(unmatched)[:3])
+        raise UserError(
+            f"LoRA {path.name} matches no layer of this model (a LoRA for another model "
+            f"family?); its layers are named like {some}"
+        )
+    return LoraFile(path, layers, unmatched, metadata)
+
+
+@dataclass
+class _PeftAlphas:
+    """diffusers' ``lora_adapter_metadata`` ({"unet.lora_alpha": .., "unet.alpha_pattern": ..})."""
+
+    config: dict[str, dict]
+    rslora: bool = False
+
+    def alpha(self, name: str, rank: int) -> float:
+        component, _, module = name.partition(".")
+        config = self.config.get(component, {})
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                return float(value)
+        value = config.get("lora_alpha")
+        return float(value) if value is not None else float(rank)
+
+
+def _peft_alphas(metadata: dict[str, str]) -> _PeftAlphas:
+    text = metadata.get("lora_adapter_metadata")
+    if not text:
+        return _PeftAlphas({})
+    try:
+        flat = json.loads(text)
+    except ValueError:
+        return _PeftAlphas({})
+    config: dict[str, dict] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        component, _, option = key.partition(".")
+        config.setdefault(component, {})[option] = value
+    rslora = any(c.get("use_rslora") for c in config.values())
+    return _PeftAlphas(config, rslora)
+
+
+def find_lora(name: str, directory: Path) -> Path:
+    """The LoRA file called `name` (no extension) in `directory` or below it."""
+    if directory.is_dir():
+        for extension in LORA_EXTENSIONS:
+            direct = directory / f"{name}{extension}"
+            if direct.is_file():
+                return direct
+        for root, _, files in sorted(os.walk(directory, followlinks=True)):
+            for file in sorted(files):
+                stem, extension = os.path.splitext(file)
+                if stem == name and extension.lower() in LORA_EXTENSIONS:
+                    return Path(root) / file
+    raise UserError(
+        f"LoRA {name!r} not found in {directory} (give the folder with --lora-dir, or the file "
+        "with --lora PATH:WEIGHT)"
+    )

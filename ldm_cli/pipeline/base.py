@@ -1,0 +1,423 @@
+"""The text-to-image pipeline: prompts -> CLIP -> guided sampler over the U-Net -> VAE -> PIL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from ldm_cli.core.devices import resolve_device, resolve_dtype
+from ldm_cli.core.errors import UserError
+from ldm_cli.models.latent_diffusion import LatentDiffusion
+from ldm_cli.pipeline.commands import ImageCommands
+from ldm_cli.pipeline.guidance import StepClock, cfg_denoiser
+from ldm_cli.pipeline.image_start import ImageStart
+from ldm_cli.pipeline.performance import load_prepared
+from ldm_cli.pipeline.request import Request, check_request, random_seed, seeded_batches
+from ldm_cli.runtime.deep_cache import deep_cache
+from ldm_cli.runtime.token_merging import token_merging
+from ldm_cli.samplers import SAMPLERS
+from ldm_cli.samplers.schedules import (
+    Denoiser,
+    DiscreteSchedule,
+    get_sigmas,
+    get_timesteps,
+    init_noise_sigma,
+    to_vp_latent,
+)
+from ldm_cli.text.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from ldm_cli.pipeline.tasks.hires import HiresFix
+
+Progress = Callable[[int, int], None]
+
+
+class Pipeline(ImageCommands):
+    def __init__(
+        self, model: LatentDiffusion, path: Path, device: torch.device, dtype: torch.dtype
+    ):
+        self.model = model
+        self.config = model.config
+        self.path = Path(path)
+        self.device = device
+        self.dtype = dtype
+        self.schedule = DiscreteSchedule(self.config.schedule)
+        self.tokenizer = get_tokenizer(self.config.text.pad_token_id)
+        self.vae_tiling = "auto"  # "auto", "on" or "off": see ldm_cli.pipeline.vae_codec
+        self.preview = None  # called with each step's x0 (ldm_cli.runtime.preview.PreviewWriter)
+        self.released: set[str] = set()  # parts whose weights `release` gave back
+        # the file's own clip skip (before a clip_skip= override): the parameters text names
+        # the one used wherever it differs, so that --from-png gets it back
+        self.file_clip_skip = self.config.text.clip_skip
+        self.file_prediction: str | None = self.config.prediction  # None: only a probe can tell
+
+    @property
+    def unet(self):
+        self._check_kept("unet")
+        return self.model.unet
+
+    @property
+    def vae(self):
+        return self.model.vae
+
+    @property
+    def text_encoder(self):
+        self._check_kept("text_encoder")
+        return self.model.text_encoder
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @cached_property
+    def model_hash(self) -> str:
+        from ldm_cli.checkpoints.hash import model_hash
+
+        return model_hash(self.path)
+
+    @cached_property
+    def networks(self):
+        """LoRAs and textual-inversion embeddings (ldm_cli.networks.lora.Networks)."""
+        from ldm_cli.networks.lora import Networks
+
+        return Networks(self)
+
+    @cached_property
+    def preview_matrix(self) -> torch.Tensor:
+        """The fitted linear latent -> RGB map of step previews (ldm_cli.runtime.preview)."""
+        from ldm_cli.runtime.preview import fit_preview_matrix
+
+        return fit_preview_matrix(self)
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.vae.downscale
+
+    @property
+    def size_multiple(self) -> int:
+        return self.latent_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A U-Net that also takes a mask and masked-image latents (9 input channels)."""
+        return self.config.unet.in_channels == 2 * self.config.unet.out_channels + 1
+
+    @property
+    def is_upscaler(self) -> bool:
+        """An x4 upscaler: the U-Net also takes the low-res RGB image and its noise level."""
+        from ldm_cli.checkpoints.detect import is_upscaler_unet
+
+        return is_upscaler_unet(self.config.unet)
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        f = self.latent_factor
+        return (1, self.config.unet.out_channels, height // f, width // f)
+
+    def release(self, part: str, room: int | None = None, reuse: bool = False) -> None:
+        """Give back the memory of "unet" or "text_encoder", which this pipeline will not use
+        again (a one-shot run's last batch; see release_weights): all of it, or with `room` at
+        least that many bytes now and the rest at exit; with `reuse`, to this process's
+        allocator where it can. Only CPU weights are freed; either way the part cannot be used
+        afterwards."""
+        from ldm_cli.ops.release_weights import release_module
+
+        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        if part not in parts:
+            raise ValueError(f"cannot release {part!r}; only {' or '.join(parts)}")
+        release_module(parts[part], room, reuse)
+        self.released.add(part)
+
+    def release_unet_before_decoding(self, latents: torch.Tensor) -> None:
+        """`release("unet")` for a run whose last step is decoding `latents`, freeing only the
+        room the decode will take (release_weights.decode_room), into the allocator where the
+        decode's activations fit in the U-Net's tensors."""
+        from ldm_cli.ops.release_weights import (
+            decode_largest_activation,
+            decode_room,
+            owns_its_bytes,
+        )
+
+        shape, factor, itemsize = latents.shape, self.latent_factor, self.dtype.itemsize
+        largest = decode_largest_activation(self.config.vae, shape, factor, itemsize)
+        owned = [p for p in self.model.unet.parameters() if owns_its_bytes(p)]
+        weights = max((p.nbytes for p in owned), default=0)
+        room = decode_room(self.config.vae, shape, factor, itemsize)
+        self.release("unet", room, reuse=largest < weights)
+
+    def _check_kept(self, part: str) -> None:
+        if part in self.released:
+            raise RuntimeError(f"this pipeline's {part} was released; load the model again")
+
+    # -- stages ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts).to(self.device)
+        return self.text_encoder(tokens).to(self.dtype)
+
+    def initial_noise(
+        self, seed: int, width: int, height: int
+    ) -> tuple[torch.Tensor, torch.Generator]:
+        """Noise for one image, always drawn on the CPU so a seed means the same on every device."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        shape = self.latent_shape(width, height)
+        return torch.randn(shape, generator=gen, dtype=torch.float32), gen
+
+    def sigmas(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's sigmas and the U-Net timestep of each step (as diffusers feeds them)."""
+        info = SAMPLERS[req.sampler]
+        final = info.default_final if req.spacing == info.default_spacing else "zero"
+        sigmas = get_sigmas(self.schedule, req.steps, req.spacing, final=final)
+        return sigmas, get_timesteps(self.schedule, req.steps, req.spacing)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        noise: torch.Tensor,
+        generators: list[torch.Generator],
+        req: Request,
+        progress: Progress | None = None,
+        start: ImageStart | None = None,
+    ) -> torch.Tensor:
+        """Denoise unit `noise` [B, C, h, w]; returns the latents the VAE decodes.
+
+        `start` makes it an image-conditioned run (img2img, inpainting; see image_start).
+        """
+        if self.is_upscaler and getattr(start, "labels", None) is None:
+            raise UserError(f"{self.name} is an x4 upscaler checkpoint: use `ldm upscale`")
+        sigmas, timesteps = self.sigmas(req)
+        unet_fn = _in_dtype(self.unet, self.dtype)
+        if start is not None:
+            unet_fn = start.wrap_unet(unet_fn)
+        denoiser = Denoiser(
+            unet_fn,
+            self.schedule,
+            self.config.prediction,
+            pinned_timesteps=(sigmas[:-1], timesteps),
+        )
+        clock = StepClock()  # prompt editing and alternation read the step from it
+        model = cfg_denoiser(denoiser, cond, uncond, req.cfg, clock, rescale=req.rescale_cfg)
+        noise = noise.to(self.device)
+        if start is None:
+            x = noise * init_noise_sigma(float(sigmas[0]), req.spacing)
+        else:
+            sigmas = sigmas[start.skip :]
+            if len(sigmas) == 1:  # strength 0: nothing to denoise
+                return start.latents
+            model = start.wrap_denoiser(model, noise)
+            x = start.initial_x(noise, float(sigmas[0]), req.spacing)
+        total = len(sigmas) - 1
+
+        def on_step(i, x, x0):
+            clock.finished(i)
+            if progress:
+                progress(i + 1, total)
+            if self.preview is not None:
+                self.preview(self, i + 1, total, x0)
+
+        sigmas = sigmas.to(self.device)
+        unet, (height, width) = self.unet, x.shape[-2:]
+        with (
+            deep_cache(unet, req.deep_cache),
+            token_merging(unet, req.token_merging, height, width),
+        ):
+            x = SAMPLERS[req.sampler].fn(model, x, sigmas, generator=generators, callback=on_step)
+        # DDIM stops at the first table sigma as diffusers/CompVis do; it decodes the VP latent
+        x = to_vp_latent(x, sigmas[-1])
+        return x if start is None else start.finish(x)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        from ldm_cli.pipeline.vae_codec import decode_latents  # NaN/inf refused; tiled when large
+
+        images = (decode_latents(self, latents) / 2 + 0.5).clamp(0, 1)
+        arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
+
+    # -- whole requests ---------------------------------------------------------------------
+
+    def validate(self, req: Request) -> None:
+        """A one-line UserError for a request this model cannot render (request.check_request),
+        or for a `vae_tiling` set to no mode, before anything is sampled."""
+        from ldm_cli.pipeline.vae_codec import check_mode
+
+        check_request(req, self.size_multiple)
+        check_mode(self.vae_tiling)
+
+    def conditioning(self, requests: list[Request]):
+        """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
+        head = requests[0]
+        for r in requests:
+            self.validate(r)
+            if replace(r, seed=head.seed, prompt=head.prompt, negative_prompt="") != replace(
+                head, negative_prompt=""
+            ):
+                raise ValueError("a batch must share everything but prompts and seeds")
+        # A1111 prompt syntax, long prompts, AND; PromptBatch objects (see prompt_conditioning)
+        from ldm_cli.pipeline.conditioning import encode_requests
+
+        requests = self.networks.activate(requests)  # <lora:...> applied, tags stripped
+        return encode_requests(self, requests)
+
+    def render(
+        self, requests: list[Request], progress: Progress | None = None, last: bool = False
+    ) -> Iterator[tuple[Request, Image.Image]]:
+        """Render requests as one batch; they may differ in prompts and seeds only.
+
+        `last`: nothing renders after this batch, so the text encoder's and the U-Net's memory
+        is given back as soon as each is done (the VAE decode is where memory peaks)."""
+        head = requests[0]
+        cond, uncond = self.conditioning(requests)
+        if last:
+            self.release("text_encoder")
+        noises, gens = zip(
+            *(self.initial_noise(r.seed, r.width, r.height) for r in requests), strict=True
+        )
+        start = None
+        if self.is_inpainting:  # txt2img with an inpainting model: inpaint an all-white mask
+            from ldm_cli.pipeline.tasks.img2img import blank_inpaint_start
+
+            start = blank_inpaint_start(self, head, list(gens))
+        latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
+        if last:
+            self.release_unet_before_decoding(latents)
+        yield from zip(requests, self.decode(latents), strict=True)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        steps: int = 30,
+        cfg: float | None = None,
+        seed: int | None = None,
+        sampler: str = "euler_a",
+        scheduler: str = "auto",
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        batch_size: int = 1,
+        progress: Progress | None = None,
+        hires: HiresFix | None = None,
+        rescale_cfg: float = 0.0,
+        deep_cache: int = 0,
+        token_merging: float = 0.0,
+    ) -> list[Image.Image]:
+        """Images k = 0..num_images-1 use seed + k whatever the batch size.
+
+        `cfg` defaults to the checkpoint's own guidance scale (`config.default_cfg`, 7.5 unless
+        its metadata names another). Each image carries its AUTOMATIC1111 `parameters` text in
+        `image.info`. `hires`
+        upscales each image and refines it with img2img (A1111's "hires fix").
+        `rescale_cfg` is the guidance rescale PHI (0..1; see ldm_cli.pipeline.cfg_rescale).
+        `deep_cache` N > 1 reuses the U-Net's deep features for N-1 of every N calls: faster,
+        slightly different images (see ldm_cli.runtime.deep_cache). `token_merging` (0..0.9) merges
+        that ratio of the full-resolution self-attention tokens (ToMe;
+        ldm_cli.runtime.token_merging).
+        """
+        size = self.config.default_size
+        base = Request(
+            prompt,
+            negative_prompt,
+            steps,
+            self.guidance_scale(cfg),
+            random_seed() if seed is None else seed,
+            sampler,
+            scheduler,
+            size if width is None else width,
+            size if height is None else height,
+            rescale_cfg,
+            deep_cache,
+            token_merging,
+        )
+        extra = hires.parameters() if hires is not None else None
+        out = []
+        for batch in seeded_batches(base, num_images, batch_size):
+            pairs = self.render(batch, progress)
+            if hires is not None:
+                pairs = hires.apply(self, list(pairs), progress)
+            for req, image in pairs:
+                image.info["parameters"] = self.parameters_text(req, extra)
+                out.append(image)
+        return out
+
+    def guidance_scale(self, cfg: float | None) -> float:
+        """`cfg`, or where it is None the checkpoint's own scale (`config.default_cfg`: 7.5
+        unless its ldm_config names another)."""
+        return self.config.default_cfg if cfg is None else cfg
+
+    def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
+        """A1111 parameters text; `extra` adds keys such as "Denoising strength"."""
+        from ldm_cli.pipeline.infotext import parameters_text
+
+        return parameters_text(self, req, extra)
+
+
+def _in_dtype(unet, dtype: torch.dtype):
+    """Run the network in the model dtype; samplers keep their state in fp32."""
+
+    def call(z, t, **cond):
+        # integer inputs (the x4 upscaler's noise-level labels) stay integers
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return unet(z.to(dtype), t, **cond).float()
+
+    return call
+
+
+def load(
+    path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    prediction: str | None = None,
+    clip_skip: int | None = None,
+    compile: bool = False,
+    offload: str = "none",
+    vae_tiling: str = "auto",
+    low_memory: bool | None = None,
+    cuda_graphs: bool = False,
+) -> Pipeline:
+    """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
+
+    `prediction` ("eps" or "v") overrides what the file tells or the probe finds (SD 2.x);
+    `clip_skip` takes the text encoder's output that many layers from the end (1 = last).
+    `compile` runs the U-Net through torch.compile; `offload` ("model", "sequential"; CUDA)
+    keeps the weights in CPU memory (ldm_cli.pipeline.performance). `vae_tiling` ("auto", "on",
+    "off")
+    decodes and encodes large images in tiles (ldm_cli.pipeline.vae_codec). `low_memory` keeps an
+    fp16 file's large U-Net weights in fp16 on the CPU, widened per call (models/narrow_weights);
+    None (the default): so unless `compile` or `offload`; False: converted at load.
+    `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs (compile_unet).
+    """
+    from ldm_cli.checkpoints.detect import detect_config
+    from ldm_cli.checkpoints.prediction import settled_prediction
+    from ldm_cli.core.embedded import default_model_path
+    from ldm_cli.pipeline.vae_codec import check_mode
+
+    check_mode(vae_tiling)
+    path = Path(path) if path else default_model_path()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model, header = load_prepared(
+        path, dev, dt, prediction, clip_skip, compile=compile, offload=offload,
+        low_memory=low_memory, cuda_graphs=cuda_graphs,
+    )  # fmt: skip
+    if model.config.conditioner:  # SDXL base, inpainting and refiner
+        from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
+
+        pipe = SDXLPipeline(model, header.path, dev, dt)
+    else:
+        pipe = Pipeline(model, header.path, dev, dt)
+    pipe.vae_tiling = vae_tiling
+    detected = detect_config(header)
+    pipe.file_clip_skip = detected.text.clip_skip
+    pipe.file_prediction = settled_prediction(detected, header)
+    return pipe

@@ -1,0 +1,207 @@
+"""Image to image: encode with the VAE, noise to the strength's sigma, denoise the rest.
+
+Randomness follows diffusers' StableDiffusionImg2ImgPipeline with one CPU generator per image
+(seed + k): the image latents are a *sample* of the VAE posterior drawn from that generator
+(diffusers' `retrieve_latents(..., sample_mode="sample")`), then the start noise, then whatever
+a stochastic sampler draws. With an inpainting (9-channel) checkpoint, the U-Net also gets an
+all-white mask and the latents of an all-gray image, as A1111 does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import torch
+from PIL import Image
+
+from ldm_cli.core.errors import UserError
+from ldm_cli.core.image_inputs import (
+    ImageInput,
+    fit_to_multiple,
+    load_image,
+    size_notice,
+    to_pixels,
+)
+from ldm_cli.core.pngmeta import format_number
+from ldm_cli.pipeline.base import Pipeline, Progress, Request, random_seed, seeded_batches
+from ldm_cli.pipeline.image_start import ImageStart, first_step
+
+Notice = Callable[[str], None]
+Pair = tuple[Request, Image.Image]
+
+
+def base_request(
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    steps: int = 30,
+    cfg: float | None = None,  # None: the checkpoint's own (Pipeline.guidance_scale)
+    seed: int | None = None,
+    sampler: str = "euler_a",
+    scheduler: str = "auto",
+    deep_cache: int = 0,
+    token_merging: float = 0.0,
+) -> Request:
+    """A request whose size the image decides later."""
+    seed = random_seed() if seed is None else seed
+    return Request(
+        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, 0, 0,
+        deep_cache=deep_cache, token_merging=token_merging,
+    )  # fmt: skip
+
+
+def check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be between 0 and 1, got {strength}")
+
+
+def generators(requests: list[Request]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+
+
+@torch.inference_mode()
+def encode_latents(
+    pipe: Pipeline, pixels: torch.Tensor, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """Scaled posterior samples [B, C, h, w] of `pixels` [1 or B, 3, H, W]; row i from gens[i].
+
+    One encoder pass serves every generator; each sample's noise is drawn in float32
+    on the CPU, so a seed gives the same latents on every device.
+    """
+    from ldm_cli.pipeline.vae_codec import encode_pixels  # tiled when large
+
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    posterior = encode_pixels(pipe, pixels.to(pipe.device, vae_dtype))
+    mean, std = posterior.mean.float(), posterior.std.float()
+    rows = []
+    for i, gen in enumerate(gens):
+        row = min(i, mean.shape[0] - 1)
+        noise = torch.randn(mean.shape[1:], generator=gen, dtype=torch.float32)
+        rows.append(mean[row] + std[row] * noise.to(mean.device))
+    return torch.stack(rows) * pipe.config.vae.scale_factor
+
+
+def start_noise(pipe: Pipeline, req: Request, gens: list[torch.Generator]) -> torch.Tensor:
+    shape = pipe.latent_shape(req.width, req.height)
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+
+
+@torch.inference_mode()
+def inpaint_concat(
+    pipe: Pipeline, pixels: torch.Tensor, mask: torch.Tensor, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """The 9-channel U-Net's extra input: cat([mask, masked-image latents]) as diffusers builds it.
+
+    `mask` [1, 1, H, W] is binary (1 = repaint); the masked image is `pixels * (mask < 0.5)`
+    and the mask reaches latent size by nearest-neighbour interpolation.
+    """
+    masked = pixels * (mask < 0.5)
+    latents = encode_latents(pipe, masked, gens)
+    small = torch.nn.functional.interpolate(mask, size=latents.shape[-2:])
+    return torch.cat([small.to(latents.device).expand(len(gens), -1, -1, -1), latents], dim=1)
+
+
+def blank_inpaint_start(pipe: Pipeline, req: Request, gens: list[torch.Generator]) -> ImageStart:
+    """Plain generation with an inpainting checkpoint: the whole (gray) image is repainted."""
+    pixels = torch.zeros(1, 3, req.height, req.width)
+    mask = torch.ones(1, 1, req.height, req.width)
+    return ImageStart(None, concat=inpaint_concat(pipe, pixels, mask, gens))
+
+
+def render_img2img(
+    pipe: Pipeline,
+    requests: list[Request],
+    images: list[Image.Image],
+    strength: float,
+    progress: Progress | None = None,
+    last: bool = False,
+) -> Iterator[Pair]:
+    """One batch: requests[i] starts from images[i] (RGB, the requests' size). `last`: as in
+    `Pipeline.render`, the text encoder and U-Net are given back once each is done."""
+    check_strength(strength)
+    head = requests[0]
+    cond, uncond = pipe.conditioning(requests)
+    if last:
+        pipe.release("text_encoder")
+    gens = generators(requests)
+    skip = first_step(head.steps, strength)
+    latents = None
+    if skip > 0:
+        same = all(image is images[0] for image in images)
+        latents = encode_latents(pipe, to_pixels(images[:1] if same else images), gens)
+    noise = start_noise(pipe, head, gens)
+    concat = None
+    if pipe.is_inpainting:
+        concat = blank_inpaint_start(pipe, head, gens).concat
+    start = ImageStart(latents, skip, concat)
+    out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
+    if last:
+        pipe.release_unet_before_decoding(out)
+    yield from zip(requests, pipe.decode(out), strict=True)
+
+
+def iter_img2img(
+    pipe: Pipeline,
+    image: ImageInput,
+    base: Request,
+    *,
+    strength: float = 0.75,
+    num_images: int = 1,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    notice: Notice | None = None,
+    release: bool = False,
+) -> Iterator[Pair]:
+    """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text.
+    `release`: a one-shot run; the last batch gives the text encoder's and U-Net's memory back
+    (`Pipeline.release`), so the pipeline cannot render again."""
+    check_strength(strength)
+    fitted = fit_to_multiple(load_image(image), pipe.size_multiple)
+    message = size_notice(*fitted.size, pipe.size_multiple)
+    if message and notice:
+        notice(message)
+    width, height = fitted.image.size
+    base = replace(base, width=width, height=height, cfg=pipe.guidance_scale(base.cfg))
+    pipe.validate(base)
+    extra = {"Denoising strength": format_number(strength)}
+    batches = seeded_batches(base, num_images, batch_size)
+    for i, batch in enumerate(batches):
+        images = [fitted.image] * len(batch)
+        last = release and i == len(batches) - 1
+        for req, result in render_img2img(pipe, batch, images, strength, progress, last):
+            result = fitted.restore(result)
+            shown = replace(req, width=result.width, height=result.height)  # not the padded size
+            result.info["parameters"] = pipe.parameters_text(shown, extra)
+            yield req, result
+
+
+def img2img(
+    pipe: Pipeline,
+    image: ImageInput,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    strength: float = 0.75,
+    num_images: int = 1,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    **settings,
+) -> list[Image.Image]:
+    """Redraw `image` (a path or PIL image) towards `prompt`.
+
+    strength 0 returns the VAE round trip, 1 ignores the image (plain generation). `settings`
+    are `steps`, `cfg`, `seed`, `sampler`, `scheduler`, `deep_cache` and `token_merging` as in
+    `Pipeline.generate`.
+    """
+    base = base_request(prompt, negative_prompt, **settings)
+    pairs = iter_img2img(
+        pipe,
+        image,
+        base,
+        strength=strength,
+        num_images=num_images,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return [result for _, result in pairs]
