@@ -32,6 +32,7 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check ldm_cli tests examples
 	$(VENV)/bin/ruff format --check ldm_cli tests examples
+	$(VENV)/bin/lint-imports  # the layers of docs/architecture.md (contracts in pyproject.toml)
 
 format: install
 	$(VENV)/bin/ruff format ldm_cli tests examples

@@ -28,7 +28,7 @@ def load(
 
     `prediction` ("eps" or "v") and `clip_skip` (1 = last text layer) override the defaults;
     `compile=True` runs the U-Net through torch.compile, `offload="model"` or `"sequential"`
-    keeps the weights in CPU memory on a CUDA device (see ldm_cli.pipeline.performance);
+    keeps the weights in CPU memory on a CUDA device (see ldm_cli.pipeline.load);
     `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
     (ldm_cli.pipeline.vae_codec); `low_memory` keeps an fp16 file's large U-Net weights in 16
     bits on
@@ -36,7 +36,7 @@ def load(
     `offload`; False converts them at load. `cuda_graphs=True` (CUDA) compiles the U-Net to
     replay each step as CUDA graphs (ldm_cli.runtime.compile).
     """
-    from ldm_cli.pipeline.base import load as _load
+    from ldm_cli.pipeline.load import load as _load
 
     return _load(
         path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip,

@@ -24,7 +24,7 @@ from ldm_cli.cli.batch_resume import (
 from ldm_cli.cli.outputs import reservation_owner, reserve
 from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.pngmeta import read_parameters
-from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.request import Request
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

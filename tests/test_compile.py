@@ -110,17 +110,16 @@ def test_cuda_graphs_need_a_cuda_device(one_level):
 
 
 def test_cuda_graphs_clashes_are_refused_before_loading(tmp_path):
-    from ldm_cli.pipeline.performance import load_prepared
+    from ldm_cli.pipeline.load import LoadOptions, load_model_with
 
     missing = tmp_path / "never-read.safetensors"  # the error must come before any read
+    cuda = torch.device("cuda")
     with pytest.raises(UserError, match="--cuda-graphs does not work with --offload"):
-        load_prepared(
-            missing, torch.device("cuda"), torch.float16, offload="model", cuda_graphs=True
-        )
+        options = LoadOptions(offload="model", cuda_graphs=True)
+        load_model_with(missing, cuda, torch.float16, options)
     with pytest.raises(UserError, match="--low-memory does not work with --cuda-graphs"):
-        load_prepared(
-            missing, torch.device("cuda"), torch.float32, low_memory=True, cuda_graphs=True
-        )
+        options = LoadOptions(low_memory=True, cuda_graphs=True)
+        load_model_with(missing, cuda, torch.float32, options)
 
 
 def test_cuda_graph_replays_are_copied_out(monkeypatch):

@@ -47,7 +47,7 @@ def test_generate_and_img2img_use_the_checkpoints_scale(models, tmp_path):
 
 def test_the_python_api_uses_it_too(models):
     from ldm_cli.evaluation.run_eval import evaluate
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     pipe = load(models["own"], dtype="fp32")
     (image,) = pipe.generate("a cat", steps=1, seed=0, width=32, height=32)

@@ -47,7 +47,7 @@ GOLDEN_MIN_PSNR = 30.0
 
 @pytest.fixture(scope="module")
 def pipe():
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     return load(None, device="cpu")
 

@@ -38,8 +38,8 @@ def test_held_out_photos_at_x4(network):
 
 
 def test_the_x2_network_beats_bicubic_at_x2():
+    from ldm_cli.evaluation.upscalers import evaluate_photos
     from ldm_cli.pipeline.tasks.image_upscaler import load_embedded_upscaler
-    from ldm_cli.training.sr_stage import evaluate_photos
 
     result = evaluate_photos(load_embedded_upscaler(2))
     assert result["mean_gain_db"] >= 1.0 and result["worst_gain_db"] >= 0, result

@@ -18,7 +18,7 @@ from ldm_cli.core.config import TINY_SD1, TINY_SDXL
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.models.latent_diffusion import LatentDiffusion
-from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.request import Request
 from ldm_cli.testing import random_checkpoint, randomize_
 from ldm_cli.text.chunks import prompt_chunks
 from ldm_cli.text.embeddings import PLACEHOLDER_BASE, EmbeddingDatabase, read_embedding

@@ -76,7 +76,7 @@ def test_a_base_that_does_not_fit_is_refused():
 
 @pytest.mark.slow
 def test_fine_tune_run_keeps_the_base_vae_and_text_encoder(tmp_path):
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     data = write_shapes_dataset(tmp_path / "shapes", 32, size=SIZE, seed=0)
     base = random_checkpoint(BASE, tmp_path / "base.safetensors", seed=5)

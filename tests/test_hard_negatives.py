@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ldm_cli.core.config import TextConfig
+from ldm_cli.models.clip_tower import ClipModel
 from ldm_cli.training.hard_negatives import WORD_GROUPS, hard_negative, hard_negatives, swapped_word
-from ldm_cli.training.text_stage import ClipModel
 
 CAPTION = (
     "a small red circle in the top left and a large blue square on the right, "

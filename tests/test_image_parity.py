@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm_cli.core.config import TINY_SD1
-from ldm_cli.pipeline.base import load
+from ldm_cli.pipeline.load import load
 from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import TINY_INPAINT, box_mask, photo
 from tests.test_pipeline_parity import NEGATIVE, PROMPT, write_config_dir

@@ -11,10 +11,10 @@ from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.image_inputs import as_mask, as_rgb, load_image, size_notice, to_pixels
 from ldm_cli.core.pngmeta import parse_parameters
-from ldm_cli.pipeline.base import load
 from ldm_cli.pipeline.image_start import first_step
+from ldm_cli.pipeline.latents import encode_latents
+from ldm_cli.pipeline.load import load
 from ldm_cli.pipeline.tasks.hires import HiresFix, hires_from_parameters
-from ldm_cli.pipeline.tasks.img2img import encode_latents
 from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import PHOTOS, TINY_INPAINT, photo
 

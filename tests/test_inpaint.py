@@ -15,9 +15,9 @@ from ldm_cli.core.errors import UserError
 from ldm_cli.core.image_inputs import blur_mask, load_mask, to_pixels
 from ldm_cli.core.image_metrics import psnr
 from ldm_cli.core.pngmeta import parse_parameters
-from ldm_cli.pipeline.base import load
 from ldm_cli.pipeline.image_start import keep_outside_mask
-from ldm_cli.pipeline.tasks.img2img import encode_latents
+from ldm_cli.pipeline.latents import encode_latents
+from ldm_cli.pipeline.load import load
 from ldm_cli.pipeline.tasks.inpaint_regions import crop_box, extend_canvas
 from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import PHOTOS, TINY_INPAINT, box_mask, photo

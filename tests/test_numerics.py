@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.numerics import check_latents, decode_finite
-from ldm_cli.pipeline.base import load
+from ldm_cli.pipeline.load import load
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, pixels, written
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ldm_cli.core.config import TINY_SD1
-from ldm_cli.pipeline.base import load
+from ldm_cli.pipeline.load import load
 from ldm_cli.testing import random_checkpoint
 from tests.reference_configs import (
     diffusers_unet_config,

@@ -12,7 +12,7 @@ from PIL import Image
 import ldm_cli
 from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.embedded import DEFAULT_NAME, WEIGHTS_DIR
-from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.request import Request
 from ldm_cli.runtime.preview import PreviewWriter, latents_to_rgb
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import ldm, written

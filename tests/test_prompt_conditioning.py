@@ -11,8 +11,8 @@ import ldm_cli
 from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.pngmeta import parse_parameters, read_parameters
-from ldm_cli.pipeline.base import Request
 from ldm_cli.pipeline.guidance import StepClock, cfg_denoiser
+from ldm_cli.pipeline.request import Request
 from ldm_cli.testing import random_checkpoint
 from ldm_cli.text.batch import PromptBatch, ScheduledFeatures
 from tests.cli_helpers import ldm, pixels, written

@@ -14,7 +14,7 @@ import torch
 import ldm_cli
 from ldm_cli.core.config import SD15, TINY_SD1, VAEConfig
 from ldm_cli.ops.release_weights import decode_room, discard_pages, owns_its_bytes, release_module
-from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.request import Request
 from ldm_cli.testing import random_checkpoint
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")

@@ -11,7 +11,8 @@ import torch
 
 from ldm_cli.core.config import OPENCLIP_H_TEXT, TINY_SD2, TextConfig
 from ldm_cli.models.openclip_text import OpenCLIPTextEncoder
-from ldm_cli.pipeline.base import Request, load
+from ldm_cli.pipeline.load import load
+from ldm_cli.pipeline.request import Request
 from ldm_cli.testing import random_checkpoint, randomize_
 from ldm_cli.text.tokenizer import OPENCLIP_PAD_ID, get_tokenizer
 from tests.reference_configs import diffusers_unet_config

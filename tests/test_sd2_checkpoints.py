@@ -22,8 +22,8 @@ from ldm_cli.core.errors import UserError
 from ldm_cli.core.pngmeta import parse_parameters, read_parameters
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.loading import build_empty, check_keys
-from ldm_cli.pipeline.base import load
-from ldm_cli.pipeline.model_options import probe_prediction
+from ldm_cli.models.prediction_probe import probe_prediction
+from ldm_cli.pipeline.load import load
 from ldm_cli.testing import randomize_, training_extras
 from tests.cli_helpers import ldm, pixels, written
 

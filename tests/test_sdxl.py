@@ -24,9 +24,10 @@ import torch
 
 from ldm_cli.core.config import TINY_SDXL, TINY_SDXL_REFINER, TextConfig
 from ldm_cli.models.sdxl_conditioner import Conditioner
-from ldm_cli.pipeline.base import Request, load
 from ldm_cli.pipeline.cfg_rescale import rescale_x0
 from ldm_cli.pipeline.guidance import combine
+from ldm_cli.pipeline.load import load
+from ldm_cli.pipeline.request import Request
 from ldm_cli.pipeline.tasks.refiner import attach_refiner
 from ldm_cli.pipeline.tasks.sdxl import adm_vector, base_time_ids, refiner_time_ids
 from ldm_cli.samplers.schedules import eps_to_x0, v_to_x0

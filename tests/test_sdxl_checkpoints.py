@@ -30,8 +30,10 @@ from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.loading import build_empty, check_keys
 from ldm_cli.models.sdxl_conditioner import repad
 from ldm_cli.models.unet import unet_param_count
-from ldm_cli.pipeline.base import Request, load
-from ldm_cli.pipeline.tasks.refiner import Refiner, attach_refiner, refiner_step_count
+from ldm_cli.pipeline.load import load
+from ldm_cli.pipeline.request import Request
+from ldm_cli.pipeline.tasks.handover import Refiner
+from ldm_cli.pipeline.tasks.refiner import attach_refiner, refiner_step_count
 from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
 from ldm_cli.testing import randomize_, training_extras
 from tests.cli_helpers import ldm, pixels, written

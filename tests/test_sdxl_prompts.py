@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import ldm_cli
 from ldm_cli.core.config import TINY_SDXL, TINY_SDXL_REFINER
-from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.request import Request
 from ldm_cli.pipeline.tasks.refiner import attach_refiner
 from ldm_cli.testing import random_checkpoint
 from ldm_cli.text.batch import GuidanceContext, PromptBatch

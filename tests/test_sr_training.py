@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldm_cli.cli import train_upscaler as cli_train_upscaler
+from ldm_cli.data.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, photo
 from ldm_cli.models.sr_compact import CompactShape, SRVGGCompact
 from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.sr_init import fit_linear_filters, init_with_linear_path
 from ldm_cli.training.sr_pairs import SourcePool, degrade, mosaic, sample_batch
-from ldm_cli.training.sr_sources import HELDOUT_PHOTOS, TRAIN_PHOTOS, photo
 from ldm_cli.training.sr_stage import SrPlan, train_sr
 from tests.cli_helpers import ldm, written
 

@@ -20,7 +20,7 @@ def test_probe_fits_separable_classes_and_fails_on_noise():
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / DEFAULT_NAME).exists(), reason="no embedded model")
 def test_the_embedded_text_encoders_first_layer_generalises_colour_best():
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     rows = probe_layers(load(None, device="cpu").model.text_encoder, num_scenes=3000)
     assert [r["clip_skip"] for r in rows] == [3, 2, 1]

@@ -57,7 +57,7 @@ def test_train_all_stages_exports_a_loadable_model(shapes_dir, tmp_path):
     from ldm_cli.checkpoints.detect import config_to_json
     from ldm_cli.cli.info import info
     from ldm_cli.models.loading import load_model
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     config_file = tmp_path / "tiny.json"
     config_file.write_text(config_to_json(TINY))

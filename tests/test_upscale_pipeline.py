@@ -14,7 +14,8 @@ from ldm_cli.core.config import TINY_X4
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.image_inputs import to_pixels
 from ldm_cli.core.tiling import Blender, Tile, tile_grid, tile_starts
-from ldm_cli.pipeline.base import Request, load
+from ldm_cli.pipeline.load import load
+from ldm_cli.pipeline.request import Request
 from ldm_cli.pipeline.tasks.upscale import (
     UpscaleOptions,
     decode_pixels,

@@ -210,7 +210,7 @@ def test_tiny_without_metadata_is_detected_and_loads_strictly(tmp_path):
 def test_tiny_openclip_upscaler_in_the_real_layout_loads_and_upscales(tmp_path):
     """The real x4 upscaler conditions on an OpenCLIP tower (cond_stage_model.model.*)."""
     from ldm_cli.core.config import TextConfig
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
     from tests.image_helpers import photo
 
     text = TextConfig(

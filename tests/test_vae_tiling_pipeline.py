@@ -12,7 +12,7 @@ import ldm_cli
 from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.pngmeta import read_parameters
-from ldm_cli.pipeline.base import Request
+from ldm_cli.pipeline.request import Request
 from ldm_cli.testing import random_checkpoint
 from tests.cli_helpers import (  # noqa: F401 (an autouse fixture)
     ldm,

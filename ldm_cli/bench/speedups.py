@@ -64,7 +64,7 @@ def quality_rows(num: int, steps: int) -> list[str]:
 def speed_rows(size: int, steps: int, cache: Path) -> list[str]:
     import ldm_cli
     from ldm_cli.bench.__main__ import checkpoint
-    from ldm_cli.pipeline.base import Request
+    from ldm_cli.pipeline.request import Request
 
     pipe = ldm_cli.load(checkpoint(cache), device="cpu", dtype="fp32")
     base_request = Request("a photo", steps=steps, seed=0, sampler="euler", width=size, height=size)

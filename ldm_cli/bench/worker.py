@@ -39,7 +39,8 @@ def run_ldm(args) -> dict:
     import torch
 
     from ldm_cli.core.pngmeta import write_png
-    from ldm_cli.pipeline.base import Request, load
+    from ldm_cli.pipeline.load import load
+    from ldm_cli.pipeline.request import Request
 
     now = _clock(args.device)
     t = {"imported": time.time()}

@@ -3,7 +3,7 @@
 Whether an SD 2.x U-Net predicts eps or v is not in its tensor shapes. In order, it is settled by
 ``--prediction``; by the file (``ldm_config`` metadata, a ``v_pred`` marker tensor, or a family
 that has only one kind); else by the probe AUTOMATIC1111 uses for SD 2.x
-(:func:`ldm_cli.pipeline.model_options.probe_prediction`). No torch here: ``ldm info`` imports it.
+(:func:`ldm_cli.models.prediction_probe.probe_prediction`). No torch here: ``ldm info`` imports it.
 """
 
 from __future__ import annotations

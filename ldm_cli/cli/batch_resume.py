@@ -37,7 +37,7 @@ from ldm_cli.core.interrupts import interrupt_after
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ldm_cli.pipeline.base import Request
+    from ldm_cli.pipeline.request import Request
 
 Progress = Callable[[int, int], None]
 # render(batch, on_step, last) -> (request, image with its "parameters" info) per request, in

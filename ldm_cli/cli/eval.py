@@ -73,7 +73,7 @@ def eval_command(
 
     from ldm_cli.data.shapes import training_scenes
     from ldm_cli.evaluation.run_eval import evaluate
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     pipe = load(model, device=device)
     cfg = pipe.guidance_scale(cfg)  # for the table's title

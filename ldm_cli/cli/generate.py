@@ -185,7 +185,7 @@ def generate(
     given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps", "hires_upscaler"})
     if "refiner_switch" in given and refiner is None:
         raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
-    from ldm_cli.pipeline.tasks.refiner import check_switch  # no torch there
+    from ldm_cli.pipeline.tasks.handover import check_switch  # no torch there
 
     check_switch(refiner_switch)
     if given & {"hires_strength", "hires_steps"} and hires_scale is None:
@@ -233,7 +233,7 @@ def generate(
     elif hires is not None and hires_upscaler is not None:  # --from-png's, another upscaler
         hires = replace(hires, upscaler=hires_upscaler)
 
-    from ldm_cli.pipeline.base import Request, seeded_batches
+    from ldm_cli.pipeline.request import Request, seeded_batches
     from ldm_cli.runtime.distributed import shared_random_seed
 
     pipe = performance.load(model, device, dtype, prediction=prediction, clip_skip=clip_skip)

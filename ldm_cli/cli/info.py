@@ -85,7 +85,7 @@ def _prediction(cfg, header, override: str | None):
             return cfg, ""
         return with_prediction(cfg, header, override), " (--prediction)"
     # the probe loads the model, which checks its tensors
-    from ldm_cli.pipeline.model_options import probe_prediction
+    from ldm_cli.models.prediction_probe import probe_prediction
 
     model, _ = load_model(header, cfg=cfg)
     found = probe_prediction(model.unet)

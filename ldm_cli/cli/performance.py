@@ -124,7 +124,7 @@ class Performance:
 
     def load(self, model: Path | None, device, dtype, **options):
         """`ldm_cli.load` with these options; the pipeline writes previews when asked to."""
-        from ldm_cli.pipeline.base import load
+        from ldm_cli.pipeline.load import load
 
         pipe = load(
             model, device, dtype, compile=self.compile, offload=self.offload,

@@ -232,7 +232,7 @@ def _diffusion(
         if message:
             print(message, file=sys.stderr)
 
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
     from ldm_cli.pipeline.tasks.upscale import UpscaleOptions, iter_upscale, upscale_request
 
     pipe = load(path, device=device, dtype=dtype, vae_tiling=vae_tiling)  # --tile-size 0, big tiles

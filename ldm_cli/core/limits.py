@@ -4,6 +4,8 @@ torch or a machine out of memory. torch is not imported here."""
 
 from __future__ import annotations
 
+import secrets
+
 from ldm_cli.core.errors import UserError
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
@@ -52,3 +54,8 @@ def seed_option(value: int | None) -> int | None:
     if value is not None:
         check_seed(value)
     return value
+
+
+def random_seed() -> int:
+    """A seed for a run that names none (A1111 draws one the same way: below 2**32)."""
+    return secrets.randbelow(2**32)

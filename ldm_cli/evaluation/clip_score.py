@@ -35,7 +35,7 @@ class ClipScorer:
     """Scores (PIL image, caption) pairs with a trained tower and the model's text encoder."""
 
     def __init__(self, tower_path: Path, text_encoder):
-        from ldm_cli.training.text_stage import load_clip_heads
+        from ldm_cli.models.clip_tower import load_clip_heads
 
         try:
             self.heads, self.image_size = load_clip_heads(tower_path)
@@ -72,7 +72,7 @@ class ClipScorer:
         return pixels.float().div(127.5).sub(1.0)
 
     def __call__(self, images: list[Image.Image], captions: list[str]) -> list[float]:
-        from ldm_cli.training.text_stage import in_domain_clip_score
+        from ldm_cli.models.clip_tower import in_domain_clip_score
 
         encoder = self.text_encoder
         scores = in_domain_clip_score(self.heads, encoder, self._pixels(images), captions)

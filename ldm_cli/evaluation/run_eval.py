@@ -34,7 +34,7 @@ def evaluate(
     ceiling, of the exact render of its scene. ``request_options`` are further Request fields
     (e.g. ``deep_cache``) for every image.
     """
-    from ldm_cli.pipeline.base import Request
+    from ldm_cli.pipeline.request import Request
 
     prompts = sample_eval_prompts(seed, num, mix=mix, exclude=exclude)
     size = pipe.config.default_size

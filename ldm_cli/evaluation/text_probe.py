@@ -33,7 +33,7 @@ def _probe(features, labels, classes, train, test) -> float:
 @torch.no_grad()
 def probe_layers(text_encoder, num_scenes: int = 6000, seed: int = 5) -> list[dict]:
     """Per layer (0 = token embeddings, last = the encoder's output): probe accuracies."""
-    from ldm_cli.training.text_stage import tokenize
+    from ldm_cli.models.clip_tower import tokenize
 
     pad = text_encoder.cfg.pad_token_id
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def probe_layers(text_encoder, num_scenes: int = 6000, seed: int = 5) -> list[di
 
 
 def main() -> None:
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
 
     pipe = load(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu", dtype="fp32")
     print("layer  clip_skip  colour in / held-out  shape in / held-out")

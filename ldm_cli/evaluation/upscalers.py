@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 from ldm_cli.core.image_metrics import colour_shift, psnr, ssim
+from ldm_cli.data.photos import HELDOUT_PHOTOS, heldout_pair
+from ldm_cli.pipeline.tasks.image_upscaler import ImageUpscaler, upscale_image
 
 PHOTO_SCALE = 4
 SHAPES_SIDES = (64, 128, 256)  # high-res sides; the inputs are a quarter of that
@@ -46,8 +48,6 @@ def shrink(image: Image.Image, factor: int) -> Image.Image:
 
 
 def photo_examples() -> list[Example]:
-    from ldm_cli.training.sr_stage import HELDOUT_PHOTOS, heldout_pair
-
     return [Example(name, *heldout_pair(name, PHOTO_SCALE)) for name in HELDOUT_PHOTOS]
 
 
@@ -84,7 +84,7 @@ def network_method() -> Method:
 
 def diffusion_method(prompted: bool) -> Method:
     from ldm_cli.core.embedded import default_upscaler_path
-    from ldm_cli.pipeline.base import load
+    from ldm_cli.pipeline.load import load
     from ldm_cli.pipeline.tasks.upscale import upscale
 
     pipe = load(default_upscaler_path(), device="cpu", dtype="fp32")
@@ -226,3 +226,29 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def measure(upscaled: Image.Image, original: Image.Image) -> dict:
+    return {
+        "psnr_db": round(psnr(upscaled, original), 3),
+        "ssim": round(ssim(upscaled, original), 4),
+        "colour_shift": round(colour_shift(upscaled, original), 3),
+    }
+
+
+def evaluate_photos(upscaler: ImageUpscaler, names=HELDOUT_PHOTOS) -> dict:
+    """The network against bicubic on held-out photos shrunk by its scale (bicubic)."""
+    scale = upscaler.scale
+    rows = {}
+    for name in names:
+        original, low = heldout_pair(name, scale)
+        ours = measure(upscale_image(upscaler, low), original)
+        bicubic = measure(low.resize(original.size, Image.Resampling.BICUBIC), original)
+        rows[name] = {"network": ours, "bicubic": bicubic}
+    gains = [r["network"]["psnr_db"] - r["bicubic"]["psnr_db"] for r in rows.values()]
+    return {
+        "images": rows,
+        "mean_gain_db": round(float(np.mean(gains)), 3),
+        "worst_gain_db": round(float(np.min(gains)), 3),
+        "max_colour_shift": max(r["network"]["colour_shift"] for r in rows.values()),
+    }

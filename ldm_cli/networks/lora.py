@@ -37,7 +37,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
@@ -54,8 +54,24 @@ from ldm_cli.networks.tags import (
 )
 
 if TYPE_CHECKING:
-    from ldm_cli.pipeline.base import Pipeline, Request
+    from ldm_cli.models.latent_diffusion import LatentDiffusion
     from ldm_cli.text.embeddings import EmbeddingDatabase
+
+
+class LoadedModel(Protocol):
+    """What LoRA and embeddings need of a pipeline (which sits above this layer)."""
+
+    model: LatentDiffusion
+    tokenizer: object
+
+
+class Prompted(Protocol):
+    """A request: anything with a prompt that `dataclasses.replace` can copy."""
+
+    prompt: str
+
+
+R = TypeVar("R", bound=Prompted)
 
 DEFAULT_LORA_DIR = Path("models") / "Lora"
 
@@ -94,7 +110,7 @@ class Networks:
     every prompt, `embeddings` the textual-inversion database (``load_embeddings``).
     """
 
-    def __init__(self, pipe: Pipeline):
+    def __init__(self, pipe: LoadedModel):
         self.pipe = pipe
         self.lora_dir = DEFAULT_LORA_DIR
         self.loras: list[LoraTag] = []
@@ -171,7 +187,7 @@ class Networks:
 
     # -- applying
 
-    def activate(self, requests: Sequence[Request]) -> list[Request]:
+    def activate(self, requests: Sequence[R]) -> list[R]:
         """Apply the LoRAs that the batch's prompts ask for (restoring the weights first when
         the set changes) and return the requests with the tags taken out of the prompts."""
         wanted = [self.wanted(r.prompt) for r in requests]
@@ -224,7 +240,7 @@ class Networks:
 
     # -- metadata
 
-    def parameters(self, req: Request) -> dict[str, str]:
+    def parameters(self, req: Prompted) -> dict[str, str]:
         """A1111's ``Lora hashes`` and ``TI hashes`` entries for a request (empty if none)."""
         extra = {}
         hashes = {}

@@ -6,19 +6,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from ldm_cli.core.devices import resolve_device, resolve_dtype
 from ldm_cli.core.errors import UserError
 from ldm_cli.models.latent_diffusion import LatentDiffusion
-from ldm_cli.pipeline.commands import ImageCommands
 from ldm_cli.pipeline.guidance import StepClock, cfg_denoiser
 from ldm_cli.pipeline.image_start import ImageStart
-from ldm_cli.pipeline.performance import load_prepared
-from ldm_cli.pipeline.request import Request, check_request, random_seed, seeded_batches
+from ldm_cli.pipeline.request import Request, check_request
 from ldm_cli.runtime.deep_cache import deep_cache
 from ldm_cli.runtime.token_merging import token_merging
 from ldm_cli.samplers import SAMPLERS
@@ -32,13 +28,14 @@ from ldm_cli.samplers.schedules import (
 )
 from ldm_cli.text.tokenizer import get_tokenizer
 
-if TYPE_CHECKING:
-    from ldm_cli.pipeline.tasks.hires import HiresFix
-
 Progress = Callable[[int, int], None]
 
 
-class Pipeline(ImageCommands):
+class Pipeline:
+    """A loaded model and the stages every task shares: conditioning, sampling, decoding and
+    `render`, which runs them on one batch. `api.Pipeline` adds the tasks (generate,
+    img2img, inpaint, outpaint, upscale)."""
+
     def __init__(
         self, model: LatentDiffusion, path: Path, device: torch.device, dtype: torch.dtype
     ):
@@ -283,71 +280,13 @@ class Pipeline(ImageCommands):
         )
         start = None
         if self.is_inpainting:  # txt2img with an inpainting model: inpaint an all-white mask
-            from ldm_cli.pipeline.tasks.img2img import blank_inpaint_start
+            from ldm_cli.pipeline.latents import blank_inpaint_start
 
             start = blank_inpaint_start(self, head, list(gens))
         latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
         if last:
             self.release_unet_before_decoding(latents)
         yield from zip(requests, self.decode(latents), strict=True)
-
-    def generate(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
-        steps: int = 30,
-        cfg: float | None = None,
-        seed: int | None = None,
-        sampler: str = "euler_a",
-        scheduler: str = "auto",
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int = 1,
-        batch_size: int = 1,
-        progress: Progress | None = None,
-        hires: HiresFix | None = None,
-        rescale_cfg: float = 0.0,
-        deep_cache: int = 0,
-        token_merging: float = 0.0,
-    ) -> list[Image.Image]:
-        """Images k = 0..num_images-1 use seed + k whatever the batch size.
-
-        `cfg` defaults to the checkpoint's own guidance scale (`config.default_cfg`, 7.5 unless
-        its metadata names another). Each image carries its AUTOMATIC1111 `parameters` text in
-        `image.info`. `hires`
-        upscales each image and refines it with img2img (A1111's "hires fix").
-        `rescale_cfg` is the guidance rescale PHI (0..1; see ldm_cli.pipeline.cfg_rescale).
-        `deep_cache` N > 1 reuses the U-Net's deep features for N-1 of every N calls: faster,
-        slightly different images (see ldm_cli.runtime.deep_cache). `token_merging` (0..0.9) merges
-        that ratio of the full-resolution self-attention tokens (ToMe;
-        ldm_cli.runtime.token_merging).
-        """
-        size = self.config.default_size
-        base = Request(
-            prompt,
-            negative_prompt,
-            steps,
-            self.guidance_scale(cfg),
-            random_seed() if seed is None else seed,
-            sampler,
-            scheduler,
-            size if width is None else width,
-            size if height is None else height,
-            rescale_cfg,
-            deep_cache,
-            token_merging,
-        )
-        extra = hires.parameters() if hires is not None else None
-        out = []
-        for batch in seeded_batches(base, num_images, batch_size):
-            pairs = self.render(batch, progress)
-            if hires is not None:
-                pairs = hires.apply(self, list(pairs), progress)
-            for req, image in pairs:
-                image.info["parameters"] = self.parameters_text(req, extra)
-                out.append(image)
-        return out
 
     def guidance_scale(self, cfg: float | None) -> float:
         """`cfg`, or where it is None the checkpoint's own scale (`config.default_cfg`: 7.5
@@ -370,54 +309,3 @@ def _in_dtype(unet, dtype: torch.dtype):
         return unet(z.to(dtype), t, **cond).float()
 
     return call
-
-
-def load(
-    path: str | Path | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    *,
-    prediction: str | None = None,
-    clip_skip: int | None = None,
-    compile: bool = False,
-    offload: str = "none",
-    vae_tiling: str = "auto",
-    low_memory: bool | None = None,
-    cuda_graphs: bool = False,
-) -> Pipeline:
-    """Open a single-file checkpoint (default: the embedded model) as a Pipeline.
-
-    `prediction` ("eps" or "v") overrides what the file tells or the probe finds (SD 2.x);
-    `clip_skip` takes the text encoder's output that many layers from the end (1 = last).
-    `compile` runs the U-Net through torch.compile; `offload` ("model", "sequential"; CUDA)
-    keeps the weights in CPU memory (ldm_cli.pipeline.performance). `vae_tiling` ("auto", "on",
-    "off")
-    decodes and encodes large images in tiles (ldm_cli.pipeline.vae_codec). `low_memory` keeps an
-    fp16 file's large U-Net weights in fp16 on the CPU, widened per call (models/narrow_weights);
-    None (the default): so unless `compile` or `offload`; False: converted at load.
-    `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs (compile_unet).
-    """
-    from ldm_cli.checkpoints.detect import detect_config
-    from ldm_cli.checkpoints.prediction import settled_prediction
-    from ldm_cli.core.embedded import default_model_path
-    from ldm_cli.pipeline.vae_codec import check_mode
-
-    check_mode(vae_tiling)
-    path = Path(path) if path else default_model_path()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    model, header = load_prepared(
-        path, dev, dt, prediction, clip_skip, compile=compile, offload=offload,
-        low_memory=low_memory, cuda_graphs=cuda_graphs,
-    )  # fmt: skip
-    if model.config.conditioner:  # SDXL base, inpainting and refiner
-        from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
-
-        pipe = SDXLPipeline(model, header.path, dev, dt)
-    else:
-        pipe = Pipeline(model, header.path, dev, dt)
-    pipe.vae_tiling = vae_tiling
-    detected = detect_config(header)
-    pipe.file_clip_skip = detected.text.clip_skip
-    pipe.file_prediction = settled_prediction(detected, header)
-    return pipe

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ldm_cli.pipeline.parts import PipelineParts
+from ldm_cli.pipeline.request import Request
 from ldm_cli.text.batch import PromptBatch, ScheduledFeatures
 from ldm_cli.text.chunks import TokenChunk, empty_chunk, prompt_chunks
 from ldm_cli.text.grammar import prompt_schedule, split_and
 from ldm_cli.text.tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
-    from ldm_cli.pipeline.base import Pipeline, Request
     from ldm_cli.text.embeddings import EmbeddingDatabase
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # token ids [N, 77] -> features [N, 77, D]
@@ -35,7 +36,7 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]  # token ids [N, 77] -> feature
 
 @torch.inference_mode()
 def encode_requests(
-    pipe: Pipeline, requests: Sequence[Request]
+    pipe: PipelineParts, requests: Sequence[Request]
 ) -> tuple[PromptBatch, PromptBatch | None]:
     """The conditioning of a batch (prompts with AND) and its unconditioning (negative
     prompts, which A1111 does not split at AND); None when guidance does not need it."""

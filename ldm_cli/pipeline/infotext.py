@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ldm_cli.core.pngmeta import GenerationParams, format_parameters
+from ldm_cli.pipeline.parts import PipelineParts
 from ldm_cli.pipeline.request import Request
 
-if TYPE_CHECKING:
-    from ldm_cli.pipeline.base import Pipeline
 
-
-def parameters_text(pipe: Pipeline, req: Request, extra: dict[str, str] | None = None) -> str:
+def parameters_text(pipe: PipelineParts, req: Request, extra: dict[str, str] | None = None) -> str:
     """`req`'s settings with the model's name and hash; `extra` adds keys such as
     "Denoising strength". Settings that change the image beyond A1111's own keys are written
     under the names --from-png reads back."""

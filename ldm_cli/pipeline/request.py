@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, replace
 
-from ldm_cli.core.limits import check_count, check_seed, check_side, check_steps
+from ldm_cli.core.limits import check_count, check_seed, check_side, check_steps, random_seed
 from ldm_cli.samplers import SAMPLERS
 
 
@@ -68,10 +67,6 @@ def check_request(req: Request, size_multiple: int) -> None:
         )
 
 
-def random_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
 def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list[Request]]:
     """Image k of a run uses seed + k, whatever the batch size it is rendered in."""
     check_count(num_images, "num_images")
@@ -81,4 +76,10 @@ def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list
     return [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
 
 
-__all__ = ["Request", "check_request", "random_seed", "seeded_batches"]
+__all__ = ["Request", "check_request", "random_seed", "scaled_size", "seeded_batches"]
+
+
+def scaled_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """width and height times `scale`, rounded to the nearest multiple of `multiple` (the hires
+    fix's second pass)."""
+    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))

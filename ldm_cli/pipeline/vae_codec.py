@@ -25,16 +25,14 @@ when an image went through more than one tile.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 import torch
 
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.tiling import Blender, Tile, tile_grid
 from ldm_cli.models.vae import AutoencoderKL, DiagonalGaussian
-
-if TYPE_CHECKING:
-    from ldm_cli.pipeline.base import Pipeline, Request
+from ldm_cli.pipeline.parts import PipelineParts
+from ldm_cli.pipeline.request import Request, scaled_size
 
 MODES = ("auto", "on", "off")
 # Untiled, an SD 1.5 decode of 1024 x 1024 px already takes about 3.7 GiB (fp32; 4 x the 512 px
@@ -62,23 +60,21 @@ def is_tiled(mode: str, width: int, height: int, factor: int, tile: int = TILE) 
 
 
 def tiling_parameters(
-    pipe: Pipeline, req: Request, extra: dict[str, str] | None = None
+    pipe: PipelineParts, req: Request, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """{"VAE tiling": mode} when an image of `req` (or of its hires pass) was tiled."""
-    if (
-        pipe.is_upscaler
-    ):  # ldm_cli.pipeline.tasks.upscale decodes per upscaling tile and records it itself
+    """{"VAE tiling": mode} when an image of `req` (or of its hires pass, whose scale `extra`
+    names as "Hires upscale") was tiled."""
+    if pipe.is_upscaler:  # tasks.upscale decodes per upscaling tile and records it itself
         return {}
-    from ldm_cli.pipeline.tasks.hires import hires_from_parameters
-
     sizes = [(req.width, req.height)]
-    hires = hires_from_parameters(extra or {})
-    if hires is not None:
-        sizes.append(hires.size(req.width, req.height, pipe.size_multiple))
+    hires_scale = (extra or {}).get("Hires upscale")
+    if hires_scale is not None:
+        scale = float(hires_scale)
+        sizes.append(scaled_size(req.width, req.height, scale, pipe.size_multiple))
     return tiling_note(pipe, sizes)
 
 
-def tiling_note(pipe: Pipeline, sizes: Iterable[tuple[int, int]]) -> dict[str, str]:
+def tiling_note(pipe: PipelineParts, sizes: Iterable[tuple[int, int]]) -> dict[str, str]:
     """{"VAE tiling": mode} when an image of any of these pixel sizes is split into tiles.
 
     The mode ("on" or "auto") is what --from-png needs to tile the same decodes again: a
@@ -144,7 +140,7 @@ def encode_tiled(
 
 
 def tiled_decoder(
-    pipe: Pipeline, latents: torch.Tensor
+    pipe: PipelineParts, latents: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The decode function for `latents` under the pipeline's mode; None: `vae.decode`."""
     _, _, h, w = latents.shape
@@ -154,7 +150,7 @@ def tiled_decoder(
     return lambda z: decode_tiled(pipe.vae, z)
 
 
-def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(pipe: PipelineParts, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> float32 images in about [-1, 1], checked to be finite
     (`numerics.decode_finite`), through tiles when the pipeline's mode asks for them."""
     from ldm_cli.core.numerics import decode_finite
@@ -163,7 +159,7 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
     return decode_finite(pipe.vae, latents, pipe.config.vae.scale_factor, pipe.dtype, decode=decode)
 
 
-def encode_pixels(pipe: Pipeline, pixels: torch.Tensor) -> DiagonalGaussian:
+def encode_pixels(pipe: PipelineParts, pixels: torch.Tensor) -> DiagonalGaussian:
     """The VAE posterior of images [B, 3, H, W] in [-1, 1] (already in the VAE's device and
     dtype), through tiles when the pipeline's mode asks for them."""
     _, _, height, width = pixels.shape

@@ -84,7 +84,7 @@ def partial_state():
 
 def shared_random_seed() -> int:
     """A random seed that every launched process agrees on (the main process draws it)."""
-    from ldm_cli.pipeline.base import random_seed
+    from ldm_cli.core.limits import random_seed
 
     shard = current()
     return shard.share(random_seed() if shard.is_main else None)

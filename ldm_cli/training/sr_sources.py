@@ -15,52 +15,11 @@ import string
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# Never seen in training: the photos the issue and the README use as examples, and one
-# greyscale photograph. Everything else scikit-image ships without a download trains.
-HELDOUT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
-TRAIN_PHOTOS = (
-    "motorcycle_left",
-    "motorcycle_right",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "colorwheel",
-    "logo",
-    "brick",
-    "grass",
-    "gravel",
-    "cell",
-    "clock",
-    "coins",
-    "moon",
-    "page",
-    "text",
-    "microaneurysms",
-)
+from ldm_cli.data.photos import TRAIN_PHOTOS, photo
+
 PHOTO_SCALES = (1.0, 0.7, 0.5)
 SOURCE_SIDE = 256  # procedural images
 SHAPES_SIDES = (64, 96, 128, 192, 256, 384)
-
-
-def photo(name: str) -> np.ndarray:
-    """A scikit-image sample as uint8 RGB [H, W, 3] (greys repeated, alpha composited on
-    white)."""
-    from skimage import data
-
-    if name in ("motorcycle_left", "motorcycle_right"):
-        left, right, _ = data.stereo_motorcycle()
-        image = left if name == "motorcycle_left" else right
-    else:
-        image = getattr(data, name)()
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        image = (np.clip(image.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.shape[2] == 4:
-        alpha = image[..., 3:].astype(np.float64) / 255
-        image = (image[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
-    return np.ascontiguousarray(image)
 
 
 def photo_sources(names=TRAIN_PHOTOS, scales=PHOTO_SCALES) -> list[np.ndarray]:

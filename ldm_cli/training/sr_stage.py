@@ -19,30 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ldm_cli.core.image_metrics import colour_shift, psnr, ssim
+from ldm_cli.data.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS
+from ldm_cli.evaluation.upscalers import evaluate_photos
 from ldm_cli.models.sr_compact import CompactShape, SRVGGCompact
 from ldm_cli.pipeline.tasks.image_upscaler import (
     METADATA_KEY,
     ImageUpscaler,
     compact_upscaler,
-    upscale_image,
 )
 from ldm_cli.training.loop import note, stage_dir, train_stage
 from ldm_cli.training.run_log import merge_json
 from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.sr_init import linear_start
 from ldm_cli.training.sr_pairs import SourcePool, mosaic, sample_batch
-from ldm_cli.training.sr_sources import (
-    HELDOUT_PHOTOS,
-    TRAIN_PHOTOS,
-    photo,
-    photo_sources,
-    shapes_sources,
-    text_sources,
-    texture_sources,
-)
+from ldm_cli.training.sr_sources import photo_sources, shapes_sources, text_sources, texture_sources
 
 STAGE = "sr"
 EMA_DECAY = 0.999
@@ -103,40 +94,6 @@ def frozen_copy(module: torch.nn.Module, shape: CompactShape) -> ImageUpscaler:
     copy = SRVGGCompact(shape)
     copy.load_state_dict({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
     return compact_upscaler(copy, "ldm-sr")
-
-
-def heldout_pair(name: str, scale: int) -> tuple[Image.Image, Image.Image]:
-    """(original cropped to a multiple of the scale, its bicubic 1/scale copy)."""
-    image = Image.fromarray(photo(name))
-    w, h = image.width // scale * scale, image.height // scale * scale
-    original = image.crop((0, 0, w, h))
-    return original, original.resize((w // scale, h // scale), Image.Resampling.BICUBIC)
-
-
-def measure(upscaled: Image.Image, original: Image.Image) -> dict:
-    return {
-        "psnr_db": round(psnr(upscaled, original), 3),
-        "ssim": round(ssim(upscaled, original), 4),
-        "colour_shift": round(colour_shift(upscaled, original), 3),
-    }
-
-
-def evaluate_photos(upscaler: ImageUpscaler, names=HELDOUT_PHOTOS) -> dict:
-    """The network against bicubic on held-out photos shrunk by its scale (bicubic)."""
-    scale = upscaler.scale
-    rows = {}
-    for name in names:
-        original, low = heldout_pair(name, scale)
-        ours = measure(upscale_image(upscaler, low), original)
-        bicubic = measure(low.resize(original.size, Image.Resampling.BICUBIC), original)
-        rows[name] = {"network": ours, "bicubic": bicubic}
-    gains = [r["network"]["psnr_db"] - r["bicubic"]["psnr_db"] for r in rows.values()]
-    return {
-        "images": rows,
-        "mean_gain_db": round(float(np.mean(gains)), 3),
-        "worst_gain_db": round(float(np.min(gains)), 3),
-        "max_colour_shift": max(r["network"]["colour_shift"] for r in rows.values()),
-    }
 
 
 def export(module: torch.nn.Module, path: Path, dtype: str, record: dict) -> float:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm_cli.core.config import ModelConfig
 from ldm_cli.models.attention import SpatialTransformer
+from ldm_cli.models.clip_tower import tokenize
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.text_encoder import CLIPTextEncoder
 from ldm_cli.models.unet import UNetModel
@@ -34,7 +35,6 @@ from ldm_cli.training.loop import (
 )
 from ldm_cli.training.run_log import merge_json
 from ldm_cli.training.settings import LoopOptions, StageSettings
-from ldm_cli.training.text_stage import tokenize
 from ldm_cli.training.vae_stage import encode_means, save_grid
 
 STAGE = "unet"
@@ -172,7 +172,8 @@ def write_samples(model: LatentDiffusion, prompts: list[str], path: Path, seed: 
     """One image per prompt through the Pipeline's sampling code, as one PNG row."""
     import numpy as np
 
-    from ldm_cli.pipeline.base import Pipeline, Request
+    from ldm_cli.pipeline.base import Pipeline
+    from ldm_cli.pipeline.request import Request
 
     device = next(model.unet.parameters()).device
     pipe = Pipeline(model, path, device, torch.float32)

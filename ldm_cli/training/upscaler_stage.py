@@ -138,7 +138,7 @@ def upscale_batch(
     """uint8 low-res images [N, 3, s, s] -> uint8 upscales, as `ldm upscale IMAGE [CAPTION]
     --seed` would make them (image i uses seed + i and captions[i]; the checkpoint's default
     guidance scale; no prompt, so no guidance, without captions)."""
-    from ldm_cli.pipeline.base import Request
+    from ldm_cli.pipeline.request import Request
 
     size = low_res.shape[-1] * pipe.latent_factor
     options = UpscaleOptions(EVAL_NOISE_LEVEL, tile_size=0)

@@ -3,7 +3,7 @@
 Shapes tell the architecture (OpenCLIP width and depth, linear ``proj_in``, 4 or 9 U-Net input
 channels) but not whether the U-Net predicts eps (2.x-base, 512 px) or v (2.x 768-v): that is
 settled by a ``v_pred`` tensor when the file has one, else by probing the loaded U-Net
-(:mod:`ldm_cli.pipeline.model_options`), else by ``--prediction``.
+(:mod:`ldm_cli.models.prediction_probe`), else by ``--prediction``.
 """
 
 from __future__ import annotations

@@ -34,18 +34,11 @@ from ldm_cli.core.image_inputs import (
     to_pixels,
 )
 from ldm_cli.core.pngmeta import format_number
-from ldm_cli.pipeline.base import Pipeline, Progress, Request, seeded_batches
+from ldm_cli.pipeline.base import Pipeline, Progress
 from ldm_cli.pipeline.image_start import ImageStart, first_step
-from ldm_cli.pipeline.tasks.img2img import (
-    Notice,
-    Pair,
-    base_request,
-    check_strength,
-    encode_latents,
-    generators,
-    inpaint_concat,
-    start_noise,
-)
+from ldm_cli.pipeline.latents import encode_latents, generators, inpaint_concat, start_noise
+from ldm_cli.pipeline.request import Request, seeded_batches
+from ldm_cli.pipeline.tasks.img2img import Notice, Pair, base_request, check_strength
 from ldm_cli.pipeline.tasks.inpaint_regions import Box, crop_box, mask_box, outpaint_inputs
 
 

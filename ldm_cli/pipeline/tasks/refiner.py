@@ -29,38 +29,10 @@ The image is decoded by the base's VAE (the SDXL base and refiner ship the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from ldm_cli.core.errors import UserError
-
-if TYPE_CHECKING:
-    from ldm_cli.pipeline.base import Pipeline
-    from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
-
-DEFAULT_SWITCH = 0.8
-
-
-@dataclass(frozen=True)
-class Refiner:
-    """A loaded refiner and where it takes over (a fraction of the timestep range)."""
-
-    pipe: SDXLPipeline
-    switch: float = DEFAULT_SWITCH
-
-    def __post_init__(self) -> None:
-        check_switch(self.switch)
-
-    @property
-    def cutoff(self) -> float:
-        """Timesteps below this go to the refiner (diffusers' ``discrete_timestep_cutoff``)."""
-        n = self.pipe.config.schedule.num_train_timesteps
-        return float(int(round(n - self.switch * n)))
-
-
-def check_switch(switch: float) -> None:
-    if not 0.0 <= switch <= 1.0:
-        raise UserError(f"--refiner-switch must be within [0, 1], got {switch}")
+from ldm_cli.pipeline.base import Pipeline
+from ldm_cli.pipeline.tasks.handover import DEFAULT_SWITCH, Refiner, check_switch
+from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
 
 
 def attach_refiner(base: Pipeline, refiner: Pipeline, switch: float = DEFAULT_SWITCH) -> Pipeline:
@@ -68,8 +40,6 @@ def attach_refiner(base: Pipeline, refiner: Pipeline, switch: float = DEFAULT_SW
 
     Returns `base`; set ``base.refiner = None`` to run the base alone again.
     """
-    from ldm_cli.pipeline.tasks.sdxl import SDXLPipeline
-
     check_switch(switch)
     if not isinstance(base, SDXLPipeline) or base.is_refiner:
         raise UserError(f"--refiner needs an SDXL base model; {base.name} is {base.config.family}")
@@ -101,7 +71,7 @@ def attach_refiner(base: Pipeline, refiner: Pipeline, switch: float = DEFAULT_SW
 
 def refiner_step_count(base: Pipeline, steps: int, sampler: str, scheduler: str) -> int:
     """How many of a run's steps the attached refiner takes (0 without one)."""
-    from ldm_cli.pipeline.base import Request
+    from ldm_cli.pipeline.request import Request
 
     refiner = getattr(base, "refiner", None)
     if refiner is None:

@@ -40,14 +40,15 @@ import torch
 from ldm_cli.checkpoints.detect.sdxl import BASE_ADM_NUMBERS, REFINER_ADM_NUMBERS
 from ldm_cli.core.config import ModelConfig
 from ldm_cli.models.unet_blocks import timestep_embedding
-from ldm_cli.pipeline.base import Pipeline, Request
+from ldm_cli.pipeline.base import Pipeline
+from ldm_cli.pipeline.request import Request
 from ldm_cli.pipeline.tasks.sdxl_packed_rows import PackedConditioningUNet, merge_rows, pack
 from ldm_cli.text.batch import ScheduledFeatures
 
 if TYPE_CHECKING:
     from ldm_cli.models.latent_diffusion import LatentDiffusion
     from ldm_cli.models.sdxl_conditioner import Conditioner
-    from ldm_cli.pipeline.tasks.refiner import Refiner
+    from ldm_cli.pipeline.tasks.handover import Refiner
 
 CROP_TOP_LEFT = (0, 0)
 AESTHETIC_SCORE = 6.0  # diffusers' StableDiffusionXLImg2ImgPipeline defaults

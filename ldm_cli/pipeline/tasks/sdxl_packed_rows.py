@@ -22,7 +22,7 @@ from torch import nn
 from ldm_cli.core.config import UNetConfig
 
 if TYPE_CHECKING:
-    from ldm_cli.pipeline.tasks.refiner import Refiner
+    from ldm_cli.pipeline.tasks.handover import Refiner
 
 
 def pack(context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,9 @@ from ldm_cli.core.image_inputs import (
     to_pixels,
 )
 from ldm_cli.core.tiling import Blender, Tile, check_tiling, tile_grid
-from ldm_cli.pipeline.base import Pipeline, Progress, Request, seeded_batches
+from ldm_cli.pipeline.base import Pipeline, Progress
 from ldm_cli.pipeline.image_start import ImageStart
+from ldm_cli.pipeline.request import Request, seeded_batches
 from ldm_cli.pipeline.tasks.img2img import base_request
 from ldm_cli.pipeline.vae_codec import tiling_note
 from ldm_cli.samplers.schedules import DiscreteSchedule

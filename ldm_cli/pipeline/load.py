@@ -1,0 +1,154 @@
+"""Opening a checkpoint as a pipeline: one `LoadOptions` for everything that changes how.
+
+`load_model_with` reads the header, detects the family from tensor shapes, applies
+`--clip-skip`, builds the model and loads it strictly (`models.loading`), settles the prediction
+type (`--prediction`, the file, or the SD 2.x probe), then compiles the U-Net or installs the
+offload hooks (`runtime`). Option clashes are refused before any weights are read.
+`load_pipeline` wraps the model in the pipeline of its family (`api.Pipeline`, or
+`api.SDXLPipeline` for SDXL base, inpainting and refiner files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm_cli.checkpoints.detect import detect_config
+from ldm_cli.checkpoints.file import read_header
+from ldm_cli.checkpoints.header import CheckpointHeader
+from ldm_cli.checkpoints.prediction import (
+    check_prediction,
+    settled_prediction,
+    with_clip_skip,
+    with_prediction,
+)
+from ldm_cli.core.devices import resolve_device, resolve_dtype
+from ldm_cli.core.embedded import default_model_path
+from ldm_cli.core.errors import UserError
+from ldm_cli.models.latent_diffusion import LatentDiffusion
+from ldm_cli.models.loading import load_model
+from ldm_cli.models.prediction_probe import probe_prediction
+from ldm_cli.pipeline.api import Pipeline, SDXLPipeline
+from ldm_cli.pipeline.vae_codec import check_mode
+from ldm_cli.runtime.offload import apply_offload, check_offload_device
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """`prediction` ("eps" or "v") overrides what the file tells or the probe finds (SD 2.x);
+    `clip_skip` takes the text encoder's output that many layers from the end (1 = last).
+    `compile` runs the U-Net through torch.compile; `offload` ("model", "sequential"; CUDA)
+    keeps the weights in CPU memory (runtime.offload). `vae_tiling` ("auto", "on", "off")
+    decodes and encodes large images in tiles (pipeline.vae_codec). `low_memory` keeps an
+    fp16 file's large U-Net weights in fp16 on the CPU, widened per call (ops.narrow_weights):
+    None (the default) does so unless `compile` or `offload`; False converts them at load.
+    `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs
+    (runtime.compile)."""
+
+    prediction: str | None = None
+    clip_skip: int | None = None
+    compile: bool = False
+    offload: str = "none"
+    vae_tiling: str = "auto"
+    low_memory: bool | None = None
+    cuda_graphs: bool = False
+
+    def check(self, device: torch.device) -> None:
+        """The clashes that need no file: before any weights are read."""
+        check_prediction(self.prediction)
+        check_mode(self.vae_tiling)
+        check_offload_device(self.offload, device)
+        if self.cuda_graphs and self.offload != "none":
+            raise UserError(
+                "--cuda-graphs does not work with --offload (a graph replays on the memory it "
+                "was recorded with, and offloading moves the weights); use one of them"
+            )
+        if self.compiled and self.offload == "sequential":
+            raise UserError(
+                "--compile does not work with --offload sequential (weights are swapped layer "
+                "by layer inside the U-Net); use --offload model"
+            )
+        if self.compiled and self.low_memory:
+            flag = "--cuda-graphs" if self.cuda_graphs else "--compile"
+            raise UserError(f"--low-memory does not work with {flag}; use one of them")
+        if self.compiled:
+            from ldm_cli.runtime.compile import check_compile
+
+            check_compile(device, self.cuda_graphs)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile or self.cuda_graphs
+
+    @property
+    def narrow(self) -> bool:
+        """Keep narrow weights narrow: compiled graphs and offload hooks expect the compute
+        dtype, so only by default where there are neither."""
+        if self.low_memory is None:
+            return not self.compiled and self.offload == "none"
+        return self.low_memory
+
+
+def load_model_with(
+    path: str | Path, device: torch.device, dtype: torch.dtype, options: LoadOptions
+) -> tuple[LatentDiffusion, CheckpointHeader]:
+    """The model of the checkpoint at `path`, prepared as `options` say (module docstring)."""
+    options.check(device)
+    # offloaded weights are read into CPU memory and never all sit on the GPU at once
+    home = device if options.offload == "none" else torch.device("cpu")
+    header = read_header(path)
+    cfg = with_clip_skip(detect_config(header), options.clip_skip)
+    model, header = load_model(header, device=home, dtype=dtype, cfg=cfg, narrow=options.narrow)
+    model.config = settle_prediction(cfg, header, model, options.prediction)
+    if options.compiled:
+        from ldm_cli.runtime.compile import compile_unet
+
+        compile_unet(model.unet, device, options.cuda_graphs)
+    apply_offload(model, options.offload, device)
+    return model, header
+
+
+def settle_prediction(cfg, header: CheckpointHeader, model: LatentDiffusion, override):
+    """`cfg` with its prediction type settled: `override`, else the file's, else probed."""
+    if override is not None:
+        return with_prediction(cfg, header, override)
+    if settled_prediction(cfg, header) is not None:
+        return cfg
+    return with_prediction(cfg, header, probe_prediction(model.unet))
+
+
+def load_pipeline(
+    path: str | Path | None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    options: LoadOptions = LoadOptions(),
+) -> Pipeline:
+    """The checkpoint at `path` (default: the embedded model) as a pipeline of its family."""
+    path = Path(path) if path else default_model_path()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model, header = load_model_with(path, dev, dt, options)
+    kind = SDXLPipeline if model.config.conditioner else Pipeline
+    pipe = kind(model, header.path, dev, dt)
+    pipe.vae_tiling = options.vae_tiling
+    detected = detect_config(header)
+    pipe.file_clip_skip = detected.text.clip_skip
+    pipe.file_prediction = settled_prediction(detected, header)
+    return pipe
+
+
+def load(
+    path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    **options,
+) -> Pipeline:
+    """`load_pipeline` with the options as keywords (those of `LoadOptions`); `ldm_cli.load`."""
+    try:
+        chosen = LoadOptions(**options)
+    except TypeError:
+        names = sorted(set(options) - set(LoadOptions.__dataclass_fields__))
+        raise TypeError(f"load() got an unexpected keyword argument {names[0]!r}") from None
+    return load_pipeline(path, device, dtype, chosen)
