@@ -8,7 +8,7 @@ images = pipe.generate("a red circle on a blue background", seed=1)
 from ldm_cli.core.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_upscaler", "UserError", "__version__"]
+__all__ = ["load", "load_upscaler", "HiresFix", "UserError", "__version__"]
 
 
 def load(
@@ -31,8 +31,7 @@ def load(
     keeps the weights in CPU memory on a CUDA device (see ldm_cli.pipeline.load);
     `vae_tiling` ("auto", "on", "off") decodes and encodes large images in tiles
     (ldm_cli.pipeline.vae_codec); `low_memory` keeps an fp16 file's large U-Net weights in 16
-    bits on
-    the CPU, widened per call (ldm_cli.ops.narrow_weights): by default unless `compile` or
+    bits on the CPU, widened per call (ldm_cli.ops.narrow_weights): by default unless `compile` or
     `offload`; False converts them at load. `cuda_graphs=True` (CUDA) compiles the U-Net to
     replay each step as CUDA graphs (ldm_cli.runtime.compile).
     """
@@ -47,8 +46,7 @@ def load(
 
 def load_upscaler(path=None, *, scale=4, device=None):
     """An image upscaler (`ldm_cli.pipeline.tasks.image_upscaler.ImageUpscaler`): `path` an
-    upscaler file
-    (ESRGAN, RealESRGAN, SwinIR, DAT, ... as .safetensors, or a .pth inside
+    upscaler file (ESRGAN, RealESRGAN, SwinIR, DAT, ... as .safetensors, or a .pth inside
     `ldm_cli.checkpoints.pickled.allow_pickle()`), or None for the embedded ldm-sr network for
     `scale` (x2 up to 2, x4 above). `device`: "auto" (None), "cpu", "cuda", ...
 
@@ -62,3 +60,13 @@ def load_upscaler(path=None, *, scale=4, device=None):
     if path is None:
         return load_embedded_upscaler(scale, where)
     return _load_upscaler(path, where)
+
+
+def __getattr__(name: str):
+    """`ldm_cli.HiresFix` (the settings of `generate(..., hires=)`), imported on first use so that
+    `import ldm_cli` stays free of torch."""
+    if name == "HiresFix":
+        from ldm_cli.pipeline.tasks.hires import HiresFix
+
+        return HiresFix
+    raise AttributeError(f"module 'ldm_cli' has no attribute {name!r}")

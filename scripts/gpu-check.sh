@@ -27,8 +27,8 @@ else
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compile.py \
-    tests/test_offload.py 2>&1 | tee "$OUT/pytest.log"
+python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda.py tests/runtime/test_compile.py \
+    tests/runtime/test_offload.py 2>&1 | tee "$OUT/pytest.log"
 # one size keeps it within a lease: each compiled tool compiles again in its own process
 python3 -m ldm_cli.bench --device cuda --dtype fp16 --file-dtypes fp16 --sizes "${SIZES:-512}" \
     --steps 10 --compile-variants --tiled-vae-size 0 --out "$OUT/benchmarks-cuda.md"

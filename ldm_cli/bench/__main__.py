@@ -224,7 +224,7 @@ def ablation_tool() -> str:
     return "ldm-conv2d" if default_mode() == "auto" else "ldm-winograd"
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--steps", type=int, default=4)
@@ -273,35 +273,12 @@ def main() -> None:
         action="store_true",
         help="only time `ldm --help` and the embedded model end to end (prints, writes nothing)",
     )
-    args = ap.parse_args()
-    if args.startup_only:
-        print("\n".join(startup_lines()))
-        return
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
-    dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    args.cache.mkdir(parents=True, exist_ok=True)
-    file_dtypes = args.file_dtypes.split(",")
-    if unknown := set(file_dtypes) - set(FILE_DTYPES):
-        raise SystemExit(f"--file-dtypes: unknown {', '.join(sorted(unknown))} (fp16, fp32)")
-    sgemm = matmul_peak_gflops(device, dtype)
-    conv = matmul_peak_gflops(device, dtype, as_conv=True) if device == "cpu" else 0.0
-    peak = max(sgemm, conv)
-    conv_note = f", as a oneDNN 1x1 convolution {conv:.0f}" if conv else ""
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Machine: {machine_name(device)}, torch {torch.__version__}, "
-        f"{dtype} matmul peak {sgemm:.0f} GFLOP/s{conv_note} (the peak column: the higher).",
-        f"Settings: random SD 1.5 checkpoint ({' and '.join(file_dtypes)} files, {dtype} "
-        f"compute on {device}), Euler, "
-        f"{args.steps} steps, CFG 7.5 (batch 2), each tool in a fresh process, run one after "
-        f"the other{repeats_note(args.repeats)}. Produced by `make bench`.",
-        "",
-    ]
+    return ap
+
+
+def _size_tables(args, device: str, dtype: str, file_dtypes: list[str], peak: float) -> list:
+    """Every tool on every file dtype and size (repeated, interleaved): the tables' lines."""
+    lines: list[str] = []
     ablation = ablation_tool() if args.ablate_winograd else None
     compiled = []
     if args.compile_variants:
@@ -331,6 +308,40 @@ def main() -> None:
                 variants = {tool: results[tool] for tool in compiled}
                 lines += compiled_lines(variants, ours, diffs)
             print("\n".join(lines[start:]), flush=True)
+    return lines
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.startup_only:
+        print("\n".join(startup_lines()))
+        return
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    file_dtypes = args.file_dtypes.split(",")
+    if unknown := set(file_dtypes) - set(FILE_DTYPES):
+        raise SystemExit(f"--file-dtypes: unknown {', '.join(sorted(unknown))} (fp16, fp32)")
+    sgemm = matmul_peak_gflops(device, dtype)
+    conv = matmul_peak_gflops(device, dtype, as_conv=True) if device == "cpu" else 0.0
+    peak = max(sgemm, conv)
+    conv_note = f", as a oneDNN 1x1 convolution {conv:.0f}" if conv else ""
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {machine_name(device)}, torch {torch.__version__}, "
+        f"{dtype} matmul peak {sgemm:.0f} GFLOP/s{conv_note} (the peak column: the higher).",
+        f"Settings: random SD 1.5 checkpoint ({' and '.join(file_dtypes)} files, {dtype} "
+        f"compute on {device}), Euler, "
+        f"{args.steps} steps, CFG 7.5 (batch 2), each tool in a fresh process, run one after "
+        f"the other{repeats_note(args.repeats)}. Produced by `make bench`.",
+        "",
+    ]
+    lines += _size_tables(args, device, dtype, file_dtypes, peak)
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]
     print("\n".join(extra))

@@ -31,7 +31,7 @@ DTYPE_HELP = (
 )
 
 # Kept here (not imported from ldm_cli.samplers) so `ldm --help` never imports torch;
-# tests/test_cli.py checks that it matches the sampler table.
+# tests/cli/test_cli.py checks that it matches the sampler table.
 SAMPLER_HELP = {
     "euler": "Euler (first-order ODE)",
     "euler_a": "Euler ancestral (stochastic) - A1111 'Euler a'",
@@ -183,15 +183,7 @@ def generate(
     check_side(width, "--width")
     check_side(height, "--height")
     given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps", "hires_upscaler"})
-    if "refiner_switch" in given and refiner is None:
-        raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
-    from ldm_cli.pipeline.tasks.handover import check_switch  # no torch there
-
-    check_switch(refiner_switch)
-    if given & {"hires_strength", "hires_steps"} and hires_scale is None:
-        raise UserError("--hires-strength and --hires-steps need --hires-scale (the hires fix)")
-    if "hires_upscaler" in given and hires_scale is None and from_png is None:
-        raise UserError("--hires-upscaler needs --hires-scale (the hires fix)")
+    _check_pairings(given, refiner, refiner_switch, hires_scale, from_png)
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -233,22 +225,16 @@ def generate(
     elif hires is not None and hires_upscaler is not None:  # --from-png's, another upscaler
         hires = replace(hires, upscaler=hires_upscaler)
 
-    from ldm_cli.pipeline.request import Request, seeded_batches
-    from ldm_cli.runtime.distributed import shared_random_seed
-
-    pipe = performance.load(model, device, dtype, prediction=prediction, clip_skip=clip_skip)
+    loaded = {"prediction": prediction, "clip_skip": clip_skip}
+    pipe = performance.load(model, device, dtype, **loaded)
     if refiner is not None:  # SDXL base + refiner (ldm_cli.pipeline.tasks.refiner)
         from ldm_cli.pipeline.tasks.refiner import attach_refiner
 
-        second = performance.load(
-            refiner, pipe.device, pipe.dtype, prediction=prediction, clip_skip=clip_skip
-        )
+        second = performance.load(refiner, pipe.device, pipe.dtype, **loaded)
         attach_refiner(pipe, second, refiner_switch)
     from ldm_cli.cli.networks import configure
 
-    configure(
-        pipe, lora, lora_dir, embeddings
-    )  # LoRA and textual inversion (ldm_cli.networks.lora)
+    configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion (networks.lora)
     if hires is not None:
         hires.network(pipe.device)  # a bad --hires-upscaler file fails before any sampling
     wanted = jobs[0].get("model_hash")
@@ -258,28 +244,44 @@ def generate(
             f"({pipe.name}); the image will differ",
             file=sys.stderr,
         )
-    base_seed = shared_random_seed() if seed is None else seed  # one seed for all processes
-    size = pipe.config.default_size
+    from ldm_cli.runtime.distributed import shared_random_seed
+
+    defaults = {
+        "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
+        "seed": shared_random_seed() if seed is None else seed,  # one seed for all processes
+        "sampler": sampler, "scheduler": scheduler, "width": width, "height": height,
+        "rescale_cfg": rescale_cfg, "num_images": num_images, "batch_size": batch_size,
+        **performance.speedups(),
+    }  # fmt: skip
+    _run(pipe, _batches(pipe, jobs, defaults), out, hires, resume)
+
+
+def _check_pairings(given: set[str], refiner, refiner_switch, hires_scale, from_png) -> None:
+    """Options that only mean something beside another one."""
+    if "refiner_switch" in given and refiner is None:
+        raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
+    from ldm_cli.pipeline.tasks.handover import check_switch  # no torch there
+
+    check_switch(refiner_switch)
+    if given & {"hires_strength", "hires_steps"} and hires_scale is None:
+        raise UserError("--hires-strength and --hires-steps need --hires-scale (the hires fix)")
+    if "hires_upscaler" in given and hires_scale is None and from_png is None:
+        raise UserError("--hires-upscaler needs --hires-scale (the hires fix)")
+
+
+def _batches(pipe, jobs: list[dict], defaults: dict) -> list:
+    """Each job's requests (its own options over the command line's), made by the API, in
+    seeded batches: image k of a job uses its seed + k."""
+    from ldm_cli.pipeline.request import seeded_batches
+
     batches = []
     for job in jobs:
-        o = job["options"]
-        req = Request(
-            prompt=job["prompt"],
-            negative_prompt=o.get("negative_prompt", negative_prompt),
-            steps=o.get("steps", steps),
-            cfg=o.get("cfg", pipe.guidance_scale(cfg)),
-            seed=o.get("seed", base_seed),
-            sampler=o.get("sampler", sampler),
-            scheduler=o.get("scheduler", scheduler),
-            width=o.get("width", size if width is None else width),
-            height=o.get("height", size if height is None else height),
-            rescale_cfg=o.get("rescale_cfg", rescale_cfg),
-            **{name: o.get(name, value) for name, value in performance.speedups().items()},
-        )
-        pipe.validate(req)
-        n = o.get("num_images", num_images)
-        batches += seeded_batches(req, n, o.get("batch_size", batch_size))
-    _run(pipe, batches, out, hires, resume)
+        o = {**defaults, **job["options"]}
+        counts = (o.pop("num_images"), o.pop("batch_size"))
+        negative = o.pop("negative_prompt")
+        req = pipe.request(job["prompt"], negative, **o)  # the API's defaults where None
+        batches += seeded_batches(req, *counts)
+    return batches
 
 
 def check_options(
@@ -343,21 +345,16 @@ def _jobs(prompt: str | None, prompts_file: Path | None, from_png: Path | None) 
 
 
 def _run(pipe, batches, out: Path, hires=None, resume: bool = False) -> None:
-    extra = hires.parameters() if hires is not None else None
-
     def render(batch, on_step, last):
-        # the hires pass samples again after the decode, so it keeps the U-Net
-        pairs = pipe.render(batch, on_step, last=last and hires is None)
-        if hires is not None:
-            pairs = hires.apply(pipe, list(pairs), on_step)
-        for req, image in pairs:
-            image.info["parameters"] = pipe.parameters_text(req, extra)
-            yield req, image
+        return pipe.render_text_to_image(batch, on_step, hires, last)
+
+    def parameters(req) -> str:  # what --resume matches finished images by
+        return pipe.text_to_image_parameters(req, hires)
 
     # image k of the run is NNNNN = base + k: --resume and `accelerate launch` rely on it
     from ldm_cli.cli.batch_resume import run_batches
 
-    run_batches(batches, render, lambda req: pipe.parameters_text(req, extra), out, resume=resume)
+    run_batches(batches, render, parameters, out, resume=resume)
 
 
 def save_all(results, total_images: int, out: Path, step_label: str = "steps") -> None:

@@ -117,22 +117,16 @@ def train(
 
     check_output_dir(out)  # the run folder, before anything is read or trained
     check_seed(seed)
-    cfg = _training_config(config, base)
+    cfg = training_config(config, base)
     size = size or cfg.default_size
     multiple = cfg.vae.downscale * 2 ** (len(cfg.unet.channel_mult) - 1)
     if size < 8 or size % multiple:
         raise UserError(f"--size must be a positive multiple of {multiple} for this config")
-    for name, value in (
-        ("--vae-steps", vae_steps),
-        ("--text-steps", text_steps),
-        ("--unet-steps", unet_steps),
-        ("--batch-size", batch_size),
-        ("--text-batch-size", text_batch_size),
-        ("--vae-batch-size", vae_batch_size),
-        ("--log-every", log_every),
-    ):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
+    _check_at_least_one(
+        ("--vae-steps", vae_steps), ("--text-steps", text_steps), ("--unet-steps", unet_steps),
+        ("--batch-size", batch_size), ("--text-batch-size", text_batch_size),
+        ("--vae-batch-size", vae_batch_size), ("--log-every", log_every),
+    )  # fmt: skip
     if text_batch_size < 2:
         raise UserError("--text-batch-size must be at least 2 (contrastive negatives)")
     for name, value in (("--lr", lr), ("--text-lr", text_lr), ("--vae-lr", vae_lr)):
@@ -170,7 +164,17 @@ def train(
         sides=side_list,
         init=init,
     )
-    outcome = run_training(plan)
+    _report(run_training(plan), out)
+
+
+def _check_at_least_one(*values: tuple[str, int]) -> None:
+    for name, value in values:
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+
+
+def _report(outcome, out: Path) -> None:
+    """What the run measured, and where the model is (or how to continue)."""
     metrics = outcome.metrics
     if "psnr_db" in metrics.get("vae", {}):
         print(f"VAE:   held-out PSNR {metrics['vae']['psnr_db']} dB")
@@ -206,7 +210,7 @@ def _warmup(steps: int) -> int:
     return max(1, min(200, steps // 10))
 
 
-def _training_config(name: str | None, base: Path | None):
+def training_config(name: str | None, base: Path | None):
     """--config by name or file; without it the embedded architecture, or the --base
     checkpoint's own when fine-tuning one."""
     if name is not None:

@@ -11,7 +11,7 @@ from ldm_cli.core.errors import UserError
 from ldm_cli.core.limits import check_seed
 
 # The recipe of the shipped networks (weights/README.md); the same numbers as
-# ldm_cli.training.sr_stage.RECIPE, which tests/test_sr_training.py checks.
+# ldm_cli.training.sr_stage.RECIPE, which tests/training/test_sr_training.py checks.
 SCALES = (2, 4)
 STEPS = 6000
 BATCH = 16

@@ -1,6 +1,5 @@
 """`ldm upscale IMAGE [PROMPT]`: a thin layer over ldm_cli.pipeline.tasks.image_upscaler (by
-default) and
-ldm_cli.pipeline.tasks.upscale (diffusion x4 upscalers); torch is imported late."""
+default) and ldm_cli.pipeline.tasks.upscale (diffusion x4 upscalers); torch is imported late."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from ldm_cli.core.errors import UserError
 from ldm_cli.core.limits import MAX_SIDE
 
 # The same numbers as ldm_cli.pipeline.tasks.upscale and .image_upscaler (which import torch);
-# tests/test_cli_upscale.py checks.
+# tests/cli/test_cli_upscale.py checks.
 MAX_NOISE_LEVEL = 350
 DEFAULT_NOISE_LEVEL = 20
 DEFAULT_TILE_SIZE = 128  # diffusion: low-res pixels

@@ -21,7 +21,7 @@ RIDGE = 1e-2
 COLOUR_NAMES = list(COLOURS)
 
 
-def _probe(features, labels, classes, train, test) -> float:
+def probe(features, labels, classes, train, test) -> float:
     """Accuracy on ``test`` of a one-vs-all ridge regression fitted on ``train``."""
     x = np.concatenate([features, np.ones((len(features), 1))], axis=1)
     y = np.eye(classes)[labels]
@@ -58,7 +58,7 @@ def probe_layers(text_encoder, num_scenes: int = 6000, seed: int = 5) -> list[di
                 "layer": layer,
                 "clip_skip": len(hidden) - layer,
                 **{
-                    f"{name}_{split}": _probe(features, index[:, col], n, ~heldout, test)
+                    f"{name}_{split}": probe(features, index[:, col], n, ~heldout, test)
                     for name, col, n in (("colour", 2, len(COLOURS)), ("shape", 3, len(SHAPES)))
                     for split, test in (("in", ~heldout), ("heldout", heldout))
                 },

@@ -118,7 +118,7 @@ def load_model(
         state = pickled_state(header, keys, device, dtype)
     else:
         kept = narrow_keys(model, header, device, dtype) if narrow else frozenset()
-        state = _read_safetensors(header, keys, device, dtype, kept)
+        state = read_safetensors(header, keys, device, dtype, kept)
     model.load_state_dict(state, strict=True, assign=True)
     model.text_encoder.materialize_buffers()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -146,7 +146,7 @@ def narrow_keys(
     return frozenset(keys)
 
 
-def _read_safetensors(
+def read_safetensors(
     header: CheckpointHeader, keys, device: torch.device, dtype, narrow=frozenset()
 ) -> dict:
     state, convert = {}, {}

@@ -4,7 +4,7 @@
 3x3 convolution, a last PReLU and a 3x3 convolution to 3 * scale^2 channels that one pixel
 shuffle turns into the output; the nearest-upsampled input is added, so the network learns the
 residual. The embedded `ldm-sr` networks are in this layout. It is spandrel's `Compact` with
-PReLU (equal to it on the same tensors: tests/test_image_upscaler.py), kept here because
+PReLU (equal to it on the same tensors: tests/pipeline/test_image_upscaler.py), kept here because
 importing spandrel, which registers fifty architectures and imports torchvision, takes longer
 than an upscale of a 256-pixel image.
 """

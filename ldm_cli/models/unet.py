@@ -42,9 +42,11 @@ class UNetModel(nn.Module):
     upscaler, integer noise-level labels (``num_classes``).
     """
 
-    # Set for the duration of a run by ldm_cli.runtime.deep_cache (--deep-cache); None: every call
-    # computes every block.
+    # Set for the duration of a run through `use_feature_cache` (runtime.deep_cache,
+    # --deep-cache); None: every call computes every block.
     feature_cache = None
+    # Set through `use_token_merger` (runtime.token_merging, --token-merging); None: off.
+    token_merger = None
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -195,6 +197,18 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).to(x.dtype)
 
+    def use_feature_cache(self, cache) -> None:
+        """Reuse deep features between calls as `cache` says (runtime.deep_cache); None: off."""
+        self.feature_cache = cache
+
+    def use_token_merger(self, merger) -> None:
+        """Merge self-attention tokens in every transformer block with `merger`
+        (runtime.token_merging); None: off."""
+        self.token_merger = merger
+        for block in self.modules():
+            if isinstance(block, BasicTransformerBlock):
+                block.token_merger = merger
+
     def _repeated_rows(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None
     ) -> int:
@@ -212,7 +226,7 @@ class UNetModel(nn.Module):
             or x.device.type != "cpu"
             or self.label_emb is not None
             or self.feature_cache is not None
-            or BasicTransformerBlock.token_merger is not None
+            or self.token_merger is not None
             or torch.compiler.is_compiling()
         ):
             return 1

@@ -21,7 +21,7 @@ third block of rows, ``self_attn.out_proj`` to ``attn.out_proj``, ``mlp.fc1``/``
 
 The U-Net correspondence (diffusers' ``down_blocks.b.resnets.j`` is the original
 ``input_blocks.{1 + b * (L + 1) + j}.0`` for L res blocks per level, and so on) is spelled out
-in :func:`diffusers_unet_path`; tests/test_lora.py holds it against diffusers' own
+in :func:`diffusers_unet_path`; tests/networks/test_lora.py holds it against diffusers' own
 checkpoint conversion, tensor by tensor.
 """
 

@@ -64,10 +64,10 @@ class FoldedKernels:
 
     def __init__(self) -> None:
         self._key: tuple | None = None
-        self._kernels: torch.Tensor | None = None
+        self.kernels: torch.Tensor | None = None
 
     def clear(self) -> None:
-        self._kernels, self._key = None, None
+        self.kernels, self._key = None, None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: recomputed in the graph (no cache to key)
@@ -78,10 +78,10 @@ class FoldedKernels:
         if key != self._key:
             self.clear()  # free the old copy before making the new
             with torch.no_grad():
-                self._kernels = folded_kernels(weight)
+                self.kernels = folded_kernels(weight)
             drop_file_pages(weight)  # used only through the kernels from now on
             self._key = key
-        return self._kernels
+        return self.kernels
 
 
 class FoldedUpsample(nn.Module):
@@ -94,13 +94,13 @@ class FoldedUpsample(nn.Module):
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
         self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
-        self._folded = FoldedKernels()
+        self.folded = FoldedKernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias, self._folded)
+        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias, self.folded)
 
     def _apply(self, fn, recurse=True):
-        self._folded.clear()
+        self.folded.clear()
         return super()._apply(fn, recurse)
 
 
@@ -123,7 +123,7 @@ def upsample2x_conv3x3(
     if is_channels_last(x):
         return _channels_last(x, by_parity, bias)
     result = x.new_empty(n, out, h, 2, w, 2)
-    chunk = _channels_per_chunk(x, out)
+    chunk = channels_per_chunk(x, out)
     for c0 in range(0, out, chunk):
         c1 = min(out, c0 + chunk)
         kernel = by_parity[:, c0:c1].reshape(4 * (c1 - c0), *folded.shape[1:])
@@ -136,7 +136,7 @@ def upsample2x_conv3x3(
     return result if bias is None else result.add_(bias[:, None, None])
 
 
-def _channels_per_chunk(x: torch.Tensor, out: int) -> int:
+def channels_per_chunk(x: torch.Tensor, out: int) -> int:
     """Output channels per convolution call: their 2x2 result is 4x the size of their share of
     the output, kept within CHUNK_BYTES; on the CPU their folded kernels too are kept within
     weight_slices.CHUNK_BYTES (oneDNN copies a call's whole kernel at every call)."""
@@ -158,7 +158,7 @@ def _channels_last(
     n, _, h, w = x.shape
     out = by_parity.shape[1]
     result = x.new_empty(n, h, 2, w, 2, out)
-    chunk = _channels_per_chunk(x, out)
+    chunk = channels_per_chunk(x, out)
     for c0 in range(0, out, chunk):
         c1 = min(out, c0 + chunk)
         kernel = by_parity[:, c0:c1].reshape(4 * (c1 - c0), *by_parity.shape[2:])

@@ -5,6 +5,7 @@ whose function documents the options. `ldm_cli.load` returns one of these."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 from PIL import Image
 
@@ -42,16 +43,44 @@ class Tasks:
 
         `cfg` defaults to the checkpoint's own guidance scale (`config.default_cfg`, 7.5 unless
         its metadata names another). Each image carries its AUTOMATIC1111 `parameters` text in
-        `image.info`. `hires`
-        upscales each image and refines it with img2img (A1111's "hires fix").
+        `image.info`. `hires` upscales each image and refines it with img2img (A1111's "hires fix").
         `rescale_cfg` is the guidance rescale PHI (0..1; see ldm_cli.pipeline.cfg_rescale).
         `deep_cache` N > 1 reuses the U-Net's deep features for N-1 of every N calls: faster,
         slightly different images (see ldm_cli.runtime.deep_cache). `token_merging` (0..0.9) merges
         that ratio of the full-resolution self-attention tokens (ToMe;
         ldm_cli.runtime.token_merging).
         """
+        base = self.request(
+            prompt, negative_prompt, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
+            scheduler=scheduler, width=width, height=height, rescale_cfg=rescale_cfg,
+            deep_cache=deep_cache, token_merging=token_merging,
+        )  # fmt: skip
+        return [
+            image
+            for batch in seeded_batches(base, num_images, batch_size)
+            for _, image in self.render_text_to_image(batch, progress, hires)
+        ]
+
+    def request(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        steps: int = 30,
+        cfg: float | None = None,
+        seed: int | None = None,
+        sampler: str = "euler_a",
+        scheduler: str = "auto",
+        width: int | None = None,
+        height: int | None = None,
+        rescale_cfg: float = 0.0,
+        deep_cache: int = 0,
+        token_merging: float = 0.0,
+    ) -> Request:
+        """A text-to-image request with this model's defaults where an option is None (its
+        size, its guidance scale, a random seed), checked against the model."""
         size = self.config.default_size
-        base = Request(
+        req = Request(
             prompt,
             negative_prompt,
             steps,
@@ -65,16 +94,31 @@ class Tasks:
             deep_cache,
             token_merging,
         )
-        extra = hires.parameters() if hires is not None else None
-        out = []
-        for batch in seeded_batches(base, num_images, batch_size):
-            pairs = self.render(batch, progress)
-            if hires is not None:
-                pairs = hires.apply(self, list(pairs), progress)
-            for req, image in pairs:
-                image.info["parameters"] = self.parameters_text(req, extra)
-                out.append(image)
-        return out
+        self.validate(req)
+        return req
+
+    def render_text_to_image(
+        self,
+        batch: list[Request],
+        progress: Progress | None = None,
+        hires: HiresFix | None = None,
+        last: bool = False,
+    ) -> Iterator[tuple[Request, Image.Image]]:
+        """One batch of text-to-image requests, the hires fix after it where asked, each image
+        with its parameters text. `last`: as in `render` (a hires pass keeps the U-Net)."""
+        pairs = self.render(batch, progress, last=last and hires is None)
+        if hires is not None:
+            pairs = hires.apply(self, list(pairs), progress)
+        for req, image in pairs:
+            image.info["parameters"] = self.text_to_image_parameters(req, hires)
+            yield req, image
+
+    def text_to_image_parameters(self, req: Request, hires: HiresFix | None = None) -> str:
+        """The parameters text of a text-to-image request (and its hires fix)."""
+        if hires is None:
+            return self.parameters_text(req)
+        second = hires.size(req.width, req.height, self.size_multiple)
+        return self.parameters_text(req, hires.parameters(), second_pass=second)
 
     def img2img(self, image, prompt: str, negative_prompt: str = "", **options):
         """Image to image; see `ldm_cli.pipeline.tasks.img2img.img2img` for the options."""

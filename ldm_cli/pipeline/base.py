@@ -14,6 +14,7 @@ from ldm_cli.core.errors import UserError
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.pipeline.guidance import StepClock, cfg_denoiser
 from ldm_cli.pipeline.image_start import ImageStart
+from ldm_cli.pipeline.latents import Prepare, generators, text_to_image_start
 from ldm_cli.pipeline.request import Request, check_request
 from ldm_cli.runtime.deep_cache import deep_cache
 from ldm_cli.runtime.token_merging import token_merging
@@ -265,9 +266,19 @@ class Pipeline:
         return encode_requests(self, requests)
 
     def render(
-        self, requests: list[Request], progress: Progress | None = None, last: bool = False
+        self,
+        requests: list[Request],
+        progress: Progress | None = None,
+        last: bool = False,
+        prepare: Prepare = text_to_image_start,
     ) -> Iterator[tuple[Request, Image.Image]]:
-        """Render requests as one batch; they may differ in prompts and seeds only.
+        """Render requests as one batch; they may differ in prompts and seeds only. The one
+        render path of text-to-image, img2img, inpainting and the hires fix:
+
+        conditioning -> (release the text encoder) -> a CPU generator per image (seed + k) ->
+        `prepare(pipe, head, generators)`: the start noise and what the run starts from (an
+        image's latents, a mask: `pipeline.latents`; default: text to image) -> sample ->
+        (release the U-Net) -> decode.
 
         `last`: nothing renders after this batch, so the text encoder's and the U-Net's memory
         is given back as soon as each is done (the VAE decode is where memory peaks)."""
@@ -275,15 +286,9 @@ class Pipeline:
         cond, uncond = self.conditioning(requests)
         if last:
             self.release("text_encoder")
-        noises, gens = zip(
-            *(self.initial_noise(r.seed, r.width, r.height) for r in requests), strict=True
-        )
-        start = None
-        if self.is_inpainting:  # txt2img with an inpainting model: inpaint an all-white mask
-            from ldm_cli.pipeline.latents import blank_inpaint_start
-
-            start = blank_inpaint_start(self, head, list(gens))
-        latents = self.sample(cond, uncond, torch.cat(noises), list(gens), head, progress, start)
+        gens = generators(requests)
+        noise, start = prepare(self, head, gens)
+        latents = self.sample(cond, uncond, noise, gens, head, progress, start)
         if last:
             self.release_unet_before_decoding(latents)
         yield from zip(requests, self.decode(latents), strict=True)
@@ -293,11 +298,17 @@ class Pipeline:
         unless its ldm_config names another)."""
         return self.config.default_cfg if cfg is None else cfg
 
-    def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
-        """A1111 parameters text; `extra` adds keys such as "Denoising strength"."""
+    def parameters_text(
+        self,
+        req: Request,
+        extra: dict[str, str] | None = None,
+        second_pass: tuple[int, int] | None = None,
+    ) -> str:
+        """A1111 parameters text; `extra` adds keys such as "Denoising strength";
+        `second_pass`: the size of a hires fix's decode (infotext.parameters_text)."""
         from ldm_cli.pipeline.infotext import parameters_text
 
-        return parameters_text(self, req, extra)
+        return parameters_text(self, req, extra, second_pass)
 
 
 def _in_dtype(unet, dtype: torch.dtype):

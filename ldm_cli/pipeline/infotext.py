@@ -7,10 +7,15 @@ from ldm_cli.pipeline.parts import PipelineParts
 from ldm_cli.pipeline.request import Request
 
 
-def parameters_text(pipe: PipelineParts, req: Request, extra: dict[str, str] | None = None) -> str:
+def parameters_text(
+    pipe: PipelineParts,
+    req: Request,
+    extra: dict[str, str] | None = None,
+    second_pass: tuple[int, int] | None = None,
+) -> str:
     """`req`'s settings with the model's name and hash; `extra` adds keys such as
-    "Denoising strength". Settings that change the image beyond A1111's own keys are written
-    under the names --from-png reads back."""
+    "Denoising strength"; `second_pass` is the size a hires fix decoded at. Settings that change
+    the image beyond A1111's own keys are written under the names --from-png reads back."""
     extra = dict(extra or {})
     clip_skip = pipe.config.text.clip_skip
     # A1111 writes it when not the last layer; it is written too where the file's own is not
@@ -27,7 +32,7 @@ def parameters_text(pipe: PipelineParts, req: Request, extra: dict[str, str] | N
         extra["Token merging ratio"] = f"{req.token_merging:g}"
     from ldm_cli.pipeline.vae_codec import tiling_parameters
 
-    extra.update(tiling_parameters(pipe, req, extra))  # "VAE tiling: on"
+    extra.update(tiling_parameters(pipe, req, second_pass))  # "VAE tiling: on"
     extra.update(pipe.networks.parameters(req))  # "Lora hashes", "TI hashes" (A1111)
     return format_parameters(
         GenerationParams(

@@ -9,6 +9,8 @@ draws the noise first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ldm_cli.pipeline.image_start import ImageStart
@@ -69,3 +71,18 @@ def blank_inpaint_start(
     pixels = torch.zeros(1, 3, req.height, req.width)
     mask = torch.ones(1, 1, req.height, req.width)
     return ImageStart(None, concat=inpaint_concat(pipe, pixels, mask, gens))
+
+
+# What a batch starts from: (pipe, the batch's first request, a generator per image) ->
+# (the start noise [B, C, h, w], the image start or None for plain text to image)
+Prepare = Callable[
+    [PipelineParts, Request, list[torch.Generator]], tuple[torch.Tensor, "ImageStart | None"]
+]
+
+
+def text_to_image_start(
+    pipe: PipelineParts, head: Request, gens: list[torch.Generator]
+) -> tuple[torch.Tensor, ImageStart | None]:
+    """The noise first; an inpainting (9-channel) model repaints an all-white mask."""
+    noise = start_noise(pipe, head, gens)
+    return noise, blank_inpaint_start(pipe, head, gens) if pipe.is_inpainting else None

@@ -76,10 +76,4 @@ def seeded_batches(base: Request, num_images: int, batch_size: int) -> list[list
     return [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
 
 
-__all__ = ["Request", "check_request", "random_seed", "scaled_size", "seeded_batches"]
-
-
-def scaled_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
-    """width and height times `scale`, rounded to the nearest multiple of `multiple` (the hires
-    fix's second pass)."""
-    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))
+__all__ = ["Request", "check_request", "random_seed", "seeded_batches"]

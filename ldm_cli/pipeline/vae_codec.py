@@ -32,7 +32,7 @@ from ldm_cli.core.errors import UserError
 from ldm_cli.core.tiling import Blender, Tile, tile_grid
 from ldm_cli.models.vae import AutoencoderKL, DiagonalGaussian
 from ldm_cli.pipeline.parts import PipelineParts
-from ldm_cli.pipeline.request import Request, scaled_size
+from ldm_cli.pipeline.request import Request
 
 MODES = ("auto", "on", "off")
 # Untiled, an SD 1.5 decode of 1024 x 1024 px already takes about 3.7 GiB (fp32; 4 x the 512 px
@@ -60,17 +60,13 @@ def is_tiled(mode: str, width: int, height: int, factor: int, tile: int = TILE) 
 
 
 def tiling_parameters(
-    pipe: PipelineParts, req: Request, extra: dict[str, str] | None = None
+    pipe: PipelineParts, req: Request, second_pass: tuple[int, int] | None = None
 ) -> dict[str, str]:
-    """{"VAE tiling": mode} when an image of `req` (or of its hires pass, whose scale `extra`
-    names as "Hires upscale") was tiled."""
+    """{"VAE tiling": mode} when an image of `req` (or of its hires pass, decoded at
+    `second_pass`) was tiled."""
     if pipe.is_upscaler:  # tasks.upscale decodes per upscaling tile and records it itself
         return {}
-    sizes = [(req.width, req.height)]
-    hires_scale = (extra or {}).get("Hires upscale")
-    if hires_scale is not None:
-        scale = float(hires_scale)
-        sizes.append(scaled_size(req.width, req.height, scale, pipe.size_multiple))
+    sizes = [(req.width, req.height)] + ([second_pass] if second_pass else [])
     return tiling_note(pipe, sizes)
 
 

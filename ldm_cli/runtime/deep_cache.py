@@ -68,8 +68,8 @@ def deep_cache(unet, interval: int, depth: int = DEFAULT_DEPTH) -> Iterator[None
         raise UserError(f"--deep-cache needs a U-Net with more than {depth} input blocks")
     if getattr(unet, "eager_forward", None) is not None:
         raise UserError("--deep-cache does not work with --compile; use one of them")
-    unet.feature_cache = FeatureCache(interval, depth)
+    unet.use_feature_cache(FeatureCache(interval, depth))
     try:
         yield
     finally:
-        unet.feature_cache = None
+        unet.use_feature_cache(None)

@@ -10,7 +10,7 @@ The random latents are the VAE encoder's posterior means of random blocks of fla
 unit Gaussian noise: real latents are not centred on zero (the embedded model's channel means
 are about -0.9, 0.2, 1.0, 0.05), and a map fitted around zero gets the colours of real images
 wrong (mean error 0.57 on [-1, 1] against 0.23 for the encoded blocks, measured on generated
-images of the embedded model; see tests/test_preview.py).
+images of the embedded model; see tests/runtime/test_preview.py).
 
 The pipeline hands each step's x0 to `pipe.preview` (see `Pipeline.sample`); samplers know
 nothing of previews.

@@ -55,7 +55,7 @@ class TokenMerger:
         import torch
         import torch.nn.functional as F
 
-        sources, destinations = self._partition(x.device)
+        sources, destinations = self.partition(x.device)
         count = min(int(self.ratio * x.shape[1]), len(sources))
         metric = F.normalize(x, dim=-1)
         scores = metric[:, sources] @ metric[:, destinations].transpose(1, 2)
@@ -88,7 +88,7 @@ class TokenMerger:
 
         return merge, unmerge
 
-    def _partition(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def partition(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat token indices of the sources and of one destination per whole 2x2 cell."""
         import torch
 
@@ -111,14 +111,8 @@ def token_merging(unet, ratio: float, height: int, width: int) -> Iterator[None]
     if ratio == 0:
         yield
         return
-    from ldm_cli.models.attention import BasicTransformerBlock
-
-    merger = TokenMerger(ratio, height, width)
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-    for block in blocks:
-        block.token_merger = merger
+    unet.use_token_merger(TokenMerger(ratio, height, width))
     try:
         yield
     finally:
-        for block in blocks:
-            block.token_merger = None
+        unet.use_token_merger(None)

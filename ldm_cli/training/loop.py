@@ -185,17 +185,7 @@ def train_stage(
     end; it gets the EMA module when there is one.
     """
     accelerator = make_accelerator(options)
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": settings.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=settings.lr,
-    )
+    optimizer = adamw(model, settings)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(prepared)
     counter = StepCounter(stage)
@@ -203,18 +193,8 @@ def train_stage(
     ema = EMA(unwrapped, ema_decay) if ema_decay is not None else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-
     state = stage_dir(options, stage) / STATE_DIR
-    saved = existing_state(state)
-    if saved is not None and not options.resume:
-        raise UserError(
-            f"{saved} holds an unfinished {stage} stage; pass --resume to continue it, "
-            "or delete it (or use a new --out) to start over"
-        )
-    if saved is not None:
-        accelerator.load_state(str(saved))
-    if accelerator.is_main_process:  # drop the log lines past the state (all, starting afresh)
-        trim_log(options.run_dir / LOG_FILE, stage, counter.step)
+    saved = restore_state(accelerator, state, stage, options, counter)
 
     stop = settings.steps if options.stop_after is None else min(options.stop_after, settings.steps)
     log = TrainLog(options, stage, accelerator.is_main_process)
@@ -264,13 +244,41 @@ def train_stage(
     if counter.step > start or saved is None:
         save_state(accelerator, state)
     accelerator.wait_for_everyone()
-    return StageResult(
-        model=unwrapped,
-        ema=ema.module if ema is not None else None,
-        losses=losses,
-        step=counter.step,
-        finished=counter.step >= settings.steps,
+    done, ema_module = counter.step, ema.module if ema is not None else None
+    return StageResult(unwrapped, ema_module, losses, done, finished=done >= settings.steps)
+
+
+def adamw(model: nn.Module, settings: StageSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and kernels only (not on biases and norms)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
     )
+
+
+def restore_state(
+    accelerator, state: Path, stage: str, options: LoopOptions, counter
+) -> Path | None:
+    """Load an unfinished stage's saved state (only with --resume); the log keeps only the
+    lines up to it (none when starting afresh). Returns the state folder found, or None."""
+    saved = existing_state(state)
+    if saved is not None and not options.resume:
+        raise UserError(
+            f"{saved} holds an unfinished {stage} stage; pass --resume to continue it, "
+            "or delete it (or use a new --out) to start over"
+        )
+    if saved is not None:
+        accelerator.load_state(str(saved))
+    if accelerator.is_main_process:
+        trim_log(options.run_dir / LOG_FILE, stage, counter.step)
+    return saved
 
 
 def existing_state(state: Path) -> Path | None:

@@ -21,7 +21,6 @@ from PIL import Image
 
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.limits import check_steps
-from ldm_cli.pipeline.request import scaled_size
 
 if TYPE_CHECKING:
     from ldm_cli.pipeline.base import Pipeline, Progress
@@ -68,7 +67,8 @@ class HiresFix:
 
     def size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
         """width and height times the scale, rounded to the nearest multiple of `multiple`."""
-        return scaled_size(width, height, self.scale, multiple)
+        w, h = (max(multiple, round(v * self.scale / multiple) * multiple) for v in (width, height))
+        return w, h
 
     def parameters(self) -> dict[str, str]:
         from ldm_cli.core.pngmeta import format_number

@@ -118,7 +118,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def to_image(pixels: torch.Tensor) -> Image.Image:
     """[3, H, W] in [0, 1] -> RGB PIL image, rounded to the nearest level (`pixels` is used up:
     scaled in place, which keeps a 4096 x 4096 result from taking three float copies)."""
-    levels = pixels.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    with torch.inference_mode():  # in place is allowed on inference tensors only in this mode
+        levels = pixels.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
     return Image.fromarray(levels.permute(1, 2, 0).contiguous().numpy())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import torch
 from PIL import Image
 
 from ldm_cli.core.errors import UserError
@@ -26,9 +27,9 @@ from ldm_cli.core.pngmeta import format_number
 from ldm_cli.pipeline.base import Pipeline, Progress
 from ldm_cli.pipeline.image_start import ImageStart, first_step
 from ldm_cli.pipeline.latents import (
+    Prepare,
     blank_inpaint_start,
     encode_latents,
-    generators,
     start_noise,
 )
 from ldm_cli.pipeline.request import Request, random_seed, seeded_batches
@@ -70,28 +71,27 @@ def render_img2img(
     progress: Progress | None = None,
     last: bool = False,
 ) -> Iterator[Pair]:
-    """One batch: requests[i] starts from images[i] (RGB, the requests' size). `last`: as in
-    `Pipeline.render`, the text encoder and U-Net are given back once each is done."""
+    """One batch: requests[i] starts from images[i] (RGB, the requests' size), through the
+    pipeline's one render path. `last`: as in `Pipeline.render`."""
     check_strength(strength)
-    head = requests[0]
-    cond, uncond = pipe.conditioning(requests)
-    if last:
-        pipe.release("text_encoder")
-    gens = generators(requests)
-    skip = first_step(head.steps, strength)
-    latents = None
-    if skip > 0:
-        same = all(image is images[0] for image in images)
-        latents = encode_latents(pipe, to_pixels(images[:1] if same else images), gens)
-    noise = start_noise(pipe, head, gens)
-    concat = None
-    if pipe.is_inpainting:
-        concat = blank_inpaint_start(pipe, head, gens).concat
-    start = ImageStart(latents, skip, concat)
-    out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
-    if last:
-        pipe.release_unet_before_decoding(out)
-    yield from zip(requests, pipe.decode(out), strict=True)
+    return pipe.render(requests, progress, last, image_start(images, strength))
+
+
+def image_start(images: list[Image.Image], strength: float) -> Prepare:
+    """img2img's start: the images' posterior samples (drawn first), noised to the strength's
+    step, then the start noise; a 9-channel model also gets an all-white mask."""
+
+    def prepare(pipe, head: Request, gens: list[torch.Generator]):
+        skip = first_step(head.steps, strength)
+        latents = None
+        if skip > 0:
+            same = all(image is images[0] for image in images)
+            latents = encode_latents(pipe, to_pixels(images[:1] if same else images), gens)
+        noise = start_noise(pipe, head, gens)
+        concat = blank_inpaint_start(pipe, head, gens).concat if pipe.is_inpainting else None
+        return noise, ImageStart(latents, skip, concat)
+
+    return prepare
 
 
 def iter_img2img(

@@ -36,7 +36,7 @@ from ldm_cli.core.image_inputs import (
 from ldm_cli.core.pngmeta import format_number
 from ldm_cli.pipeline.base import Pipeline, Progress
 from ldm_cli.pipeline.image_start import ImageStart, first_step
-from ldm_cli.pipeline.latents import encode_latents, generators, inpaint_concat, start_noise
+from ldm_cli.pipeline.latents import Prepare, encode_latents, inpaint_concat, start_noise
 from ldm_cli.pipeline.request import Request, seeded_batches
 from ldm_cli.pipeline.tasks.img2img import Notice, Pair, base_request, check_strength
 from ldm_cli.pipeline.tasks.inpaint_regions import Box, crop_box, mask_box, outpaint_inputs
@@ -111,30 +111,32 @@ def render_inpaint(
     progress: Progress | None = None,
     last: bool = False,
 ) -> Iterator[Pair]:
-    """One batch over `image` (RGB, the requests' size); `mask` >= 0.5 is repainted. `last`:
-    as in `Pipeline.render`, the text encoder and U-Net are given back once each is done."""
+    """One batch over `image` (RGB, the requests' size); `mask` >= 0.5 is repainted, through
+    the pipeline's one render path. `last`: as in `Pipeline.render`."""
     check_strength(strength)
-    head = requests[0]
-    cond, uncond = pipe.conditioning(requests)
-    if last:
-        pipe.release("text_encoder")
-    gens = generators(requests)
-    skip = first_step(head.steps, strength)
-    pixels = to_pixels([image])
-    binary = torch.from_numpy(np.ascontiguousarray(mask >= 0.5)).float()[None, None]
-    latents = None
-    if skip > 0 or not pipe.is_inpainting:
-        latents = encode_latents(pipe, pixels, gens)
-    noise = start_noise(pipe, head, gens)
-    if pipe.is_inpainting:
-        start = ImageStart(latents, skip, concat=inpaint_concat(pipe, pixels, binary, gens))
-    else:
+    return pipe.render(requests, progress, last, masked_start(image, mask, strength))
+
+
+def masked_start(image: Image.Image, mask: np.ndarray, strength: float) -> Prepare:
+    """Inpainting's start: the image's posterior samples, then the start noise; a 9-channel
+    model gets the mask and the masked image's latents, any other keeps the unmasked latents
+    at every step (a mask at latent resolution, any pixel of a cell to repaint)."""
+
+    def prepare(pipe, head: Request, gens: list[torch.Generator]):
+        skip = first_step(head.steps, strength)
+        pixels = to_pixels([image])
+        binary = torch.from_numpy(np.ascontiguousarray(mask >= 0.5)).float()[None, None]
+        latents = None
+        if skip > 0 or not pipe.is_inpainting:
+            latents = encode_latents(pipe, pixels, gens)
+        noise = start_noise(pipe, head, gens)
+        if pipe.is_inpainting:
+            concat = inpaint_concat(pipe, pixels, binary, gens)
+            return noise, ImageStart(latents, skip, concat=concat)
         repaint = torch.nn.functional.max_pool2d(binary, pipe.latent_factor)
-        start = ImageStart(latents, skip, keep=(1 - repaint).to(pipe.device))
-    out = pipe.sample(cond, uncond, noise, gens, head, progress, start)
-    if last:
-        pipe.release_unet_before_decoding(out)
-    yield from zip(requests, pipe.decode(out), strict=True)
+        return noise, ImageStart(latents, skip, keep=(1 - repaint).to(pipe.device))
+
+    return prepare
 
 
 def iter_inpaint(

@@ -8,21 +8,20 @@ those below it. With the default "normal" spacing (timesteps evenly spaced from 
 that is the first 80% of the steps.
 
 Both models run inside **one** sampler run: the base pipeline's U-Net wrapper
-(:class:`~ldm_cli.pipeline.tasks.sdxl_packed_rows.PackedConditioningUNet`) sends every call
-below the cutoff to
-the refiner's U-Net, with the refiner's own conditioning (its bigG features, pooled output and
-aesthetic score: 6 for the prompt, 2.5 for the negative prompt, diffusers' defaults), which
-every conditioning row carries beside the base's
-(:func:`~ldm_cli.pipeline.tasks.sdxl_packed_rows.merge_rows`;
-built from the same prompt syntax, :mod:`ldm_cli.pipeline.conditioning`). Samplers stay plain
-functions over ``model(x, sigma) -> x0`` and never know that the model changed. Compared with
-two sampler calls on the split sigma list, one run keeps the whole sampler state of a base-only
-run: the ancestral noise stream of every step (also the SDE samplers' noise, which is drawn per
-sigma interval of the whole run), and the multistep history across the switch. For the
-single-step samplers (euler, euler_a, heun, ddpm, ...) this is exactly what diffusers computes
-with one generator for its base pipeline with ``denoising_end=switch`` followed by its img2img
-refiner pipeline with ``denoising_start=switch``; for multistep samplers (dpmpp_2m, lms, unipc)
-diffusers restarts the history at the switch, one run does not.
+(:class:`~ldm_cli.pipeline.tasks.sdxl_packed_rows.PackedConditioningUNet`) sends every call below
+the cutoff to the refiner's U-Net, with the refiner's own conditioning (its bigG features, pooled
+output and aesthetic score: 6 for the prompt, 2.5 for the negative prompt, diffusers' defaults),
+which every conditioning row carries beside the base's
+(:func:`~ldm_cli.pipeline.tasks.sdxl_packed_rows.merge_rows`; built from the same prompt syntax,
+:mod:`ldm_cli.pipeline.conditioning`). Samplers stay plain functions over ``model(x, sigma) -> x0``
+and never know that the model changed. Compared with two sampler calls on the split sigma list, one
+run keeps the whole sampler state of a base-only run: the ancestral noise stream of every step
+(also the SDE samplers' noise, which is drawn per sigma interval of the whole run), and the
+multistep history across the switch. For the single-step samplers (euler, euler_a, heun, ddpm, ...)
+this is exactly what diffusers computes with one generator for its base pipeline with
+``denoising_end=switch`` followed by its img2img refiner pipeline with ``denoising_start=switch``;
+for multistep samplers (dpmpp_2m, lms, unipc) diffusers restarts the history at the switch, one run
+does not.
 
 The image is decoded by the base's VAE (the SDXL base and refiner ship the same one).
 """

@@ -235,11 +235,11 @@ class SDXLPipeline(Pipeline):
     ) -> dict[str, ScheduledFeatures]:
         """Every distinct prompt's packed rows over `steps` (with a refiner attached, merged
         with the refiner's)."""
-        own = self._schedules(prompts, steps, width, height, negative)
+        own = self.schedules(prompts, steps, width, height, negative)
         if self.refiner is None:
             return own
         refiner = self.refiner.pipe
-        refined = refiner._schedules(prompts, steps, width, height, negative)
+        refined = refiner.schedules(prompts, steps, width, height, negative)
         dims = (self.config.unet.context_dim, refiner.config.unet.context_dim)
         merged = {}
         for prompt, mine in own.items():
@@ -255,7 +255,7 @@ class SDXLPipeline(Pipeline):
             )
         return merged
 
-    def _schedules(
+    def schedules(
         self, prompts: list[str], steps: int, width: int, height: int, negative: bool
     ) -> dict[str, ScheduledFeatures]:
         from ldm_cli.pipeline.conditioning import encode_schedules
@@ -311,7 +311,12 @@ class SDXLPipeline(Pipeline):
             parts.append(text(self.refiner.pipe).to(parts[0].device))
         return torch.cat(parts, dim=-1)
 
-    def parameters_text(self, req: Request, extra: dict[str, str] | None = None) -> str:
+    def parameters_text(
+        self,
+        req: Request,
+        extra: dict[str, str] | None = None,
+        second_pass: tuple[int, int] | None = None,
+    ) -> str:
         if self.refiner is not None:
             refiner = self.refiner
             extra = {
@@ -319,4 +324,4 @@ class SDXLPipeline(Pipeline):
                 "Refiner": f"{refiner.pipe.name} [{refiner.pipe.model_hash}]",
                 "Refiner switch at": f"{refiner.switch:g}",
             }
-        return super().parameters_text(req, extra)
+        return super().parameters_text(req, extra, second_pass)

@@ -1,15 +1,13 @@
 """SDXL conditioning as packed rows, and the U-Net wrapper that unpacks them.
 
 The rest of the code (guidance, img2img, prompt batching) moves conditioning around as tensors
-``[B, L, D]`` and only ever cuts, pads and concatenates them along the batch and the token axes.
-An SDXL conditioning row therefore carries ``y`` *after the features of every token*:
-``[B, L, context_dim + adm_in_channels]`` (:func:`pack`). :class:`PackedConditioningUNet`, the
-U-Net of :class:`ldm_cli.pipeline.tasks.sdxl.SDXLPipeline`, splits it again (``y`` from the
-first token), so
+``[B, L, D]`` and only ever cuts, pads and concatenates them along the batch and the token axes. An
+SDXL conditioning row therefore carries ``y`` *after the features of every token*: ``[B, L,
+context_dim + adm_in_channels]`` (:func:`pack`). :class:`PackedConditioningUNet`, the U-Net of
+:class:`ldm_cli.pipeline.tasks.sdxl.SDXLPipeline`, splits it again (``y`` from the first token), so
 all of that machinery carries ``y`` unchanged. With a refiner attached
-(:mod:`ldm_cli.pipeline.tasks.refiner`)
-each row holds the base's and the refiner's text features, then the base's and the refiner's
-``y`` (:func:`merge_rows`).
+(:mod:`ldm_cli.pipeline.tasks.refiner`) each row holds the base's and the refiner's text features,
+then the base's and the refiner's ``y`` (:func:`merge_rows`).
 """
 
 from __future__ import annotations
@@ -87,6 +85,19 @@ class PackedConditioningUNet(nn.Module):
     @property
     def config(self):
         return self.unet.config
+
+    @property
+    def input_blocks(self):
+        return self.unet.input_blocks
+
+    def use_feature_cache(self, cache) -> None:
+        """DeepCache on the base U-Net (a refiner's calls compute every block)."""
+        self.unet.use_feature_cache(cache)
+
+    def use_token_merger(self, merger) -> None:
+        for unet in (self.unet, self.refiner_unet):
+            if unet is not None:
+                unet.use_token_merger(merger)
 
     def forward(
         self,
