@@ -8,7 +8,7 @@ images = pipe.generate("a red circle on a blue background", seed=1)
 from ldm_cli.core.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_upscaler", "HiresFix", "UserError", "__version__"]
+__all__ = ["load", "load_upscaler", "HiresFix", "Control", "UserError", "__version__"]
 
 
 def load(
@@ -63,10 +63,15 @@ def load_upscaler(path=None, *, scale=4, device=None):
 
 
 def __getattr__(name: str):
-    """`ldm_cli.HiresFix` (the settings of `generate(..., hires=)`), imported on first use so that
-    `import ldm_cli` stays free of torch."""
+    """`ldm_cli.HiresFix` (the settings of `generate(..., hires=)`) and `ldm_cli.Control` (one
+    ControlNet of `generate(..., control=)`: ldm_cli.control.units.ControlSpec), imported on
+    first use so that `import ldm_cli` stays free of torch."""
     if name == "HiresFix":
         from ldm_cli.pipeline.tasks.hires import HiresFix
 
         return HiresFix
+    if name == "Control":
+        from ldm_cli.control.units import ControlSpec
+
+        return ControlSpec
     raise AttributeError(f"module 'ldm_cli' has no attribute {name!r}")

@@ -70,8 +70,31 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
+def controlnet_file(cache: Path) -> Path:
+    """A seeded random SD 1.5 ControlNet in lllyasviel's layout, fp16 (as the
+    control_v11p_sd15_*.safetensors files)."""
+    path = cache / "controlnet-sd15-random-fp16.safetensors"
+    if not path.exists():
+        from ldm_cli.checkpoints.save import save_checkpoint
+        from ldm_cli.core.config import SD15
+        from ldm_cli.models.controlnet import ControlNet
+
+        print(f"building {path} (seeded random weights, control_model.* layout)...", flush=True)
+        torch.manual_seed(0)
+        state = ControlNet(SD15.unet).state_dict()
+        save_checkpoint({f"control_model.{k}": v.half() for k, v in state.items()}, path)
+    return path
+
+
 def worker(
-    tool: str, model: Path, size: int, steps: int, png: Path, device: str, dtype: str
+    tool: str,
+    model: Path,
+    size: int,
+    steps: int,
+    png: Path,
+    device: str,
+    dtype: str,
+    controlnet: Path | None = None,
 ) -> dict:
     warm_page_cache(model)
     cmd = [
@@ -94,6 +117,9 @@ def worker(
         "--dtype",
         dtype,
     ]
+    if controlnet is not None:
+        warm_page_cache(controlnet)
+        cmd += ["--controlnet", str(controlnet)]
     env = dict(
         os.environ, LDM_BENCH_T0=repr(time.time()), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"
     )
@@ -167,6 +193,26 @@ def model_gflop(size: int) -> tuple[float, float]:
     with FlopCounterMode(display=False) as vae_count:
         model.vae.decode(torch.empty(1, 4, lat, lat, device="meta"))
     return unet_count.get_total_flops() / 1e9, vae_count.get_total_flops() / 1e9
+
+
+def controlnet_gflop(size: int) -> float:
+    """An SD 1.5 ControlNet's work per CFG step in GFLOP, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm_cli.core.config import SD15
+    from ldm_cli.models.controlnet import ControlNet
+
+    with torch.device("meta"):
+        net = ControlNet(SD15.unet)
+    lat = size // 8
+    with FlopCounterMode(display=False) as count:
+        net(
+            torch.empty(2, 4, lat, lat, device="meta"),
+            torch.empty(2, 3, size, size, device="meta"),
+            torch.empty(2, device="meta"),
+            torch.empty(2, 77, 768, device="meta"),
+        )
+    return count.get_total_flops() / 1e9
 
 
 def wall(cmd: list[str], reps: int) -> float:
@@ -269,6 +315,13 @@ def _parser() -> argparse.ArgumentParser:
         "median (range) of the per-repeat ratios",
     )
     ap.add_argument(
+        "--controlnet-size",
+        type=int,
+        default=256,
+        help="also run both tools with an SD 1.5 ControlNet (random, fp16 file) at this size, "
+        "fp16 checkpoint (0: skip)",
+    )
+    ap.add_argument(
         "--startup-only",
         action="store_true",
         help="only time `ldm --help` and the embedded model end to end (prints, writes nothing)",
@@ -311,6 +364,25 @@ def _size_tables(args, device: str, dtype: str, file_dtypes: list[str], peak: fl
     return lines
 
 
+def controlnet_table(args, device: str, dtype: str, peak: float) -> list[str]:
+    """ldm and diffusers' StableDiffusionControlNetPipeline, one ControlNet, same files."""
+    size, model, control = args.controlnet_size, checkpoint(args.cache), controlnet_file(args.cache)
+    results: dict[str, list[dict]] = {"ldm": [], "diffusers": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        pngs = {tool: Path(tmp) / f"{tool}-controlnet.png" for tool in results}
+        for repeat in range(max(1, args.repeats)):
+            for tool in run_order(list(results), repeat):
+                run = worker(tool, model, size, args.steps, pngs[tool], device, dtype, control)
+                results[tool].append(run)
+        diff = max_pixel_diff(pngs["ldm"], pngs["diffusers"])
+    unet, vae = model_gflop(size)
+    work = (unet + controlnet_gflop(size), vae)
+    title = f"## ControlNet (SD 1.5, one unit), {size}x{size}, fp16 files"
+    lines = size_table(title, results["ldm"], results["diffusers"], work, peak, diff)
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main() -> None:
     args = _parser().parse_args()
     if args.startup_only:
@@ -342,6 +414,8 @@ def main() -> None:
         "",
     ]
     lines += _size_tables(args, device, dtype, file_dtypes, peak)
+    if args.controlnet_size:
+        lines += controlnet_table(args, device, dtype, peak)
     extra = startup_lines()
     lines += ["## Start-up", "", *extra, ""]
     print("\n".join(extra))

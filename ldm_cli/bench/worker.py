@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
@@ -50,6 +51,12 @@ def run_ldm(args) -> dict:
     req = Request(
         PROMPT, NEGATIVE, args.steps, 7.5, args.seed, "euler", "normal", args.size, args.size
     )
+    if args.controlnet:
+        from dataclasses import replace
+
+        from ldm_cli.control.units import ControlSpec
+
+        req = replace(req, control=(ControlSpec(Path(args.controlnet), control_image(args.size)),))
     with torch.inference_mode():
         cond = pipe.encode_prompts([PROMPT])
         uncond = pipe.encode_prompts([NEGATIVE])
@@ -70,9 +77,39 @@ def run_ldm(args) -> dict:
     return {**t, "step_times": steps}
 
 
+def control_image(size: int):
+    """The control map of the ControlNet rows: white circles on black."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    for k in range(3):
+        r = size // 8
+        x, y = size // 4 + k * size // 4, size // 2
+        draw.ellipse((x - r, y - r, x + r, y + r), outline="white", width=max(1, size // 64))
+    return image
+
+
+def diffusers_controlnet(path: str, dtype):
+    """diffusers' ControlNetModel (its default, SD 1.5 config) with an original-layout file's
+    weights, converted by its own single-file code (no config download)."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import load_file
+
+    model = ControlNetModel()
+    state = convert_controlnet_checkpoint(load_file(path), dict(model.config))
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype)
+
+
 def run_diffusers(args) -> dict:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
 
     now = _clock(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -85,6 +122,11 @@ def run_diffusers(args) -> dict:
         requires_safety_checker=False,
         torch_dtype=dtype,
     ).to(args.device)
+    extra = {}
+    if args.controlnet:
+        controlnet = diffusers_controlnet(args.controlnet, dtype).to(args.device)
+        pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+        extra["image"] = control_image(args.size)
     pipe.scheduler = EulerDiscreteScheduler.from_config(
         pipe.scheduler.config, timestep_spacing="linspace"
     )
@@ -109,6 +151,7 @@ def run_diffusers(args) -> dict:
             generator=torch.Generator("cpu").manual_seed(args.seed),
             output_type="latent",
             callback_on_step_end=on_step,
+            **extra,
         ).images
         t["sampled"] = now()
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -134,6 +177,7 @@ def main() -> None:
     ap.add_argument("--png", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--controlnet", help="an original-layout SD 1.5 ControlNet file to run with")
     args = ap.parse_args()
     t0 = float(os.environ.get("LDM_BENCH_T0", time.time()))
     if args.tool in ("ldm-winograd", "ldm-conv2d"):

@@ -58,7 +58,9 @@ def _register() -> None:
     from ldm_cli.cli.generate import generate
     from ldm_cli.cli.image import img2img, inpaint, outpaint
     from ldm_cli.cli.info import info
+    from ldm_cli.cli.preprocess import preprocess
     from ldm_cli.cli.train import train
+    from ldm_cli.cli.train_controlnet import train_controlnet
     from ldm_cli.cli.train_group import train_app
     from ldm_cli.cli.train_upscaler import train_upscaler
     from ldm_cli.cli.upscale import upscale
@@ -69,8 +71,10 @@ def _register() -> None:
     app.command()(with_allow_pickle(outpaint))
     app.command()(with_allow_pickle(upscale))
     app.command()(with_allow_pickle(info))
+    app.command()(preprocess)
     train_app.command("model")(with_allow_pickle(train))
     train_app.command("upscaler")(train_upscaler)
+    train_app.command("controlnet")(train_controlnet)
     app.add_typer(train_app, name="train")
     app.command("eval")(with_allow_pickle(eval_command))
     app.add_typer(dataset_app, name="dataset")

@@ -20,6 +20,13 @@ def shapes(
     num: int = typer.Option(10000, "--num", help="Number of images."),
     size: int = typer.Option(128, "--size", help="Image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Seed of the scene stream."),
+    layout: str = typer.Option(
+        "grid",
+        "--layout",
+        help="grid: each object in its caption's cell (what the embedded model learned); free: "
+        "moved off it, resized and turned (the embedded ControlNet's data: only a control map "
+        "can tell where).",
+    ),
 ) -> None:
     """Coloured shapes on plain backgrounds, captioned by the grammar in docs/shapes-grammar.md.
 
@@ -29,6 +36,8 @@ def shapes(
         raise UserError(f"--num must be at least 1, got {num}")
     if not 0 <= seed < 2**32:  # numpy's seed range
         raise UserError(f"--seed must be between 0 and 2**32-1, got {seed}")
+    if layout not in ("grid", "free"):
+        raise UserError(f"--layout must be grid or free, got {layout!r}")
     if not 16 <= size <= 1024:
         raise UserError(f"--size must be between 16 and 1024, got {size}")
     from ldm_cli.cli.batch_resume import check_output_dir
@@ -48,5 +57,6 @@ def shapes(
             size=size,
             seed=seed,
             progress=lambda done, _: bar.update(task, completed=done),
+            layout=layout,
         )
     print(f"wrote {num} images to {out}")

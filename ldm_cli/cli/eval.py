@@ -46,6 +46,14 @@ def eval_command(
         "--clip-tower",
         help="Image tower for the CLIP score; default: the one beside the model, if any.",
     ),
+    control: Path | None = typer.Option(
+        None,
+        "--control",
+        help="Measure a ControlNet instead (weights/ldm-shapes-canny.safetensors): held-out "
+        "scenes rendered exactly, their control maps (--preprocess) given with the caption; "
+        "per object the IoU of its pixels with the scene's, with and without the ControlNet.",
+    ),
+    preprocess: str = typer.Option("canny", "--preprocess", help="The ControlNet's maps."),
 ) -> None:
     """Render held-out and in-distribution shapes prompts and score them by pixel analysis
     (background colour, each object's colour, shape, place and size), plus the in-domain CLIP
@@ -75,7 +83,16 @@ def eval_command(
     from ldm_cli.evaluation.run_eval import evaluate
     from ldm_cli.pipeline.load import load
 
+    if control is not None:
+        from PIL import Image
+
+        from ldm_cli.control.units import ControlSpec, check_spec
+
+        check_spec(ControlSpec(control, Image.new("RGB", (8, 8)), preprocess=preprocess))
     pipe = load(model, device=device)
+    if control is not None:
+        exclude = training_scenes(train_seed, train_num)
+        return _control_eval(pipe, control, num, seed, steps, cfg, preprocess, exclude, json_out)
     cfg = pipe.guidance_scale(cfg)  # for the table's title
     scorer = _clip_scorer(clip_tower, pipe)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
@@ -113,6 +130,36 @@ def eval_command(
     Console(width=None if sys.stdout.isatty() else 120).print(table)
     if scorer is None:
         print("no CLIP score: no image tower beside the model (pass --clip-tower)")
+    if json_out:
+        write_new_file(json_out, json.dumps(report, indent=1))
+        print(f"wrote {json_out}")
+
+
+def _control_eval(pipe, control, num, seed, steps, cfg, preprocess, exclude, json_out) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from ldm_cli.cli.batch_resume import write_new_file
+    from ldm_cli.evaluation.control_eval import IOU_PASS, evaluate_control
+
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("sketches", total=num)
+        report = evaluate_control(
+            pipe, control, num, seed, steps, cfg, preprocess, exclude,
+            progress=lambda done, _: bar.update(task, completed=done),
+        )  # fmt: skip
+    table = Table(
+        title=f"ldm eval --control {control.name}: {num} held-out sketches, {steps} steps"
+    )
+    for column in ("with / without (objects)", f"IoU >= {IOU_PASS}, colour", "mean IoU", "colour"):
+        table.add_column(column, justify="right")
+    for name, row in report["summary"].items():
+        table.add_row(
+            f"{name} ({row['objects']})", f"{100 * row['pass_rate']:.1f}%",
+            f"{row['mean_iou']:.3f}", f"{100 * row['colour_ok']:.1f}%",
+        )  # fmt: skip
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
     if json_out:
         write_new_file(json_out, json.dumps(report, indent=1))
         print(f"wrote {json_out}")

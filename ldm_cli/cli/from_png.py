@@ -76,6 +76,8 @@ def png_job(from_png: Path) -> dict:
         except ValueError:
             raise UserError(f"{from_png}: bad 'Token merging ratio' value") from None
     job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
+    # ControlNet units (A1111's extension's "ControlNet N" keys): their images are not in the PNG
+    job["controlnets"] = [k for k in p.extra if k.startswith("ControlNet ")]
     tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
     tiling = tiling if tiling in ("on", "auto") else "off"
     refiner = p.extra.get("Refiner")  # "name [hash]", with "Refiner switch at"

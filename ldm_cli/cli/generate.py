@@ -8,6 +8,17 @@ from pathlib import Path
 
 import typer
 
+from ldm_cli.cli.control import (
+    CONTROL,
+    CONTROL_END,
+    CONTROL_IMAGE,
+    CONTROL_MODE,
+    CONTROL_START,
+    CONTROL_WEIGHT,
+    PREPROCESS,
+    check_control_files,
+    control_options,
+)
 from ldm_cli.cli.networks import EMBEDDINGS, LORA, LORA_DIR
 from ldm_cli.cli.performance import (
     COMPILE,
@@ -176,9 +187,20 @@ def generate(
     vae_tiling: str = VAE_TILING,
     deep_cache: int = DEEP_CACHE,
     token_merging: float = TOKEN_MERGING,
+    control: list[Path] = CONTROL,
+    control_image: list[Path] = CONTROL_IMAGE,
+    preprocess: list[str] = PREPROCESS,
+    control_weight: list[float] = CONTROL_WEIGHT,
+    control_start: list[float] = CONTROL_START,
+    control_end: list[float] = CONTROL_END,
+    control_mode: str = CONTROL_MODE,
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
+    controls = control_options(
+        control, control_image, preprocess, control_weight, control_start, control_end,
+        control_mode,
+    )  # fmt: skip
     check_model_options(prediction, clip_skip)
     check_side(width, "--width")
     check_side(height, "--height")
@@ -201,6 +223,11 @@ def generate(
         raise UserError(
             "--resume needs the --seed of the run it continues (the SEED in its file names "
             "NNNNN-SEED-...); without one every run draws new seeds"
+        )
+    if jobs[0].get("controlnets") and not controls:
+        raise UserError(
+            f"{from_png} was made with {', '.join(jobs[0]['controlnets'])}; its control images "
+            "are not in the PNG: give --control FILE --control-image IMAGE again"
         )
     if clip_skip is None:
         clip_skip = jobs[0].get("clip_skip")
@@ -251,9 +278,12 @@ def generate(
         "seed": shared_random_seed() if seed is None else seed,  # one seed for all processes
         "sampler": sampler, "scheduler": scheduler, "width": width, "height": height,
         "rescale_cfg": rescale_cfg, "num_images": num_images, "batch_size": batch_size,
-        **performance.speedups(),
+        **performance.speedups(), **controls,
     }  # fmt: skip
-    _run(pipe, _batches(pipe, jobs, defaults), out, hires, resume)
+    batches = _batches(pipe, jobs, defaults)
+    if controls:
+        check_control_files(pipe, batches[0][0])  # family, layout, aspect ratio: before rendering
+    _run(pipe, batches, out, hires, resume)
 
 
 def _check_pairings(given: set[str], refiner, refiner_switch, hires_scale, from_png) -> None:

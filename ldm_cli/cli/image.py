@@ -7,10 +7,22 @@ The option objects are shared by the three commands; torch is imported inside co
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
+from ldm_cli.cli.control import (
+    CONTROL,
+    CONTROL_END,
+    CONTROL_IMAGE,
+    CONTROL_MODE,
+    CONTROL_START,
+    CONTROL_WEIGHT,
+    PREPROCESS,
+    check_control_files,
+    control_options,
+)
 from ldm_cli.cli.generate import (
     DTYPE_HELP,
     SAMPLER_HELP,
@@ -78,7 +90,7 @@ def _notice(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance):
+def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls):
     from ldm_cli.pipeline.tasks.img2img import base_request
 
     return base_request(
@@ -90,6 +102,7 @@ def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, perform
         sampler=sampler,
         scheduler=scheduler,
         **performance.speedups(),
+        **controls,
     )
 
 
@@ -125,6 +138,13 @@ def img2img(
     vae_tiling: str = VAE_TILING,
     deep_cache: int = DEEP_CACHE,
     token_merging: float = TOKEN_MERGING,
+    control: list[Path] = CONTROL,
+    control_image: list[Path] = CONTROL_IMAGE,
+    preprocess: list[str] = PREPROCESS,
+    control_weight: list[float] = CONTROL_WEIGHT,
+    control_start: list[float] = CONTROL_START,
+    control_end: list[float] = CONTROL_END,
+    control_mode: str = CONTROL_MODE,
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -132,6 +152,10 @@ def img2img(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
+    )  # fmt: skip
+    controls = control_options(
+        control, control_image, preprocess, control_weight, control_start, control_end,
+        control_mode,
     )  # fmt: skip
     _check_image_options(strength)
     from ldm_cli.core.image_inputs import load_image
@@ -142,7 +166,10 @@ def img2img(
 
     pipe = performance.load(model, device, dtype)
     configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion
-    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance)
+    base = _base(
+        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls
+    )
+    check_control_files(pipe, replace(base, width=picture.width, height=picture.height))
 
     def results(on_step):
         return iter_img2img(
@@ -207,6 +234,13 @@ def inpaint(
     vae_tiling: str = VAE_TILING,
     deep_cache: int = DEEP_CACHE,
     token_merging: float = TOKEN_MERGING,
+    control: list[Path] = CONTROL,
+    control_image: list[Path] = CONTROL_IMAGE,
+    preprocess: list[str] = PREPROCESS,
+    control_weight: list[float] = CONTROL_WEIGHT,
+    control_start: list[float] = CONTROL_START,
+    control_end: list[float] = CONTROL_END,
+    control_mode: str = CONTROL_MODE,
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -215,13 +249,19 @@ def inpaint(
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
     )  # fmt: skip
+    controls = control_options(
+        control, control_image, preprocess, control_weight, control_start, control_end,
+        control_mode,
+    )  # fmt: skip
     _check_image_options(strength, mask_blur, full_res_padding)
     check_side(width, "--width")
     check_side(height, "--height")
-    if (width is not None or height is not None) and not full_res:
-        from ldm_cli.core.errors import UserError
+    from ldm_cli.core.errors import UserError
 
+    if (width is not None or height is not None) and not full_res:
         raise UserError("--width/--height set the working size of --inpaint-full-res only")
+    if full_res and controls:
+        raise UserError("--control does not work with --inpaint-full-res yet; leave one out")
     import numpy as np
 
     from ldm_cli.core.image_inputs import load_image, load_mask
@@ -234,7 +274,9 @@ def inpaint(
     from ldm_cli.pipeline.tasks.inpaint import InpaintOptions
 
     options = InpaintOptions(strength, mask_blur, full_res, full_res_padding, width, height)
-    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance)
+    base = _base(
+        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls
+    )
     _inpaint_and_save(
         picture, stencil, base, options, num_images, batch_size, model, device, dtype, out,
         networks=(lora, lora_dir, embeddings), performance=performance,
@@ -274,6 +316,13 @@ def outpaint(
     vae_tiling: str = VAE_TILING,
     deep_cache: int = DEEP_CACHE,
     token_merging: float = TOKEN_MERGING,
+    control: list[Path] = CONTROL,
+    control_image: list[Path] = CONTROL_IMAGE,
+    preprocess: list[str] = PREPROCESS,
+    control_weight: list[float] = CONTROL_WEIGHT,
+    control_start: list[float] = CONTROL_START,
+    control_end: list[float] = CONTROL_END,
+    control_mode: str = CONTROL_MODE,
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -281,6 +330,10 @@ def outpaint(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
+    )  # fmt: skip
+    controls = control_options(
+        control, control_image, preprocess, control_weight, control_start, control_end,
+        control_mode,
     )  # fmt: skip
     _check_image_options(strength, mask_blur)
     from ldm_cli.pipeline.tasks.inpaint_regions import outpaint_inputs
@@ -290,7 +343,9 @@ def outpaint(
     from ldm_cli.pipeline.tasks.inpaint import InpaintOptions
 
     options = InpaintOptions(strength, mask_blur)
-    base = _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance)
+    base = _base(
+        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls
+    )
     _inpaint_and_save(
         canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra,
         networks=(lora, lora_dir, embeddings), performance=performance,
@@ -306,6 +361,7 @@ def _inpaint_and_save(
     pipe = (performance or Performance()).load(model, device, dtype)
     if networks is not None:
         configure(pipe, *networks)  # LoRA and textual inversion
+    check_control_files(pipe, replace(base, width=picture.width, height=picture.height))
 
     def results(on_step):
         return iter_inpaint(

@@ -24,7 +24,9 @@ def info(
     from ldm_cli.checkpoints.header import KNOWN_EXTRAS
     from ldm_cli.core.config import ModelConfig
 
-    header = read_header(checkpoint)
+    header = read_header(checkpoint) if not checkpoint.is_dir() else None
+    if header is None or any(k.endswith(CONTROL_MARKS) for k in header.tensors):
+        return _control_info(checkpoint)
     if not any(
         k.startswith(("model.", "first_stage_model.", "conditioner.")) for k in header.tensors
     ):
@@ -97,6 +99,36 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+CONTROL_MARKS = (
+    "input_hint_block.0.weight",
+    "controlnet_cond_embedding.conv_in.weight",
+    "adapter.conv_in.weight",
+)
+
+
+def _control_info(path: Path) -> None:
+    """A ControlNet or T2I-Adapter file (or diffusers folder): its layout, family and size."""
+    from collections import Counter
+
+    from ldm_cli.control.files import family_name, read_control_file
+
+    file = read_control_file(path)
+    count = sum(t.numel() for t in file.state.values())
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in file.state.values())
+    print(f"file:        {path}")
+    if file.is_adapter:
+        print("family:      T2I-Adapter (full)")
+    else:
+        cfg = file.config
+        print(f"family:      ControlNet for {family_name(cfg)} ({file.layout} layout)")
+        widths = f"{cfg.model_channels} channels x {cfg.channel_mult}"
+        print(f"encoder:     {widths}, context {cfg.context_dim}")
+    print(f"tensors:     {len(file.state)}")
+    kinds = ", ".join(f"{d} x{n}" for d, n in dtypes.most_common())
+    print(f"parameters:  {count:,} ({kinds})")
+    print(f"use:         ldm generate PROMPT --control {path} --control-image IMAGE")
 
 
 def _upscaler_info(path: Path) -> None:

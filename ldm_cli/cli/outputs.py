@@ -216,3 +216,17 @@ def print_written(path: Path) -> None:
     system calls) would otherwise split each other's lines between a path and its newline."""
     sys.stdout.write(f"{path}\n")
     sys.stdout.flush()
+
+
+def save_png_as(image: Image.Image, target: Path, parameters: str = "") -> Path:
+    """Write `image` as exactly `target` (atomically); a UserError if that file exists."""
+    target = Path(target)
+    _make_output_dir(target.parent)
+    temporary = _write_temporary(image, target.parent, target.stem, parameters)
+    try:
+        if not _link_without_overwrite(temporary, target):
+            raise UserError(f"{target} exists; choose another --out (nothing was overwritten)")
+    finally:
+        temporary.unlink(missing_ok=True)
+    _sync_directory(target.parent)
+    return target

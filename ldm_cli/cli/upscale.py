@@ -38,6 +38,7 @@ MAX_SCALE = 16
 DIFFUSION_ONLY = {
     "prompt": "PROMPT",
     "noise_level": "--noise-level",
+    "color_fix": "--color-fix",
     "negative_prompt": "--negative-prompt",
     "steps": "--steps",
     "cfg": "--cfg",
@@ -87,6 +88,14 @@ def upscale(
         "--noise-level",
         help=f"Diffusion: 0..{MAX_NOISE_LEVEL}, noise added to the input first; more lets the "
         "model invent more detail and stray further from the input.",
+    ),
+    color_fix: str = typer.Option(
+        "auto",
+        "--color-fix",
+        help="Diffusion: gaussian takes colours and large forms (the frequencies below half an "
+        "input pixel) from the input and only the finer detail from the model; none keeps the "
+        "model's output as it is (as diffusers). auto: gaussian for the embedded x4 model, "
+        "none for checkpoints.",
     ),
     negative_prompt: str = NEGATIVE,
     steps: int = typer.Option(30, "--steps", "-s", help="Diffusion: sampling steps."),
@@ -147,8 +156,9 @@ def upscale(
                 "the default upscaler or --upscaler FILE"
             )
         return _diffusion(
-            image, prompt, model, noise_level, negative_prompt, steps, cfg, seed, sampler,
-            scheduler, num_images, tile_size, tile_overlap, out, device, dtype, vae_tiling,
+            image, prompt, model, noise_level, color_fix, negative_prompt, steps, cfg, seed,
+            sampler, scheduler, num_images, tile_size, tile_overlap, out, device, dtype,
+            vae_tiling,
         )  # fmt: skip
     given = [DIFFUSION_ONLY[name] for name in DIFFUSION_ONLY if name in _given(ctx, DIFFUSION_ONLY)]
     if given:
@@ -210,13 +220,15 @@ def _network(
 
 
 def _diffusion(
-    image, prompt, model, noise_level, negative_prompt, steps, cfg, seed, sampler, scheduler,
-    num_images, tile_size, tile_overlap, out, device, dtype, vae_tiling,
+    image, prompt, model, noise_level, color_fix, negative_prompt, steps, cfg, seed, sampler,
+    scheduler, num_images, tile_size, tile_overlap, out, device, dtype, vae_tiling,
 ) -> None:  # fmt: skip
     tile_size = DEFAULT_TILE_SIZE if tile_size is None else tile_size
     check_options(sampler, scheduler, steps, 1, num_images, device, dtype, seed)
     if not 0 <= noise_level <= MAX_NOISE_LEVEL:
         raise UserError(f"--noise-level must be between 0 and {MAX_NOISE_LEVEL}, got {noise_level}")
+    if color_fix not in ("auto", "gaussian", "none"):
+        raise UserError(f"--color-fix must be auto, gaussian or none, got {color_fix!r}")
     from ldm_cli.core.embedded import default_upscaler_path
     from ldm_cli.core.image_inputs import load_image
 
@@ -236,7 +248,7 @@ def _diffusion(
 
     pipe = load(path, device=device, dtype=dtype, vae_tiling=vae_tiling)  # --tile-size 0, big tiles
     base = upscale_request(pipe, prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
-    options = UpscaleOptions(noise_level, tile_size, tile_overlap)
+    options = UpscaleOptions(noise_level, tile_size, tile_overlap, color_fix)
     # Without a prompt the file is named after the input: NNNNN-SEED-<image>-x4.png
     name = prompt if prompt.strip() else f"{image.stem} x4"
 

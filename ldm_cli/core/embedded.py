@@ -37,6 +37,16 @@ def default_upscaler_path() -> Path:
     return path
 
 
+def is_embedded_upscaler(path: Path | str | None) -> bool:
+    """Whether `path` is the embedded x4 diffusion upscaler's file (as `--diffusion` loads it)."""
+    env = os.environ.get("LDM_DEFAULT_UPSCALER")
+    embedded = Path(env) if env else WEIGHTS_DIR / UPSCALER_NAME
+    try:
+        return path is not None and Path(path).resolve() == embedded.resolve()
+    except OSError:
+        return False
+
+
 # The embedded super-resolution networks (`ldm upscale` and the hires fix by default).
 SR_NAMES = {2: "ldm-sr-x2.safetensors", 4: "ldm-sr-x4.safetensors"}
 

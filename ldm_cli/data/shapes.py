@@ -343,16 +343,48 @@ def object_layout(
     return cx, cy, extent * SHAPE_CIRCUMRADIUS[obj.shape], rotation
 
 
-def render(scene: Scene, size: int = 128, rng: np.random.Generator | None = None) -> Image.Image:
+# Free layouts (sketches for ControlNets, `ldm dataset shapes --layout free`): each object off
+# its cell's centre by up to this fraction of the side on each axis (grid scenes: 0.01), at 0.8
+# to 1.25 times its size, turned up to 30 degrees, where no caption can say, so only a control
+# map can place it.
+FREE_SHIFT = 0.09
+FREE_SCALES = (0.8, 1.25)
+FREE_TURN_DEGREES = 30.0
+LAYOUT_STREAM = 0x1A70
+
+
+def free_layouts(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float, float]]:
+    """`object_layout` tuples for each object of `scene` moved, resized and turned freely."""
+    out = []
+    for obj in scene.objects:
+        cx, cy, radius, _ = object_layout(obj)
+        out.append(
+            (
+                cx + rng.uniform(-FREE_SHIFT, FREE_SHIFT),
+                cy + rng.uniform(-FREE_SHIFT, FREE_SHIFT),
+                radius * rng.uniform(*FREE_SCALES),
+                math.radians(rng.uniform(-FREE_TURN_DEGREES, FREE_TURN_DEGREES)),
+            )
+        )
+    return out
+
+
+def render(
+    scene: Scene,
+    size: int = 128,
+    rng: np.random.Generator | None = None,
+    layouts: list[tuple[float, float, float, float]] | None = None,
+) -> Image.Image:
     """Draw at 4x and box-downsample, which anti-aliases the edges exactly by area coverage.
 
-    ``rng`` adds the seeded position/size/rotation jitter used for training data.
+    ``rng`` adds the seeded position/size/rotation jitter used for training data; ``layouts``
+    places each object as given instead (`object_layout`'s tuples).
     """
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), COLOURS[scene.background])
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        cx, cy, radius, rotation = object_layout(obj, rng)
+    for k, obj in enumerate(scene.objects):
+        cx, cy, radius, rotation = layouts[k] if layouts else object_layout(obj, rng)
         cx, cy, radius = cx * big, cy * big, radius * big
         fill = COLOURS[obj.colour]
         if obj.shape == "circle":

@@ -82,7 +82,7 @@ def network_method() -> Method:
     return run
 
 
-def diffusion_method(prompted: bool) -> Method:
+def diffusion_method(prompted: bool, color_fix: str = "auto") -> Method:
     from ldm_cli.core.embedded import default_upscaler_path
     from ldm_cli.pipeline.load import load
     from ldm_cli.pipeline.tasks.upscale import upscale
@@ -91,7 +91,9 @@ def diffusion_method(prompted: bool) -> Method:
 
     def run(example: Example, index: int) -> Image.Image:
         prompt = example.caption if prompted else ""
-        (image,) = upscale(pipe, example.low, prompt, steps=DIFFUSION_STEPS, seed=index)
+        (image,) = upscale(
+            pipe, example.low, prompt, steps=DIFFUSION_STEPS, seed=index, color_fix=color_fix
+        )
         return image
 
     return run
@@ -179,6 +181,7 @@ def run(count: int, diffusion: bool, pictures: Path | None) -> dict:
     if diffusion:
         methods["ldm-shapes-x4 (caption)"] = diffusion_method(True)
         methods["ldm-shapes-x4 (no prompt)"] = diffusion_method(False)
+        methods["ldm-shapes-x4 (caption, no colour fix)"] = diffusion_method(True, "none")
     for side in SHAPES_SIDES:
         examples = shapes_examples(side, count)
         key = f"shapes {side // 4}->{side}"

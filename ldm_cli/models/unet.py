@@ -35,21 +35,13 @@ def _check_config(cfg: UNetConfig) -> None:
         raise ValueError("adm_in_channels and num_classes are mutually exclusive")
 
 
-class UNetModel(nn.Module):
-    """Predicts eps (or v) from a noisy latent, its timestep, text context and optional ``y``.
+class UNetEncoder(nn.Module):
+    """The time (and label) embedding, input blocks and middle block that the U-Net and a
+    ControlNet (`models.controlnet`) build alike, with the original key names."""
 
-    ``y`` is the SDXL micro-conditioning vector (``adm_in_channels`` wide) or, for the x4
-    upscaler, integer noise-level labels (``num_classes``).
-    """
-
-    # Set for the duration of a run through `use_feature_cache` (runtime.deep_cache,
-    # --deep-cache); None: every call computes every block.
-    feature_cache = None
-    # Set through `use_token_merger` (runtime.token_merging, --token-merging); None: off.
-    token_merger = None
-
-    def __init__(self, cfg: UNetConfig):
-        super().__init__()
+    def _build_encoder(self, cfg: UNetConfig) -> list[int]:
+        """Set time_embed, label_emb, input_blocks and middle_block; the input blocks' output
+        channels (the U-Net's skips)."""
         _check_config(cfg)
         self.config = cfg
         model_channels = cfg.model_channels
@@ -72,9 +64,6 @@ class UNetModel(nn.Module):
         elif cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, time_embed_dim)
 
-        def resblock(channels: int, out_channels: int) -> ResBlock:
-            return ResBlock(channels, time_embed_dim, out_channels, cfg.norm_groups)
-
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, model_channels, 3, padding=1))]
         )
@@ -83,7 +72,7 @@ class UNetModel(nn.Module):
         ds = 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
+                layers: list[nn.Module] = [self._resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if self._has_attention(level, ds):
                     layers.append(self._transformer(ch, cfg.transformer_depth[level], level))
@@ -94,29 +83,34 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        middle: list[nn.Module] = [resblock(ch, ch)]
+        middle: list[nn.Module] = [self._resblock(ch, ch)]
         if cfg.transformer_depth_middle > 0:
             middle.append(self._transformer(ch, cfg.transformer_depth_middle, level=None))
-        middle.append(resblock(ch, ch))
+        middle.append(self._resblock(ch, ch))
         self.middle_block = TimestepEmbedSequential(*middle)
+        return skip_channels
 
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [resblock(ch + skip_channels.pop(), mult * model_channels)]
-                ch = mult * model_channels
-                if self._has_attention(level, ds):
-                    layers.append(self._transformer(ch, cfg.transformer_depth[level], level))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
+    def _resblock(self, channels: int, out_channels: int) -> ResBlock:
+        cfg = self.config
+        emb_channels = cfg.model_channels * TIME_EMBED_MULT
+        return ResBlock(channels, emb_channels, out_channels, cfg.norm_groups)
 
-        self.out = nn.Sequential(
-            GroupNorm32(cfg.norm_groups, ch, eps=RESBLOCK_GROUPNORM_EPS),
-            nn.SiLU(),
-            nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
-        )
+    def embed(self, x: torch.Tensor, timesteps, y: torch.Tensor | None):
+        """(timestep embedding [B, D] plus the label's, the timesteps [B]) in the model dtype."""
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("y must be given exactly when the model has a label embedding")
+        dtype = self.time_embed[0].weight.dtype
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], device=x.device)
+        # A scalar or single timestep is shared by the whole batch.
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
+        emb = self.time_embed(t_emb)
+        if self.label_emb is not None:
+            if y.is_floating_point():
+                y = y.to(dtype)
+            emb = emb + self.label_emb(y).to(dtype)
+        return emb, timesteps
 
     def _has_attention(self, level: int, ds: int) -> bool:
         return ds in self.config.attention_resolutions and self.config.transformer_depth[level] > 0
@@ -145,41 +139,85 @@ class UNetModel(nn.Module):
             norm_groups=cfg.norm_groups,
         )
 
+
+class UNetModel(UNetEncoder):
+    """Predicts eps (or v) from a noisy latent, its timestep, text context and optional ``y``.
+
+    ``y`` is the SDXL micro-conditioning vector (``adm_in_channels`` wide) or, for the x4
+    upscaler, integer noise-level labels (``num_classes``). ``control`` adds a ControlNet's
+    residuals: one per input block (added to its skip) and one for the middle block.
+    """
+
+    # Set for the duration of a run through `use_feature_cache` (runtime.deep_cache,
+    # --deep-cache); None: every call computes every block.
+    feature_cache = None
+    # Set through `use_token_merger` (runtime.token_merging, --token-merging); None: off.
+    token_merger = None
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        skip_channels = self._build_encoder(cfg)
+        model_channels = cfg.model_channels
+        ch = skip_channels[-1]
+        ds = 2 ** (len(cfg.channel_mult) - 1)
+        resblock = self._resblock
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if self._has_attention(level, ds):
+                    layers.append(self._transformer(ch, cfg.transformer_depth[level], level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(cfg.norm_groups, ch, eps=RESBLOCK_GROUPNORM_EPS),
+            nn.SiLU(),
+            nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
+        )
+
     def forward(
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: list[torch.Tensor] | None = None,
+        adapter: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if (y is None) != (self.label_emb is None):
-            raise ValueError("y must be given exactly when the model has a label embedding")
-        dtype = self.time_embed[0].weight.dtype
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.tensor([timesteps], device=x.device)
-        # A scalar or single timestep is shared by the whole batch.
-        timesteps = timesteps.reshape(-1).expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
-        emb = self.time_embed(t_emb)
-        if self.label_emb is not None:
-            if y.is_floating_point():
-                y = y.to(dtype)
-            emb = emb + self.label_emb(y).to(dtype)
+        """`control`: ControlNet residuals, one per skip and one for the middle. `adapter`:
+        T2I-Adapter features, one per level and maybe one for the middle (`adapter_points`)."""
+        emb, timesteps = self.embed(x, timesteps, y)
+        dtype = emb.dtype
         if context is not None:
             context = context.to(dtype)
 
         h = x.to(dtype)
         cache = self.feature_cache
+        if control is not None and cache is not None:
+            raise ValueError("ControlNet residuals and the feature cache exclude each other")
         reuse = cache is not None and cache.reusable(h)
         inputs = self.input_blocks[: cache.depth] if reuse else self.input_blocks
         batch = h.shape[0]
-        repeats = self._repeated_rows(h, timesteps, context)
+        guided = control is not None or adapter is not None
+        repeats = 1 if guided else self._repeated_rows(h, timesteps, context)
         h = h[: batch // repeats]
         skips = []
-        for block in inputs:
+        features = dict(zip(self.adapter_points(), adapter or [], strict=False))
+        for i, block in enumerate(inputs):
             h = block(h, emb, context, repeats)
             repeats = batch // h.shape[0]
+            if i in features:
+                h = h + features[i].to(dtype)
             skips.append(h)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control needs {len(skips) + 1} residuals, got {len(control)}")
+            skips = [s + r.to(dtype) for s, r in zip(skips, control[:-1], strict=True)]
         if reuse:
             h = cache.features
             outputs = self.output_blocks[len(self.output_blocks) - cache.depth :]
@@ -187,6 +225,11 @@ class UNetModel(nn.Module):
             h = self.middle_block(h, emb, context, repeats)
             if h.shape[0] != batch:  # no cross-attention anywhere before here
                 h = h.repeat(batch // h.shape[0], 1, 1, 1)
+            if control is not None:
+                h = h + control[-1].to(dtype)
+            rest = (adapter or [])[len(features) :]
+            if rest and rest[0].shape == h.shape:  # SDXL adapters' last feature
+                h = h + rest[0].to(dtype)
             outputs = self.output_blocks
         for i, block in enumerate(outputs):
             if cache is not None and not reuse and i == len(outputs) - cache.depth:
@@ -196,6 +239,18 @@ class UNetModel(nn.Module):
                 skip = skip.repeat(batch // skip.shape[0], 1, 1, 1)
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+    def adapter_points(self) -> list[int]:
+        """The input blocks after which T2I-Adapter features are added, one per level, as
+        diffusers adds them: after a level's last res block where it has attention, else after
+        its last block (its downsampling, where it has one)."""
+        cfg, points = self.config, []
+        for level in range(len(cfg.channel_mult)):
+            last_res = 1 + level * (cfg.num_res_blocks + 1) + cfg.num_res_blocks - 1
+            has_down = level < len(cfg.channel_mult) - 1
+            attention = self._has_attention(level, 2**level)
+            points.append(last_res if attention or not has_down else last_res + 1)
+        return points
 
     def use_feature_cache(self, cache) -> None:
         """Reuse deep features between calls as `cache` says (runtime.deep_cache); None: off."""

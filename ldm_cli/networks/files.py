@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_cli.checkpoints.pickled import load_weights_only
+from ldm_cli.checkpoints.small_files import read_tensors
 from ldm_cli.core.errors import UserError
 from ldm_cli.networks.keys import LayerTarget, split_key, unsupported_kind
 from ldm_cli.networks.tags import LORA_EXTENSIONS
@@ -102,26 +102,7 @@ def file_sha256(path: Path, skip_header: bool = False) -> str:
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (safetensors) metadata of a LoRA file; pickles load with weights_only."""
-    try:
-        if _is_safetensors(path):
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as file:
-                metadata = file.metadata() or {}
-                return {key: file.get_tensor(key) for key in file.keys()}, metadata  # noqa: SIM118
-        state = load_weights_only(path)  # refused without --allow-pickle
-    except UserError:
-        raise
-    except OSError as error:
-        raise UserError(f"cannot read LoRA {path}: {error.strerror or error}") from None
-    except Exception as error:  # a damaged or unsafe file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read LoRA {path}: {reason}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"LoRA {path} holds no tensors")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+    return read_tensors(path, "LoRA")
 
 
 def read_lora(path: Path, table: dict[str, LayerTarget]) -> LoraFile:

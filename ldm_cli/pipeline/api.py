@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from PIL import Image
 
+from ldm_cli.control.units import control_specs
 from ldm_cli.pipeline import base
 from ldm_cli.pipeline.base import Progress
 from ldm_cli.pipeline.request import Request, random_seed, seeded_batches
@@ -38,6 +39,8 @@ class Tasks:
         rescale_cfg: float = 0.0,
         deep_cache: int = 0,
         token_merging: float = 0.0,
+        control=None,
+        control_mode: str = "balanced",
     ) -> list[Image.Image]:
         """Images k = 0..num_images-1 use seed + k whatever the batch size.
 
@@ -48,12 +51,16 @@ class Tasks:
         `deep_cache` N > 1 reuses the U-Net's deep features for N-1 of every N calls: faster,
         slightly different images (see ldm_cli.runtime.deep_cache). `token_merging` (0..0.9) merges
         that ratio of the full-resolution self-attention tokens (ToMe;
-        ldm_cli.runtime.token_merging).
+        ldm_cli.runtime.token_merging). `control` is one `ldm_cli.Control` (a ControlNet file,
+        its control image and weight, start and end) or several, their residuals summed;
+        `control_mode` "controlnet" makes them more important than the prompt (diffusers' guess
+        mode), "balanced" (default) does not.
         """
         base = self.request(
             prompt, negative_prompt, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
             scheduler=scheduler, width=width, height=height, rescale_cfg=rescale_cfg,
-            deep_cache=deep_cache, token_merging=token_merging,
+            deep_cache=deep_cache, token_merging=token_merging, control=control,
+            control_mode=control_mode,
         )  # fmt: skip
         return [
             image
@@ -76,6 +83,8 @@ class Tasks:
         rescale_cfg: float = 0.0,
         deep_cache: int = 0,
         token_merging: float = 0.0,
+        control=None,
+        control_mode: str = "balanced",
     ) -> Request:
         """A text-to-image request with this model's defaults where an option is None (its
         size, its guidance scale, a random seed), checked against the model."""
@@ -93,6 +102,8 @@ class Tasks:
             rescale_cfg,
             deep_cache,
             token_merging,
+            control_specs(control),
+            control_mode,
         )
         self.validate(req)
         return req

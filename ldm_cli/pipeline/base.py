@@ -54,6 +54,16 @@ class Pipeline:
         # the one used wherever it differs, so that --from-png gets it back
         self.file_clip_skip = self.config.text.clip_skip
         self.file_prediction: str | None = self.config.prediction  # None: only a probe can tell
+        self._control_nets = None  # the ControlNets runs used, built once (control_nets)
+
+    @property
+    def control_nets(self):
+        """The ControlNets this pipeline has built, by file (ldm_cli.control.apply)."""
+        if self._control_nets is None:
+            from ldm_cli.control.apply import ControlNets
+
+            self._control_nets = ControlNets()
+        return self._control_nets
 
     @property
     def unet(self):
@@ -129,6 +139,8 @@ class Pipeline:
         if part not in parts:
             raise ValueError(f"cannot release {part!r}; only {' or '.join(parts)}")
         release_module(parts[part], room, reuse)
+        if part == "unet" and self._control_nets is not None:
+            self._control_nets.release()
         self.released.add(part)
 
     def release_unet_before_decoding(self, latents: torch.Tensor) -> None:
@@ -192,16 +204,19 @@ class Pipeline:
         if self.is_upscaler and getattr(start, "labels", None) is None:
             raise UserError(f"{self.name} is an x4 upscaler checkpoint: use `ldm upscale`")
         sigmas, timesteps = self.sigmas(req)
+        clock = StepClock()  # prompt editing, alternation and ControlNets read the step from it
         unet_fn = _in_dtype(self.unet, self.dtype)
         if start is not None:
             unet_fn = start.wrap_unet(unet_fn)
+        if req.control:
+            run_steps = len(sigmas) - 1 - (start.skip if start is not None else 0)
+            unet_fn = self.with_control(unet_fn, req, noise, clock, run_steps)
         denoiser = Denoiser(
             unet_fn,
             self.schedule,
             self.config.prediction,
             pinned_timesteps=(sigmas[:-1], timesteps),
         )
-        clock = StepClock()  # prompt editing and alternation read the step from it
         model = cfg_denoiser(denoiser, cond, uncond, req.cfg, clock, rescale=req.rescale_cfg)
         noise = noise.to(self.device)
         if start is None:
@@ -231,6 +246,30 @@ class Pipeline:
         # DDIM stops at the first table sigma as diffusers/CompVis do; it decodes the VP latent
         x = to_vp_latent(x, sigmas[-1])
         return x if start is None else start.finish(x)
+
+    def with_control(self, unet_fn, req: Request, noise: torch.Tensor, clock, run_steps: int):
+        """`unet_fn` with the residuals of the request's ControlNets (ldm_cli.control), their
+        control images at the size of `noise`'s image."""
+        from ldm_cli.control.apply import control_units, with_control
+
+        size = (noise.shape[-1] * self.latent_factor, noise.shape[-2] * self.latent_factor)
+        base = self.config.unet
+        units = control_units(
+            req.control, self.control_nets, base, size, self.device, self.dtype, self.latent_factor
+        )
+        return with_control(
+            unet_fn,
+            units,
+            lambda: clock.step,
+            run_steps,
+            self.split_conditioning,
+            req.control_mode,
+            images=noise.shape[0],
+        )
+
+    def split_conditioning(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditioning rows as the U-Net's (context, y): SD 1.x/2.x rows are the context."""
+        return rows, None
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -316,7 +355,10 @@ def _in_dtype(unet, dtype: torch.dtype):
 
     def call(z, t, **cond):
         # integer inputs (the x4 upscaler's noise-level labels) stay integers
-        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        cond = {
+            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in cond.items()
+        }
         return unet(z.to(dtype), t, **cond).float()
 
     return call

@@ -34,6 +34,10 @@ def parameters_text(
 
     extra.update(tiling_parameters(pipe, req, second_pass))  # "VAE tiling: on"
     extra.update(pipe.networks.parameters(req))  # "Lora hashes", "TI hashes" (A1111)
+    if req.control:
+        from ldm_cli.control.units import parameters as control_parameters
+
+        extra.update(control_parameters(req.control, req.control_mode))  # "ControlNet 0"
     return format_parameters(
         GenerationParams(
             prompt=req.prompt,

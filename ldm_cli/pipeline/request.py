@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ldm_cli.core.limits import check_count, check_seed, check_side, check_steps, random_seed
 from ldm_cli.samplers import SAMPLERS
+
+if TYPE_CHECKING:
+    from ldm_cli.control.units import ControlSpec
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,10 @@ class Request:
     rescale_cfg: float = 0.0  # guidance rescale PHI (--rescale-cfg; ldm_cli.pipeline.cfg_rescale)
     deep_cache: int = 0  # reuse deep U-Net features N-1 calls in N (--deep-cache; 0, 1: off)
     token_merging: float = 0.0  # ratio of merged self-attention tokens (--token-merging)
+    # ControlNets (--control ...; ldm_cli.control) and how their residuals weigh against the
+    # prompt: "balanced" or "controlnet" (diffusers' guess mode)
+    control: tuple[ControlSpec, ...] = ()
+    control_mode: str = "balanced"
 
     @property
     def spacing(self) -> str:
@@ -58,6 +66,16 @@ def check_request(req: Request, size_multiple: int) -> None:
     if not 0.0 <= req.rescale_cfg <= 1.0:
         raise UserError(f"--rescale-cfg must be within [0, 1], got {req.rescale_cfg}")
     check_deep_cache(req.deep_cache)
+    if req.control:
+        from ldm_cli.control.units import check_control_mode, check_spec
+
+        for k, spec in enumerate(req.control):
+            check_spec(spec, k)
+        check_control_mode(req.control_mode)
+        if req.deep_cache > 1:
+            raise UserError(
+                "--deep-cache does not work with ControlNets (their residuals reach every block)"
+            )
     check_token_merging(req.token_merging)
     if req.sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")

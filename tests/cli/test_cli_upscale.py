@@ -64,6 +64,7 @@ def test_upscale_writes_a_4x_png_with_its_parameters(files, tmp_path):
     assert (p.prompt, p.steps, p.seed, p.sampler) == ("a tabby cat", 3, 7, "ddim")
     assert (p.width, p.height, p.model_name) == (64, 64, "tiny-x4")
     assert p.extra["Noise level"] == "40"
+    assert "Color fix" not in p.extra  # a checkpoint's output as diffusers gives it
     (again,) = written(ldm(*args, *opts))
     assert (pixels(again) == pixels(path)).all()
 
@@ -109,6 +110,7 @@ def test_default_model_tiles_and_odd_sizes(files, tmp_path):
     p = parse_parameters(read_parameters(path))
     assert (p.prompt, p.width, p.height) == ("", 72, 40)
     assert (p.extra["Tile size"], p.extra["Tile overlap"]) == ("8", "1")
+    assert p.extra["Color fix"] == "gaussian"  # the embedded model's default
 
 
 @pytest.mark.parametrize(
@@ -121,6 +123,7 @@ def test_default_model_tiles_and_odd_sizes(files, tmp_path):
             "--tile-size must be 0 (no tiling) or a multiple",
         ),
         (("--model", "{x4}", "--sampler", "nope"), "unknown sampler 'nope'"),
+        (("--model", "{x4}", "--color-fix", "blue"), "--color-fix must be auto, gaussian or"),
     ],
 )
 def test_bad_input_is_a_one_line_error(files, tmp_path, extra, message):

@@ -109,6 +109,13 @@ def test_an_upscaled_png_is_not_a_from_png_source(files, tmp_path):
     [
         (("a cat",), "PROMPT only apply to diffusion upscalers"),
         (("--steps", "3", "--seed", "2"), "--steps, --seed only apply to diffusion upscalers"),
+        (
+            (
+                "--color-fix",
+                "none",
+            ),
+            "--color-fix only apply to diffusion upscalers",
+        ),
         (("--upscaler", "{mine}", "--diffusion"), "give one of them"),
         (("--model", "{diffusion}", "--scale", "2"), "upscale 4x only"),
         (("--scale", "17"), "--scale must be from 1 to 16"),

@@ -62,8 +62,8 @@ def test_generate_256_two_steps_reproducible_and_from_png(sd15, tmp_path):
     assert (p.prompt, p.negative_prompt, p.steps, p.seed) == ("a castle on a hill", "lowres", 2, 42)
     assert (p.width, p.height, p.sampler, p.model_name) == (256, 256, "euler_a", "sd15-random")
     assert pixels(first).shape == (256, 256, 3)
-    (second,) = written(ldm(*args))
-    assert np.array_equal(pixels(first), pixels(second))
+    # the same pixels from the PNG's own parameters: the run repeats exactly (a third full-size
+    # run of the same command would show no more)
     (again,) = written(
         ldm(
             "generate",

@@ -60,15 +60,14 @@ def test_shapes_scenes_at_every_scale(network, side):
 @pytest.mark.slow
 @pytest.mark.parametrize("side", SHAPES_SIDES)
 def test_the_diffusion_model_keeps_the_shapes_at_every_scale(side):
-    """Fine-tuned at 64, 128 and 256 px: with the caption it keeps every object's shape and
-    colour at each scale (the model before it drew blobs at 32 -> 128); its PSNR gain over
-    bicubic is asserted at the scale it was first trained for (the larger two: see
-    docs/upscaling.md)."""
+    """Fine-tuned at 64, 128 and 256 px, with its colour fix: with the caption it keeps every
+    object's shape and colour at each scale (the model before it drew blobs at 32 -> 128),
+    beats bicubic by a decibel and keeps the mean colours."""
     from ldm_cli.evaluation.upscalers import diffusion_method
 
     methods = {"bicubic": BICUBIC, "ldm-shapes-x4": diffusion_method(prompted=True)}
     rows, _ = evaluate_set(shapes_examples(side, 4), methods)
     ours = rows["ldm-shapes-x4"]
     assert ours["shapes_kept"] >= rows["original"]["shapes_kept"] - 0.1, rows
-    if side == SHAPES_SIDES[0]:
-        assert ours["gain_db"] >= 1.0, rows
+    assert ours["gain_db"] >= 1.0, rows
+    assert ours["colour_shift"] <= 2.0, rows

@@ -32,7 +32,7 @@ def test_at_least_one_db_over_bicubic():
 
     pipe = load(MODEL, device="cpu")
     assert pipe.config.default_cfg == 1.0
-    result = evaluate(pipe, unseen_images(24), seed=0, count=24)  # 30.13 dB, bicubic 28.12
+    result = evaluate(pipe, unseen_images(12), seed=0, count=12)
     assert result["gain_db"] >= 1.0, result
     # The caption is what lifts it over bicubic (without one it is about even: weights/README.md).
     assert result["psnr_db"] - result["psnr_no_prompt_db"] >= 1.0, result

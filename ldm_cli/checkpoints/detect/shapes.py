@@ -48,7 +48,10 @@ def infer_unet(header: CheckpointHeader, num_heads: int = 8, num_head_channels: 
     p = UNET
     conv_in = require(header, p + "input_blocks.0.0.weight")
     model_channels, in_channels = conv_in[0], conv_in[1]
-    out_channels = require(header, p + "out.2.weight")[0]
+    out = header.shape(p + "out.2.weight")  # absent from a ControlNet: an encoder only
+    if out is None and header.has_prefix(p + "output_blocks."):
+        require(header, p + "out.2.weight")
+    out_channels = out[0] if out else in_channels
     n_input = count_indices(header, re.escape(p) + r"input_blocks\.(\d+)\.")
     channel_mult, attn_res, depths, disable_self = [], [], [], []
     level, num_res_blocks, in_level = 0, None, 0

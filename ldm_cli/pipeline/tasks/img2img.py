@@ -49,12 +49,18 @@ def base_request(
     scheduler: str = "auto",
     deep_cache: int = 0,
     token_merging: float = 0.0,
+    control=None,
+    control_mode: str = "balanced",
 ) -> Request:
-    """A request whose size the image decides later."""
+    """A request whose size the image decides later; `control`: ControlNets (ldm_cli.Control,
+    one or several) and `control_mode` how they weigh against the prompt."""
+    from ldm_cli.control.units import control_specs
+
     seed = random_seed() if seed is None else seed
     return Request(
         prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, 0, 0,
         deep_cache=deep_cache, token_merging=token_merging,
+        control=control_specs(control), control_mode=control_mode,
     )  # fmt: skip
 
 

@@ -156,6 +156,10 @@ class SDXLPipeline(Pipeline):
     # -- conditioning ------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def split_conditioning(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed rows as the base U-Net's (context, y)."""
+        return self.unet.split(rows)
+
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, 77, context_dim], pooled [B, P]) of the text towers, in fp32."""
         embeddings = self.networks.embeddings  # textual inversion (ldm_cli.text.embeddings)

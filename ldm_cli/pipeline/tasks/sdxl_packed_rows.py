@@ -105,13 +105,17 @@ class PackedConditioningUNet(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: list[torch.Tensor] | None = None,
+        adapter: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`control`, `adapter`: ControlNet residuals and T2I-Adapter features for the base
+        U-Net (the refiner takes none)."""
         cfg = self.unet.config
         if y is not None or context is None or context.shape[-1] == cfg.context_dim:
-            return self.unet(x, timesteps, context, y)  # called as the plain U-Net
+            return self.unet(x, timesteps, context, y, control, adapter)  # as the plain U-Net
         if self.refiner_unet is None:
             inner, y = unpack(context, cfg.context_dim, cfg.adm_in_channels)
-            return self.unet(x, timesteps, inner, y)
+            return self.unet(x, timesteps, inner, y, control, adapter)
         # [base text, refiner text, base y, refiner y] (merge_rows)
         rcfg = self.refiner_unet.config
         texts = cfg.context_dim + rcfg.context_dim
@@ -119,8 +123,18 @@ class PackedConditioningUNet(nn.Module):
             start = texts + cfg.adm_in_channels
             ry = context[:, 0, start : start + rcfg.adm_in_channels]
             return self.refiner_unet(x, timesteps, context[..., cfg.context_dim : texts], ry)
-        y = context[:, 0, texts : texts + cfg.adm_in_channels]
-        return self.unet(x, timesteps, context[..., : cfg.context_dim], y)
+        inner, y = self.split(context)
+        return self.unet(x, timesteps, inner, y, control, adapter)
+
+    def split(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed rows -> the base U-Net's (context, y)."""
+        cfg = self.unet.config
+        if context.shape[-1] == cfg.context_dim:
+            return context, None
+        if self.refiner_unet is None:
+            return unpack(context, cfg.context_dim, cfg.adm_in_channels)
+        texts = cfg.context_dim + self.refiner_unet.config.context_dim
+        return context[..., : cfg.context_dim], context[:, 0, texts : texts + cfg.adm_in_channels]
 
 
 def _below(timesteps: torch.Tensor, cutoff: float) -> bool:

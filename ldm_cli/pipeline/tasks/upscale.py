@@ -36,6 +36,7 @@ from ldm_cli.core.tiling import Blender, Tile, check_tiling, tile_grid
 from ldm_cli.pipeline.base import Pipeline, Progress
 from ldm_cli.pipeline.image_start import ImageStart
 from ldm_cli.pipeline.request import Request, seeded_batches
+from ldm_cli.pipeline.tasks.color_fix import AUTO, COLOR_FIXES, gaussian_color_fix
 from ldm_cli.pipeline.tasks.img2img import base_request
 from ldm_cli.pipeline.vae_codec import tiling_note
 from ldm_cli.samplers.schedules import DiscreteSchedule
@@ -57,6 +58,7 @@ class UpscaleOptions:
     noise_level: int = DEFAULT_NOISE_LEVEL
     tile_size: int = DEFAULT_TILE_SIZE  # 0: never tile
     tile_overlap: int | None = None  # None: tile_size // OVERLAP_FRACTION
+    color_fix: str = "none"  # "gaussian": the low frequencies from the input (color_fix.py)
 
     @property
     def overlap(self) -> int:
@@ -66,6 +68,8 @@ class UpscaleOptions:
 
     def parameters(self, tiled: bool) -> dict[str, str]:
         extra = {"Noise level": str(self.noise_level)}
+        if self.color_fix != "none":
+            extra["Color fix"] = self.color_fix
         if tiled:
             extra["Tile size"] = str(self.tile_size)
             extra["Tile overlap"] = str(self.overlap)
@@ -120,6 +124,19 @@ def check_noise_level(level: int, num_classes: int | None = None) -> None:
     top = min(MAX_NOISE_LEVEL, (num_classes or MAX_NOISE_LEVEL + 1) - 1)
     if not 0 <= level <= top:
         raise UserError(f"noise level must be between 0 and {top}, got {level}")
+
+
+def resolve_color_fix(pipe: Pipeline, color_fix: str) -> str:
+    """ "auto": the Gaussian colour fix for the embedded x4 model, none for other checkpoints
+    (diffusers' StableDiffusionUpscalePipeline has none)."""
+    if color_fix == AUTO:
+        from ldm_cli.core.embedded import is_embedded_upscaler
+
+        return "gaussian" if is_embedded_upscaler(pipe.path) else "none"
+    if color_fix not in COLOR_FIXES:
+        choices = ", ".join((AUTO, *COLOR_FIXES))
+        raise UserError(f"color fix must be one of {choices}, got {color_fix!r}")
+    return color_fix
 
 
 def unet_multiple(pipe: Pipeline) -> int:
@@ -193,6 +210,8 @@ def upscale_pixels(
             _tile_progress(progress, k, len(tiles)),
         )
         blender.add(tile, decode_pixels(pipe, latents)[0])
+    if options.color_fix == "gaussian":
+        return gaussian_color_fix(blender.result(), pixels)
     return blender.result()
 
 
@@ -220,6 +239,7 @@ def iter_upscale(
     """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text."""
     check_upscaler(pipe)
     check_noise_level(options.noise_level, pipe.config.unet.num_classes)
+    options = replace(options, color_fix=resolve_color_fix(pipe, options.color_fix))
     multiple = unet_multiple(pipe)
     check_tiling(options.tile_size, options.overlap, multiple)
     if next(pipe.vae.parameters()).dtype == torch.float16:
@@ -285,6 +305,7 @@ def upscale(
     seed: int | None = None,
     sampler: str = DEFAULT_SAMPLER,
     scheduler: str = "auto",
+    color_fix: str = AUTO,
     progress: Progress | None = None,
 ) -> list[Image.Image]:
     """`image` (a path or PIL image) at 4x its size, guided by `prompt`.
@@ -293,9 +314,11 @@ def upscale(
     more lets the model invent more detail and stray further from the input. Inputs wider or
     taller than `tile_size` pixels (0: never) are upscaled in tiles overlapping by
     `tile_overlap` pixels (default: an eighth of the tile size). `cfg` None is the
-    checkpoint's own scale (`pipe.config.default_cfg`).
+    checkpoint's own scale (`pipe.config.default_cfg`). `color_fix` "gaussian" takes the
+    low frequencies from the input (`color_fix.py`); "auto" does so for the embedded x4 model
+    only, "none" never.
     """
     base = upscale_request(pipe, prompt, negative_prompt, steps, cfg, seed, sampler, scheduler)
-    options = UpscaleOptions(noise_level, tile_size, tile_overlap)
+    options = UpscaleOptions(noise_level, tile_size, tile_overlap, color_fix)
     pairs = iter_upscale(pipe, image, base, options, num_images=num_images, progress=progress)
     return [result for _, result in pairs]
