@@ -91,13 +91,14 @@ def control_image(size: int):
 
 
 def diffusers_controlnet(path: str, dtype):
-    """diffusers' ControlNetModel (its default, SD 1.5 config) with an original-layout file's
-    weights, converted by its own single-file code (no config download)."""
+    """diffusers' ControlNetModel (its defaults with SD 1.5's 768-wide text: lllyasviel's
+    config) with an original-layout file's weights, converted by its own single-file code (no
+    config download)."""
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
     from safetensors.torch import load_file
 
-    model = ControlNetModel()
+    model = ControlNetModel(cross_attention_dim=768)
     state = convert_controlnet_checkpoint(load_file(path), dict(model.config))
     model.load_state_dict(state, strict=True)
     return model.to(dtype)

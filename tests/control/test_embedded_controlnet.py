@@ -28,7 +28,7 @@ def report():
 def test_shapes_land_where_the_sketch_has_them(report):
     """The sketches put objects where no caption can say (off their cells, resized, turned):
     the prompt alone misses them, the ControlNet follows the map. (The issue's target, IoU >=
-    0.7 for 80% of objects, is not met yet: 56.5% on 50 sketches, weights/README.md.)"""
+    0.7 for 80% of objects, is not met yet: 57.6% on 50 sketches, weights/README.md.)"""
     summary = report["summary"]
     ours, without = summary["control/all"], summary["prompt_only/all"]
     print(summary)
