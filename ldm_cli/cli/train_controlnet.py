@@ -61,6 +61,10 @@ def train_controlnet(
 
     if not resume:
         check_output_dir(out)
+        if (out / "model.safetensors").exists():
+            raise UserError(f"{out} holds a finished run (model.safetensors); use a new --out")
+        if (out / "controlnet" / "state").exists():
+            raise UserError(f"{out} holds an unfinished run; pass --resume to continue it")
     check_seed(seed)
     if not data_dir.is_dir():
         raise UserError(f"not a folder: {data_dir}")

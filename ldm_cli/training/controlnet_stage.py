@@ -28,7 +28,7 @@ from ldm_cli.training.dataset import default_holdout, holdout_split, load_captio
 from ldm_cli.training.loop import StepRandom, is_main_process, note, train_stage
 from ldm_cli.training.run_log import merge_json
 from ldm_cli.training.settings import LoopOptions, StageSettings
-from ldm_cli.training.unet_stage import OFFSET_NOISE, prediction_target, prepare_examples
+from ldm_cli.training.unet_stage import noised_batch, prepare_examples
 
 STAGE = "controlnet"
 CAPTION_DROPOUT = 0.33
@@ -81,22 +81,13 @@ _NEW = ("input_hint_block", "zero_convs", "middle_block_out")
 
 
 def controlled_loss(net, unet, examples, hints, alphas, indices, generator, prediction):
+    """The model's own loss with the ControlNet's residuals added (the model frozen)."""
     device = next(net.parameters()).device
-    x0 = examples.latents[indices]
-    context = examples.features[examples.caption_ids[indices]]
-    dropped = torch.rand(len(indices), generator=generator) < CAPTION_DROPOUT
-    context = torch.where(dropped[:, None, None], examples.empty.to(context.dtype), context)
-    t = torch.randint(0, len(alphas), (len(indices),), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
-    noise += OFFSET_NOISE * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
-    a = alphas[t].view(-1, 1, 1, 1)
-    noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
+    batch = noised_batch(examples, alphas, indices, generator, CAPTION_DROPOUT)
     hint = (hints[indices].float() / 255).expand(-1, 3, -1, -1).to(device)
-    context, t = context.float().to(device), t.to(device)
-    residuals = net(noisy, hint, t, context)
-    output = unet(noisy, t, context, control=residuals)
-    target, weight = prediction_target(x0, noise, a, prediction)
-    return (weight.to(device) * (output.float() - target.to(device)).square()).mean()
+    noisy, t, context = batch.noisy.to(device), batch.t.to(device), batch.context.to(device)
+    output = unet(noisy, t, context, control=net(noisy, hint, t, context))
+    return batch.loss(output, prediction)
 
 
 def train_controlnet(plan: ControlNetPlan) -> dict:

@@ -129,18 +129,45 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Min-SNR weighted MSE of the eps (or v) prediction, at uniform timesteps."""
     device = next(unet.parameters()).device
+    batch = noised_batch(examples, alphas_cumprod, indices, generator, CAPTION_DROPOUT)
+    output = unet(batch.noisy.to(device), batch.t.to(device), context=batch.context.to(device))
+    return batch.loss(output, prediction)
+
+
+@dataclass
+class NoisedBatch:
+    x0: torch.Tensor
+    noise: torch.Tensor
+    a: torch.Tensor  # alphas_cumprod at each row's timestep [B, 1, 1, 1]
+    t: torch.Tensor
+    noisy: torch.Tensor
+    context: torch.Tensor  # float32, captions dropped to the empty one at the dropout rate
+
+    def loss(self, output: torch.Tensor, prediction: str) -> torch.Tensor:
+        """Min-SNR weighted MSE of `output` against the eps (or v) target."""
+        device = output.device
+        target, weight = prediction_target(self.x0, self.noise, self.a, prediction)
+        return (weight.to(device) * (output.float() - target.to(device)).square()).mean()
+
+
+def noised_batch(
+    examples: TrainingExamples,
+    alphas_cumprod: torch.Tensor,
+    indices: torch.Tensor,
+    generator: torch.Generator,
+    dropout: float,
+) -> NoisedBatch:
+    """The rows `indices` noised at uniform timesteps with offset noise, on the CPU."""
     x0 = examples.latents[indices]
     context = examples.features[examples.caption_ids[indices]]
-    dropped = torch.rand(len(indices), generator=generator) < CAPTION_DROPOUT
+    dropped = torch.rand(len(indices), generator=generator) < dropout
     context = torch.where(dropped[:, None, None], examples.empty.to(context.dtype), context)
     t = torch.randint(0, len(alphas_cumprod), (len(indices),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     noise += OFFSET_NOISE * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    output = unet(noisy.to(device), t.to(device), context=context.float().to(device))
-    target, weight = prediction_target(x0, noise, a, prediction)
-    return (weight.to(device) * (output.float() - target.to(device)).square()).mean()
+    return NoisedBatch(x0, noise, a, t, noisy, context.float())
 
 
 def prediction_target(
