@@ -107,11 +107,10 @@ def control_options(
 
 def check_control_files(pipe, request) -> None:
     """Build each ControlNet for the loaded model and make each control map at the request's
-    size, so a wrong family, layout or aspect ratio fails before anything renders."""
-    from ldm_cli.control.apply import control_map
+    size, as a run does, so a wrong family, layout, scale or aspect ratio fails before anything
+    renders."""
+    from ldm_cli.control.apply import control_units
 
-    for spec in request.control:
-        unet = pipe.config.unet
-        pipe.control_nets.get(spec.model, unet, pipe.device, pipe.dtype, pipe.latent_factor)
-        if request.width and request.height:
-            control_map(spec, request.width, request.height)
+    size = (request.width, request.height)
+    unet, factor = pipe.config.unet, pipe.latent_factor
+    control_units(request.control, pipe.control_nets, unet, size, pipe.device, pipe.dtype, factor)

@@ -84,11 +84,11 @@ def eval_command(
     from ldm_cli.pipeline.load import load
 
     if control is not None:
-        from PIL import Image
+        from ldm_cli.control.preprocessors import check_preprocessor
 
-        from ldm_cli.control.units import ControlSpec, check_spec
-
-        check_spec(ControlSpec(control, Image.new("RGB", (8, 8)), preprocess=preprocess))
+        check_preprocessor(preprocess)
+        if not control.exists():
+            raise UserError(f"ControlNet not found: {control}")
     pipe = load(model, device=device)
     if control is not None:
         exclude = training_scenes(train_seed, train_num)

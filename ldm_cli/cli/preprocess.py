@@ -21,11 +21,10 @@ def preprocess(
 ) -> None:
     """Write the control map a preprocessor makes from an image, as --preprocess NAME would
     give it to a ControlNet. Maps that need a network (depth, OpenPose) come from other tools."""
-    from ldm_cli.control.preprocessors import PREPROCESSORS
+    from ldm_cli.control.preprocessors import check_preprocessor
     from ldm_cli.control.preprocessors import preprocess as run
 
-    if name not in PREPROCESSORS:
-        raise UserError(f"unknown preprocessor {name!r}; choose one of {', '.join(PREPROCESSORS)}")
+    check_preprocessor(name)
     from ldm_cli.cli.outputs import print_written, save_png_as
     from ldm_cli.core.image_inputs import load_image
 

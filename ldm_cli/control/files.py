@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_cli.checkpoints.detect.shapes import UNET, infer_unet
+from ldm_cli.checkpoints.detect.shapes import UNET, count_indices, infer_unet, require
 from ldm_cli.checkpoints.diffusers_unet import block_kinds, diffusers_unet_path
 from ldm_cli.checkpoints.header import CheckpointHeader, TensorInfo
 from ldm_cli.checkpoints.small_files import read_tensors
@@ -49,8 +49,6 @@ CONTROL_RENAMES = {
     **{f"controlnet_cond_embedding.blocks.{k}": f"input_hint_block.{2 * k + 2}" for k in range(6)},
     "controlnet_mid_block": "middle_block_out.0",
 }  # conv_out: the last convolution of input_hint_block (14 for four widths)
-_ZERO_CONV = re.compile(r"controlnet_down_blocks\.(\d+)\.(weight|bias)$")
-MID_BLOCKS = r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."
 CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 
@@ -66,10 +64,6 @@ class ControlFile:
     @property
     def is_adapter(self) -> bool:
         return self.layout == "t2i-adapter"
-
-    @property
-    def name(self) -> str:
-        return self.path.stem if self.path.is_file() else self.path.name
 
 
 def family_name(cfg: UNetConfig) -> str:
@@ -120,7 +114,7 @@ def _weights_file(path: Path) -> Path:
     raise UserError(f"{path} holds no ControlNet weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
 
 
-def _header(path: Path, state: dict[str, torch.Tensor], prefix: str) -> CheckpointHeader:
+def _header(path: Path, state: dict[str, torch.Tensor], prefix: str = "") -> CheckpointHeader:
     """The tensors' names and shapes as detection reads a checkpoint header."""
     tensors = {prefix + k: TensorInfo("F32", tuple(v.shape)) for k, v in state.items()}
     return CheckpointHeader(path, tensors, {})
@@ -131,26 +125,17 @@ def _original_config(path: Path, state: dict[str, torch.Tensor]) -> UNetConfig:
     return replace(cfg, out_channels=cfg.in_channels)
 
 
-def _count(state: dict, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in state if (m := rx.match(k))})
-
-
 def _diffusers_config(path: Path, state: dict[str, torch.Tensor]) -> UNetConfig:
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state:
-            raise UserError(f"{path.name}: expected tensor {key!r} is missing")
-        return tuple(state[key].shape)
-
-    model_channels, in_channels = shape("conv_in.weight")[:2]
-    levels = _count(state, r"down_blocks\.(\d+)\.")
-    layers = _count(state, r"down_blocks\.0\.resnets\.(\d+)\.")
+    header = _header(path, state)
+    model_channels, in_channels = require(header, "conv_in.weight")[:2]
+    levels = count_indices(header, r"down_blocks\.(\d+)\.")
+    layers = count_indices(header, r"down_blocks\.0\.resnets\.(\d+)\.")
     mult, depths = [], []
     for b in range(levels):
-        mult.append(shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] // model_channels)
-        depths.append(
-            _count(state, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")
-        )
+        width = require(header, f"down_blocks.{b}.resnets.0.conv1.weight")[0]
+        mult.append(width // model_channels)
+        blocks = rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\."
+        depths.append(count_indices(header, blocks))
     context = next((v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.weight")), 768)
     proj = next((v for k, v in state.items() if k.endswith("proj_in.weight")), None)
     adm = state.get("add_embedding.linear_1.weight")
@@ -164,8 +149,8 @@ def _diffusers_config(path: Path, state: dict[str, torch.Tensor]) -> UNetConfig:
             sorted((2**b for b, d in enumerate(depths) if d), reverse=True)
         ),
         transformer_depth=tuple(depths),
-        transformer_depth_middle=_count(
-            state, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."
+        transformer_depth_middle=count_indices(
+            header, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."
         ),
         context_dim=context,
         use_linear_in_transformer=proj is not None and proj.ndim == 2,
@@ -175,7 +160,7 @@ def _diffusers_config(path: Path, state: dict[str, torch.Tensor]) -> UNetConfig:
 
 def _from_diffusers(path: Path, state: dict, cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """diffusers' names -> ours for every tensor of a ControlNet of `cfg`'s shape."""
-    blocks = _count(state, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    blocks = count_indices(_header(path, state), r"controlnet_cond_embedding\.blocks\.(\d+)\.")
     widths = [state["controlnet_cond_embedding.conv_in.weight"].shape[0]]
     widths += [
         state[f"controlnet_cond_embedding.blocks.{k}.weight"].shape[0] for k in range(1, blocks, 2)
@@ -213,12 +198,13 @@ def build_adapter(
     """The T2I-Adapter of `file` for a U-Net of config `base` whose latents are 1/`latent_factor`
     of the image: SDXL's layout when it unshuffles by twice that."""
     state = file.state
+    header = _header(file.path, state)
     first = state[ADAPTER_MARK].shape
-    blocks = _count(state, r"adapter\.body\.(\d+)\.")
+    blocks = count_indices(header, r"adapter\.body\.(\d+)\.")
     channels = tuple(
         state[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0] for i in range(blocks)
     )
-    res_blocks = _count(state, r"adapter\.body\.0\.resnets\.(\d+)\.")
+    res_blocks = count_indices(header, r"adapter\.body\.0\.resnets\.(\d+)\.")
     unshuffle = next(
         (f for f in (2 * latent_factor, latent_factor) if first[1] % (f * f) == 0), None
     )
@@ -233,14 +219,7 @@ def build_adapter(
     with torch.device("meta"):
         model = T2IAdapter(in_channels, channels, res_blocks, unshuffle, xl)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1].strip()
-        raise UserError(
-            f"{file.path.name}: does not load as a T2I-Adapter ({first_line})"
-        ) from None
-    return model.requires_grad_(False).eval()
+    return load_strict(model, state, file, "a T2I-Adapter")
 
 
 def build_controlnet(
@@ -257,11 +236,17 @@ def build_controlnet(
         k: v.to(device=device) if k in kept else v.to(device=device, dtype=dtype)
         for k, v in file.state.items()
     }
+    return load_strict(model, state, file, "a ControlNet")
+
+
+def load_strict(model, state: dict, file: ControlFile, what: str):
+    """`model` (built on the meta device) given `state` strictly, frozen for inference; a
+    one-line UserError naming the first mismatch otherwise."""
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[-1].strip()
-        raise UserError(f"{file.path.name}: does not load as a ControlNet ({first})") from None
+        raise UserError(f"{file.path.name}: does not load as {what} ({first})") from None
     return model.requires_grad_(False).eval()
 
 

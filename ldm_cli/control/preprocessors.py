@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
+from ldm_cli.core.errors import UserError
+
 CANNY_LOW, CANNY_HIGH = 100, 200
 THRESHOLD = 127
 PREPROCESSORS = {
@@ -25,6 +27,11 @@ PREPROCESSORS = {
     "scribble": "dark strokes on light paper -> white strokes on black",
     "invert": "the image's colours inverted (black lines on white -> white on black)",
 }
+
+
+def check_preprocessor(name: str) -> None:
+    if name not in PREPROCESSORS:
+        raise UserError(f"unknown preprocessor {name!r}; choose one of {', '.join(PREPROCESSORS)}")
 
 
 def preprocess(image: Image.Image, name: str) -> Image.Image:
@@ -43,7 +50,8 @@ def preprocess(image: Image.Image, name: str) -> Image.Image:
         return _binary(ImageOps.invert(rgb.convert("L")))
     if name == "invert":
         return ImageOps.invert(rgb)
-    raise ValueError(f"unknown preprocessor {name!r}; choose one of {', '.join(PREPROCESSORS)}")
+    check_preprocessor(name)
+    raise AssertionError(f"preprocessor {name!r} is listed but not implemented")
 
 
 def _binary(grey: Image.Image) -> Image.Image:

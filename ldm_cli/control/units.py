@@ -41,12 +41,10 @@ class ControlSpec:
 
 def check_spec(spec: ControlSpec, index: int = 0) -> None:
     """One-line UserErrors for values no run can use."""
-    from ldm_cli.control.preprocessors import PREPROCESSORS
+    from ldm_cli.control.preprocessors import check_preprocessor
 
     where = f"--control {index + 1}" if index else "--control"
-    if spec.preprocess not in PREPROCESSORS:
-        names = ", ".join(PREPROCESSORS)
-        raise UserError(f"unknown preprocessor {spec.preprocess!r}; choose one of {names}")
+    check_preprocessor(spec.preprocess)
     if not (math.isfinite(spec.weight) and 0.0 <= spec.weight <= MAX_WEIGHT):
         raise UserError(f"{where}: weight must be within [0, {MAX_WEIGHT:g}], got {spec.weight}")
     for name in ("start", "end"):

@@ -25,10 +25,14 @@ def default_model_path() -> Path:
 UPSCALER_NAME = "ldm-shapes-x4.safetensors"
 
 
+def _upscaler_file() -> Path:
+    env = os.environ.get("LDM_DEFAULT_UPSCALER")
+    return Path(env) if env else WEIGHTS_DIR / UPSCALER_NAME
+
+
 def default_upscaler_path() -> Path:
     """The embedded x4 diffusion upscaler (`ldm upscale --diffusion`)."""
-    env = os.environ.get("LDM_DEFAULT_UPSCALER")
-    path = Path(env) if env else WEIGHTS_DIR / UPSCALER_NAME
+    path = _upscaler_file()
     if not path.exists():
         raise UserError(
             f"the embedded x4 diffusion upscaler is missing ({path}); "
@@ -39,10 +43,8 @@ def default_upscaler_path() -> Path:
 
 def is_embedded_upscaler(path: Path | str | None) -> bool:
     """Whether `path` is the embedded x4 diffusion upscaler's file (as `--diffusion` loads it)."""
-    env = os.environ.get("LDM_DEFAULT_UPSCALER")
-    embedded = Path(env) if env else WEIGHTS_DIR / UPSCALER_NAME
     try:
-        return path is not None and Path(path).resolve() == embedded.resolve()
+        return path is not None and Path(path).resolve() == _upscaler_file().resolve()
     except OSError:
         return False
 

@@ -25,8 +25,9 @@ IOU_PASS = 0.7
 EVAL_STREAM_OFFSET = 77  # a seed stream of its own: not the prompts of `ldm eval`
 
 
-def object_mask(image: Image.Image, colour: str) -> np.ndarray:
-    return classify_pixels(np.asarray(image.convert("RGB"))) == COLOUR_NAMES.index(colour)
+def palette_labels(image: Image.Image) -> np.ndarray:
+    """Each pixel's palette colour index (-1: none), as `pixel_analysis` classifies them."""
+    return classify_pixels(np.asarray(image.convert("RGB")))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,9 +38,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def judge(result: Image.Image, truth: Image.Image, scene) -> list[dict]:
     """Per object: its IoU with the truth's pixels and whether analyse finds its colour."""
     found = analyse(result, scene)["objects"]
+    ours, theirs = palette_labels(result), palette_labels(truth)
     cases = []
     for obj, check in zip(scene.objects, found, strict=True):
-        overlap = iou(object_mask(result, obj.colour), object_mask(truth, obj.colour))
+        colour = COLOUR_NAMES.index(obj.colour)
+        overlap = iou(ours == colour, theirs == colour)
         cases.append(
             {
                 "object": f"{obj.colour} {obj.shape}",

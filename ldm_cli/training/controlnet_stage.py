@@ -110,10 +110,11 @@ def train_controlnet(plan: ControlNetPlan) -> dict:
     torch.manual_seed(options.seed + 5)
     net = new_controlnet(unet, factor)
     if plan.init is not None:
-        from ldm_cli.control.files import read_control_file
+        from ldm_cli.control.files import load_strict, read_control_file
 
-        start = read_control_file(plan.init).state
-        net.load_state_dict({k: v.float() for k, v in start.items()}, strict=True)
+        start = read_control_file(plan.init)
+        weights = {k: v.float() for k, v in start.state.items()}
+        load_strict(net, weights, start, "this model's ControlNet").requires_grad_(True)
         note(options, f"controlnet: starting from {plan.init}")
     alphas = DiscreteSchedule(cfg.schedule).alphas_cumprod
     settings = plan.settings
