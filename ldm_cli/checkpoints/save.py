@@ -1,8 +1,16 @@
-"""Writing single-file checkpoints in the original key layout."""
+"""Writing single-file checkpoints in the original key layout.
+
+safetensors writes the metadata of a file in hash-map order, which changes from call to call;
+the header is rewritten with its keys sorted (the same bytes, reordered), so the same tensors
+and metadata always give the same file (a resumed training run ends with the very file an
+uninterrupted one writes).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -35,8 +43,22 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(out, str(tmp), metadata=meta)
+        sort_header(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def sort_header(path: Path) -> None:
+    """Rewrite a safetensors header in place with its keys sorted (same length: the same JSON
+    text reordered, padded with spaces as the format allows)."""
+    with open(path, "r+b") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > length:
+            return  # never grow the header (the data would move); keep safetensors' order
+        file.seek(8)
+        file.write(text + b" " * (length - len(text)))

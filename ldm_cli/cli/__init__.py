@@ -60,6 +60,7 @@ def _register() -> None:
     from ldm_cli.cli.info import info
     from ldm_cli.cli.preprocess import preprocess
     from ldm_cli.cli.train import train
+    from ldm_cli.cli.train_adapters import train_lora, train_ti
     from ldm_cli.cli.train_controlnet import train_controlnet
     from ldm_cli.cli.train_group import train_app
     from ldm_cli.cli.train_upscaler import train_upscaler
@@ -75,6 +76,8 @@ def _register() -> None:
     train_app.command("model")(with_allow_pickle(train))
     train_app.command("upscaler")(train_upscaler)
     train_app.command("controlnet")(train_controlnet)
+    train_app.command("lora")(with_allow_pickle(train_lora))
+    train_app.command("ti")(with_allow_pickle(train_ti))
     app.add_typer(train_app, name="train")
     app.command("eval")(with_allow_pickle(eval_command))
     app.add_typer(dataset_app, name="dataset")

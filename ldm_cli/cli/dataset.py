@@ -60,3 +60,38 @@ def shapes(
             layout=layout,
         )
     print(f"wrote {num} images to {out}")
+
+
+@dataset_app.command("concept")
+def concept(
+    out: Path = typer.Argument(..., help="Output folder (PNG + .txt caption per image)."),
+    word: str = typer.Option(
+        "zorp", "--word", help="The new word that names the shape in the captions."
+    ),
+    count: int = typer.Option(16, "--count", help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the scene stream."),
+) -> None:
+    """A shape the embedded model has never seen, for `ldm train lora` and `ldm train ti`: a
+    cross (plus sign), one per 64x64 image in varied colours, places, sizes and backgrounds,
+    captioned in the shapes grammar with WORD for its name ("a large red zorp in the top
+    left, on a blue background"). `ldm eval --concept WORD` measures what was learned.
+    """
+    from ldm_cli.data.concept import check_word
+
+    try:
+        check_word(word)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if count < 1:
+        raise UserError(f"--count must be at least 1, got {count}")
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise UserError(f"--seed must be between 0 and 2**32-1, got {seed}")
+    from ldm_cli.cli.batch_resume import check_output_dir
+
+    check_output_dir(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} is not empty; choose a new folder")
+    from ldm_cli.data.concept import write_concept_dataset
+
+    write_concept_dataset(out, word=word, count=count, seed=seed)
+    print(f"wrote {count} images of a {word} (a cross) to {out}")

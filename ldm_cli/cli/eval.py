@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ldm_cli.cli.networks import EMBEDDINGS, LORA, LORA_DIR
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.limits import check_seed
 
@@ -16,7 +17,9 @@ CHECKS = ("background", "colour", "shape", "place", "size", "scene")
 
 def eval_command(
     model: Path | None = typer.Option(None, "--model", "-m", help="Checkpoint; default: embedded."),
-    num: int = typer.Option(200, "--num", help="Number of evaluation prompts."),
+    num: int | None = typer.Option(
+        None, "--num", help="Number of evaluation prompts (default 200; with --concept 20)."
+    ),
     mix: str = typer.Option(
         "grammar",
         "--mix",
@@ -54,6 +57,18 @@ def eval_command(
         "per object the IoU of its pixels with the scene's, with and without the ControlNet.",
     ),
     preprocess: str = typer.Option("canny", "--preprocess", help="The ControlNet's maps."),
+    concept: str | None = typer.Option(
+        None,
+        "--concept",
+        help="Measure a new concept instead (`ldm dataset concept`: a cross named by WORD), "
+        "learned by --lora or an embedding in --embeddings: held-out one-object prompts with "
+        "WORD; a case passes when a region of the prompt's colour at its place matches the "
+        "cross's template best of the five shapes, with IoU >= 0.75.",
+        metavar="WORD",
+    ),
+    lora: list[str] = LORA,
+    lora_dir: Path = LORA_DIR,
+    embeddings: Path | None = EMBEDDINGS,
 ) -> None:
     """Render held-out and in-distribution shapes prompts and score them by pixel analysis
     (background colour, each object's colour, shape, place and size), plus the in-domain CLIP
@@ -66,6 +81,17 @@ def eval_command(
 
     if mix not in EVAL_MIXES:
         raise UserError(f"unknown --mix {mix!r}; choose one of {', '.join(EVAL_MIXES)}")
+    if num is None:
+        num = 20 if concept is not None else 200
+    if concept is not None:
+        from ldm_cli.data.concept import check_word
+
+        if control is not None:
+            raise UserError("--concept and --control measure different things; give one")
+        try:
+            check_word(concept)
+        except ValueError as e:
+            raise UserError(f"--concept: {e}") from None
     if num < 1 or steps < 1 or batch_size < 1:
         raise UserError("--num, --steps and --batch-size must be at least 1")
     if train_num < 0:
@@ -90,6 +116,14 @@ def eval_command(
         if not control.exists():
             raise UserError(f"ControlNet not found: {control}")
     pipe = load(model, device=device)
+    from ldm_cli.cli.networks import configure
+
+    configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion (networks.lora)
+    if concept is not None:
+        adapters = {"lora": list(lora), "embeddings": str(embeddings) if embeddings else None}
+        return _concept_eval(
+            pipe, concept, num, seed, steps, cfg, sampler, batch_size, json_out, adapters
+        )
     if control is not None:
         exclude = training_scenes(train_seed, train_num)
         return _control_eval(pipe, control, num, seed, steps, cfg, preprocess, exclude, json_out)
@@ -160,6 +194,36 @@ def _control_eval(pipe, control, num, seed, steps, cfg, preprocess, exclude, jso
             f"{row['mean_iou']:.3f}", f"{100 * row['colour_ok']:.1f}%",
         )  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 120).print(table)
+    if json_out:
+        write_new_file(json_out, json.dumps(report, indent=1))
+        print(f"wrote {json_out}")
+
+
+def _concept_eval(
+    pipe, word, num, seed, steps, cfg, sampler, batch_size, json_out, adapters
+) -> None:
+    from rich.progress import Progress
+
+    from ldm_cli.cli.batch_resume import write_new_file
+    from ldm_cli.evaluation.concept_eval import IOU_PASS, evaluate_concept
+
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("prompts", total=num)
+        report = evaluate_concept(
+            pipe, word, num, seed, steps, cfg,
+            progress=lambda done, _: bar.update(task, completed=done),
+            sampler=sampler, batch_size=batch_size,
+        )  # fmt: skip
+    settings = report["settings"]
+    settings.update(adapters)
+    used = [*adapters["lora"], *([adapters["embeddings"]] if adapters["embeddings"] else [])]
+    print(
+        f"ldm eval --concept {word}: {report['passed']}/{num} = "
+        f"{100 * report['pass_rate']:.1f}% drew a {word} (cross) of the prompt's colour at its "
+        f"place (template IoU >= {IOU_PASS}); {pipe.name}"
+        f"{' + ' + ', '.join(used) if used else ', no adapter'}, {steps} steps, "
+        f"cfg {settings['cfg']}"
+    )
     if json_out:
         write_new_file(json_out, json.dumps(report, indent=1))
         print(f"wrote {json_out}")

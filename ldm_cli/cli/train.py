@@ -29,7 +29,8 @@ def train(
     size: int | None = typer.Option(
         None,
         "--size",
-        help="Training image side in pixels (default: the config's; 64 for embedded).",
+        help="Training image side in pixels (default: the config's; 64 for embedded). Images "
+        "are cropped to squares, never enlarged: at most the smallest image's shorter side.",
     ),
     vae_steps: int = typer.Option(recipe.VAE_STEPS, "--vae-steps", help="VAE training steps."),
     text_steps: int = typer.Option(
@@ -52,9 +53,10 @@ def train(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue unfinished stages from RUN_DIR/<stage>/state, the last --save-every "
-        "state (steps after it, as at Ctrl-C or a kill, are run again). Give the same settings "
-        "as the interrupted run: changed ones are not detected.",
+        help="Continue unfinished stages from RUN_DIR/<stage>/state: the last --save-every "
+        "state, or the step a Ctrl-C stopped at (after a kill, the steps since the last save are "
+        "run again). Give the settings the run was started with: a changed one (steps, batch "
+        "size, lr, seed, data, --size, ...) is refused, naming it.",
     ),
     sample_every: int = typer.Option(
         500, "--sample-every", help="Write samples to RUN_DIR/samples every N steps (0: at end)."
@@ -62,7 +64,8 @@ def train(
     save_every: int = typer.Option(
         250,
         "--save-every",
-        help="Save the resumable state every N steps (an interrupted run loses the steps since).",
+        help="Save the resumable state every N steps (a killed run loses the steps since; "
+        "Ctrl-C saves the state before it ends).",
     ),
     log_every: int = typer.Option(
         25, "--log-every", help="Log loss, lr and it/s to train_log.jsonl every N steps."
@@ -105,7 +108,8 @@ def train(
     fine-tuned from its own (--config: the checkpoint's architecture unless named).
 
     Each stage is skipped when its weights are already in RUN_DIR; with --resume an
-    interrupted stage continues where its last saved state left off. Works unchanged under
+    interrupted stage continues where its last saved state left off (Ctrl-C saves one). A run
+    folder belongs to one data folder: another DATA_DIR needs a new --out. Works unchanged under
     `accelerate launch`. An x4 upscaler config (--config embedded-x4) trains only its U-Net,
     on 1/4-size bicubic copies of the images, with --unet-steps, --batch-size and --lr.
     """
@@ -142,6 +146,11 @@ def train(
         raise UserError("--sides and --init are for x4 upscaler configs (--config embedded-x4)")
     if init is not None and not init.is_file():
         raise UserError(f"--init: checkpoint not found: {init}")
+    _check_base(cfg, config, base)
+    from ldm_cli.training.dataset import check_image_sides
+
+    largest = side_list[-1] if side_list else size
+    check_image_sides(data_dir, largest, "--sides" if side_list else "--size")
     plan = TrainPlan(
         data_dir=data_dir,
         config=cfg.with_(default_size=size),
@@ -165,6 +174,26 @@ def train(
         init=init,
     )
     _report(run_training(plan), out)
+
+
+def _check_base(cfg, config: str | None, base: Path | None) -> None:
+    """--base against --config, from the checkpoint's header, before anything is loaded."""
+    from ldm_cli.checkpoints.detect import is_upscaler_unet
+
+    if base is None or (config is None and not is_upscaler_unet(cfg.unet)):
+        return  # no base, or the base's own architecture
+    if not base.is_file():
+        raise UserError(f"--base {base}: no such file")
+    if is_upscaler_unet(cfg.unet):
+        from ldm_cli.checkpoints.detect import detect_config
+        from ldm_cli.checkpoints.file import read_header
+        from ldm_cli.training.upscaler_run import upscaler_config
+
+        upscaler_config(cfg, detect_config(read_header(base)))
+        return
+    from ldm_cli.training.fine_tune import check_base_fits
+
+    check_base_fits(cfg, base, config)
 
 
 def _check_at_least_one(*values: tuple[str, int]) -> None:

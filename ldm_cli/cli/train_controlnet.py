@@ -41,7 +41,12 @@ def train_controlnet(
         None, "--init", help="Start from this ControlNet (same model) instead of the encoder copy."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and batches."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR's saved state."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue from RUN_DIR's saved state (the last --save-every, or where Ctrl-C "
+        "stopped), with the settings the run was started with (a changed one is refused).",
+    ),
     save_every: int = typer.Option(250, "--save-every", help="Save the state every N steps."),
     sample_every: int = typer.Option(
         0, "--sample-every", help="Write samples every N steps (0: at the end only)."

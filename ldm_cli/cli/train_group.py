@@ -1,5 +1,6 @@
-"""`ldm train`: a group of training commands (`model`, `upscaler`) that still takes the old
-form `ldm train DATA_DIR -o RUN_DIR` as `ldm train model ...`, with a one-line notice."""
+"""`ldm train`: a group of training commands (`model`, `lora`, `ti`, `controlnet`,
+`upscaler`) that still takes the old form `ldm train DATA_DIR -o RUN_DIR` as
+`ldm train model ...`, with a one-line notice."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class TrainGroup(TyperGroup):
 train_app = typer.Typer(
     cls=TrainGroup,
     no_args_is_help=True,
-    help="Train models: `ldm train model` (a latent diffusion model from captioned images) "
-    "and `ldm train upscaler` (the embedded super-resolution network).",
+    help="Train models: `ldm train model` (a latent diffusion model from captioned images), "
+    "`ldm train lora` and `ldm train ti` (a LoRA or a textual-inversion embedding that teaches "
+    "a model a new concept), `ldm train controlnet` and `ldm train upscaler`.",
 )

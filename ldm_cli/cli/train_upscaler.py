@@ -40,7 +40,10 @@ def train_upscaler(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, images and batches."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue from RUN_DIR/sr/state (the last --save-every)."
+        False,
+        "--resume",
+        help="Continue from RUN_DIR/sr/state (the last --save-every, or where Ctrl-C stopped), "
+        "with the settings the run was started with (a changed one is refused).",
     ),
     save_every: int = typer.Option(250, "--save-every", help="Save the state every N steps."),
     log_every: int = typer.Option(50, "--log-every", help="Log to train_log.jsonl every N."),

@@ -35,7 +35,9 @@ def run_app(app: typer.Typer) -> None:
         sys.exit(error.exit_code)
     if isinstance(status, int) and status:
         if status == 130:  # typer turns Ctrl-C into exit status 130
-            sys.stderr.write("interrupted\n")
+            from ldm_cli.core.interrupts import handled_message
+
+            sys.stderr.write(f"{handled_message() or 'interrupted'}\n")
         sys.exit(status)
 
 

@@ -30,3 +30,21 @@ def interrupt_after() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if arrived:
         raise KeyboardInterrupt
+
+
+_handled: list[str] = []
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that was handled on the way out: its message says what was kept, e.g. a
+    training state to resume from. The CLI prints it instead of a bare "interrupted" (typer
+    turns every KeyboardInterrupt into exit status 130, so the message is kept here for it)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        _handled[:] = [message]
+
+
+def handled_message() -> str | None:
+    """The message of the last `Interrupted` raised in this process, taken (None if none)."""
+    return _handled.pop() if _handled else None

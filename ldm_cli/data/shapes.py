@@ -28,6 +28,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+# Shapes `render` can draw that the grammar (captions, random scenes, the embedded model's
+# training data) never uses: the new concept of `ldm dataset concept` (ldm_cli.data.concept).
+EXTRA_SHAPES = ("cross",)
 SIZES = ("small", "large")
 # place -> (column, row) of its cell in the 3x3 grid
 PLACE_CELLS: dict[str, tuple[int, int]] = {
@@ -80,6 +83,12 @@ ROTATION_JITTER_DEGREES = 10.0
 # (cos + sin)(10 deg) = 1.158 half-sides, i.e. 1.158 / sqrt(2) of its circumradius.
 SHAPE_CIRCUMRADIUS = {"circle": 1.0, "square": math.sqrt(2) / 1.158, "triangle": 1.0, "star": 1.0}
 STAR_INNER_RATIO = 0.45
+# A cross (plus sign) has arms one third of its extent wide: its 8 outer corners sit
+# atan(1/3) = 18.4 degrees either side of an axis, so turned by up to 10 degrees it spans
+# cos(18.4 - 10 deg) of its circumradius.
+CROSS_ARM_RATIO = 1 / 3
+_CROSS_CORNER = math.atan(CROSS_ARM_RATIO)
+SHAPE_CIRCUMRADIUS["cross"] = 1 / math.cos(_CROSS_CORNER - math.radians(ROTATION_JITTER_DEGREES))
 SUPERSAMPLE = 4
 
 # Seed streams: training data and in-distribution evaluation scenes never share random draws.
@@ -98,7 +107,7 @@ class ShapeObject:
     def __post_init__(self) -> None:
         for value, allowed, kind in (
             (self.colour, COLOURS, "colour"),
-            (self.shape, SHAPES, "shape"),
+            (self.shape, SHAPES + EXTRA_SHAPES, "shape"),
             (self.size, SIZES, "size"),
             (self.place, PLACE_CELLS, "place"),
         ):
@@ -317,6 +326,14 @@ def polygon_outline(shape: str, cx: float, cy: float, radius: float, rotation: f
     elif shape == "star":
         angles = [rotation - math.pi / 2 + k * math.pi / 5 for k in range(10)]
         radii = [radius if k % 2 == 0 else radius * STAR_INNER_RATIO for k in range(10)]
+    elif shape == "cross":
+        # per arm (right, down, left, up): its two outer corners, then the inner corner after
+        inner = radius * math.sin(_CROSS_CORNER) * math.sqrt(2)
+        angles, radii = [], []
+        for k in range(4):
+            axis = rotation + k * math.pi / 2
+            angles += [axis - _CROSS_CORNER, axis + _CROSS_CORNER, axis + math.pi / 4]
+            radii += [radius, radius, inner]
     else:
         raise ValueError(f"no outline for {shape!r}")
     return [

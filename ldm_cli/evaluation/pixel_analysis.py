@@ -92,7 +92,7 @@ def classify_pixels(rgb: np.ndarray) -> np.ndarray:
     return _colour_lut()[q[..., 0], q[..., 1], q[..., 2]].astype(np.int64)
 
 
-def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """float64 HxWx3 in 0..255, downsampled when larger than the analysis needs."""
     if isinstance(image, np.ndarray):
         array = np.asarray(image)
@@ -296,7 +296,11 @@ def match_regions(
 # ---------------------------------------------------------------- public API
 
 
-def _describe_region(rgb, region: Region, background_rgb: np.ndarray) -> dict:
+def region_matte(
+    rgb: np.ndarray, region: Region, background_rgb: np.ndarray
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The region's soft matte (per-pixel coverage of the object, 0..1) in a window around it,
+    and the window's (top, left) in the image."""
     rows = np.flatnonzero(region.mask.any(axis=1))
     cols = np.flatnonzero(region.mask.any(axis=0))
     pad = 4  # room for the two-pixel band of the matte
@@ -305,7 +309,11 @@ def _describe_region(rgb, region: Region, background_rgb: np.ndarray) -> dict:
     mask, pixels = region.mask[window], rgb[window]
     core = erode(mask)
     object_rgb = np.median(pixels[core if core.any() else mask], axis=0)
-    matte = _soft_matte(pixels, mask, object_rgb, background_rgb)
+    return _soft_matte(pixels, mask, object_rgb, background_rgb), (int(top), int(left))
+
+
+def _describe_region(rgb, region: Region, background_rgb: np.ndarray) -> dict:
+    matte, _ = region_matte(rgb, region, background_rgb)
     ys, xs = np.indices(matte.shape)
     total = float(matte.sum())
     cx, cy = float((matte * xs).sum() / total), float((matte * ys).sum() / total)
@@ -323,22 +331,28 @@ def _describe_region(rgb, region: Region, background_rgb: np.ndarray) -> dict:
     }
 
 
-def analyse(image: Image.Image | np.ndarray, scene: Scene) -> dict:
-    """Judge an image against the scene its prompt described.
-
-    Returns ``background_ok``, the detected ``background`` and, per asked object, a dict with
-    ``colour_ok``, ``place_ok``, ``shape_ok`` and ``size_ok`` plus what was found.
-    """
-    rgb = _as_rgb_array(image)
-    height, width = rgb.shape[:2]
-    labels = classify_pixels(rgb)
-    border = _border_mask(height, width)
+def background_of(rgb: np.ndarray, labels: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """The background: the palette colour most of the border's pixels have (None: none), and
+    the median RGB of those pixels (of the whole border where none has it)."""
+    border = _border_mask(*rgb.shape[:2])
     border_labels = labels[border]
     known = border_labels[border_labels >= 0]
     background_index = int(np.bincount(known).argmax()) if known.size else -1
     background = COLOUR_NAMES[background_index] if background_index >= 0 else None
     background_pixels = border & (labels == background_index)
     background_rgb = np.median(rgb[background_pixels if background_pixels.any() else border], 0)
+    return background, background_rgb
+
+
+def analyse(image: Image.Image | np.ndarray, scene: Scene) -> dict:
+    """Judge an image against the scene its prompt described.
+
+    Returns ``background_ok``, the detected ``background`` and, per asked object, a dict with
+    ``colour_ok``, ``place_ok``, ``shape_ok`` and ``size_ok`` plus what was found.
+    """
+    rgb = as_rgb_array(image)
+    labels = classify_pixels(rgb)
+    background, background_rgb = background_of(rgb, labels)
 
     regions = {
         colour: find_regions(labels == COLOUR_NAMES.index(colour))

@@ -15,40 +15,34 @@ import torch
 
 from ldm_cli.checkpoints.small_files import read_tensors
 from ldm_cli.core.errors import UserError
+from ldm_cli.core.run_folders import model_files
 from ldm_cli.networks.keys import LayerTarget, split_key, unsupported_kind
+from ldm_cli.networks.lycoris import LOHA_PARTS, LOKR_PARTS, Change, LowRank, decomposed, loha, lokr
 from ldm_cli.networks.tags import LORA_EXTENSIONS
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraLayer:
     target: LayerTarget
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float  # alpha / rank (alpha / sqrt(rank) for rsLoRA)
+    change: Change  # LoRA/LoCon, LoHa or LoKr, its scale (alpha / rank) included
+    magnitude: torch.Tensor | None = None  # DoRA's dora_scale
 
-    def delta(self, target_shape: torch.Size, name: str, device=None) -> torch.Tensor:
-        """up @ down * scale in float32 on `device`, shaped like the weight it changes."""
-        out_dim, rank = self.up.shape[0], self.up.shape[1]
-        if self.up[0, 0].numel() != 1 or self.down.shape[0] != rank:
-            raise UserError(
-                f"LoRA {name}: layer {self.target.param} has a down {tuple(self.down.shape)} "
-                f"and up {tuple(self.up.shape)} that do not make a LoRA"
-            )
-        up = self.up.reshape(out_dim, rank).to(device, torch.float32)
-        down = self.down.reshape(rank, -1).to(device, torch.float32)
-        delta = (up @ down) * self.scale
-        rows = self.target.rows
-        shape = list(target_shape)
-        if rows is not None:
-            shape[0] = rows[1] - rows[0]
-        if delta.shape[0] != shape[0] or delta.numel() != torch.Size(shape).numel():
+    def delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """The change of `weight` (the rows of the parameter that this layer changes; only
+        DoRA reads its values) in float32 on its device, shaped like it; `name`: the file's."""
+        updown = self.change.updown(weight.device)
+        shape = weight.shape
+        if updown.shape[0] != shape[0] or updown.numel() != shape.numel():
             raise UserError(
                 f"LoRA {name} does not fit this model: layer {self.target.param} is "
                 f"{'x'.join(map(str, shape))} here, the LoRA changes "
-                f"{'x'.join(map(str, (out_dim, *self.down.shape[1:])))} (a LoRA for another "
-                "model family?)"
+                f"{'x'.join(map(str, updown.shape))} (a LoRA for another model family?)"
             )
-        return delta.reshape(shape)
+        updown = updown.reshape(shape)
+        if self.magnitude is None:
+            return updown
+        where = f"LoRA {name}: layer {self.target.param}"
+        return decomposed(weight, updown, self.magnitude, where)
 
 
 @dataclass
@@ -114,25 +108,21 @@ def read_lora(path: Path, table: dict[str, LayerTarget]) -> LoraFile:
         split = split_key(key)
         if kind is not None or split is None:
             raise UserError(
-                f"LoRA {path.name} holds {kind or 'unknown'} layers ({key}); only LoRA "
-                "(lora_up/lora_down, lora_A/lora_B) files are supported"
+                f"LoRA {path.name} holds {kind or 'unknown'} layers ({key}); only LoRA/LoCon "
+                "(lora_up/lora_down, lora_A/lora_B), LyCORIS LoHa/LoKr and DoRA files are "
+                "supported"
             )
         name, part = split
         parts.setdefault(name, {})[part] = tensor
     peft = _peft_alphas(metadata)
     layers, unmatched = [], []
     for name, found in parts.items():
-        if "down" not in found or "up" not in found:
-            missing = "up" if "down" in found else "down"
-            raise UserError(f"LoRA {path.name}: layer {name} has no {missing} weight")
+        change = _change(found, f"LoRA {path.name}: layer {name}", name, peft)
         target = table.get(name)
         if target is None:
             unmatched.append(name)
             continue
-        rank = found["down"].shape[0]
-        alpha = float(found["alpha"]) if "alpha" in found else peft.alpha(name, rank)
-        scale = alpha / (rank**0.5 if peft.rslora else rank)
-        layers.append(LoraLayer(target, found["down"], found["up"], scale))
+        layers.append(LoraLayer(target, change, found.get("dora_scale")))
     if not layers:
         some = ", ".join(sorted(unmatched)[:3])
         raise UserError(
@@ -140,6 +130,29 @@ def read_lora(path: Path, table: dict[str, LayerTarget]) -> LoraFile:
             f"family?); its layers are named like {some}"
         )
     return LoraFile(path, layers, unmatched, metadata)
+
+
+def _change(found: dict[str, torch.Tensor], where: str, name: str, peft: _PeftAlphas) -> Change:
+    """The weight change of one layer's parts: LoHa, LoKr or LoRA (LoCon, Tucker middle)."""
+    kinds = [
+        kind
+        for kind, marks in (("LoHa", LOHA_PARTS), ("LoKr", LOKR_PARTS), ("LoRA", ("down", "up")))
+        if any(mark in found for mark in marks)
+    ]
+    if len(kinds) > 1:
+        raise UserError(f"{where} mixes {' and '.join(kinds)} weights")
+    if kinds == ["LoHa"]:
+        return loha(found, where)
+    if kinds == ["LoKr"]:
+        return lokr(found, where)
+    if "down" not in found or "up" not in found:
+        raise UserError(f"{where} has no {'up' if 'down' in found else 'down'} weight")
+    rank = found["down"].shape[0]
+    alpha = float(found["alpha"]) if "alpha" in found else peft.alpha(name, rank)
+    scale = alpha / (rank**0.5 if peft.rslora else rank)
+    change = LowRank(found["up"], found["down"], found.get("mid"), scale)
+    change.check(where)
+    return change
 
 
 @dataclass
@@ -182,11 +195,11 @@ def find_lora(name: str, directory: Path) -> Path:
             direct = directory / f"{name}{extension}"
             if direct.is_file():
                 return direct
-        for root, _, files in sorted(os.walk(directory, followlinks=True)):
-            for file in sorted(files):
+        for root, files in model_files(directory):
+            for file in files:
                 stem, extension = os.path.splitext(file)
                 if stem == name and extension.lower() in LORA_EXTENSIONS:
-                    return Path(root) / file
+                    return root / file
     raise UserError(
         f"LoRA {name!r} not found in {directory} (give the folder with --lora-dir, or the file "
         "with --lora PATH:WEIGHT)"

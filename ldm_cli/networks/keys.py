@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ldm_cli.checkpoints.diffusers_unet import block_kinds, diffusers_unet_path
+from ldm_cli.networks.lycoris import LOHA_PARTS, LOKR_PARTS
 
 UNET_ROOT = "model.diffusion_model."
 
@@ -149,25 +150,27 @@ _SUFFIXES = (
     (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
+    (".lora_mid.weight", "mid"),  # LyCORIS LoCon's Tucker middle
     (".alpha", "alpha"),
+    (".dora_scale", "dora_scale"),
+    *((f".{part}", part) for part in (*LOHA_PARTS, *LOKR_PARTS)),
 )
 # diffusers' attention-processor LoRA: "attn1.processor.to_q_lora.down.weight"
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _OTHER_FORMATS = {
-    "hada_": "LyCORIS LoHa",
-    "lokr_": "LyCORIS LoKr",
-    "lora_mid": "LyCORIS LoCon with a Tucker middle (lora_mid)",
-    "dora_scale": "DoRA",
-    ".diff": "full weight differences",
+    ".diff": "LyCORIS full weight differences (.diff)",
     ".w_norm": "LyCORIS norm",
     ".b_norm": "LyCORIS norm",
     "oft_": "OFT",
+    "lora_magnitude_vector": "PEFT DoRA (lora_magnitude_vector)",
     ".lora_B.bias": "LoRA with biases",
 }
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(layer name, "down" | "up" | "alpha") of a LoRA key, None for a key of another kind."""
+    """(layer name, part) of a LoRA key, None for a key of another kind. The part is "down",
+    "up", "mid", "alpha", "dora_scale" or a LyCORIS LoHa/LoKr name (``hada_w1_a``, ``lokr_w1``,
+    ...)."""
     match = _PROCESSOR.match(key)
     if match:
         proj = "to_out.0" if match.group(2) == "to_out" else match.group(2)
@@ -179,7 +182,8 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def unsupported_kind(key: str) -> str | None:
-    """The name of the LyCORIS/DoRA/... format a key belongs to, None if not recognised."""
+    """The name of the format a key belongs to where we do not read it (LyCORIS full
+    differences and norms, OFT, ...), None otherwise."""
     for mark, kind in _OTHER_FORMATS.items():
         if mark in key:
             return kind

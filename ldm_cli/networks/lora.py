@@ -6,6 +6,9 @@ optionally, ``alpha``; it changes its weight by ``multiplier * alpha / r * up @ 
 reshaped to the kernel: kohya's LoCon with a 3x3 ``down`` and a 1x1 ``up``). Without an
 ``alpha`` it is ``r`` (a scale of 1), as in diffusers/PEFT files; a diffusers file's
 ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora``) is read too.
+LyCORIS layers (LoCon with a Tucker ``lora_mid``, LoHa, LoKr) and DoRA's ``dora_scale`` are
+read as A1111 reads them (:mod:`ldm_cli.networks.lycoris`); a DoRA layer's change is
+``multiplier * (dora_scale * (W + d) / ||W + d|| - W)`` for its scaled change d.
 The names of the layers are mapped to ours in :mod:`ldm_cli.networks.keys`, files are read in
 :mod:`ldm_cli.networks.files` and prompt tags parsed in :mod:`ldm_cli.networks.tags`.
 
@@ -22,7 +25,8 @@ Which LoRAs apply, as in AUTOMATIC1111:
 Layers of a file that match nothing in the model are skipped with a one-line warning that
 counts them and names a few (A1111 skips them silently); a file that matches no layer at all
 is an error (a LoRA for another model family), and so is one that fits a layer's name but not
-its shape. LyCORIS LoHa/LoKr, DoRA and other non-LoRA formats are refused by name.
+its shape. LyCORIS full weight differences and norms, OFT and other formats are refused by
+name.
 
 The touched weights are kept (a copy of each, once) and written back when the set of LoRAs
 changes or :meth:`Networks.restore` is called, so the base weights come back bit for bit. A
@@ -80,7 +84,11 @@ def lora_deltas(
     model: torch.nn.Module, loras: Sequence[tuple[LoraFile, float, float]]
 ) -> dict[str, torch.Tensor]:
     """The summed change of every touched parameter (float32, on the parameter's device) for
-    LoRAs with their (text encoder, U-Net) multipliers."""
+    LoRAs with their (text encoder, U-Net) multipliers.
+
+    A DoRA layer's change depends on the weight it changes: as in A1111, which patches the
+    LoRAs one after another, that is the base weight plus the changes of the layers before it.
+    """
     params = dict(model.named_parameters())
     deltas: dict[str, torch.Tensor] = {}
     for lora, te, unet in loras:
@@ -91,11 +99,16 @@ def lora_deltas(
                 continue
             name = layer.target.param
             param = params[name]
-            delta = layer.delta(param.shape, lora.path.name, param.device) * weight
             total = deltas.get(name)
+            current = param
+            if layer.magnitude is not None and total is not None:
+                current = param.float() + total
+            rows = layer.target.rows
+            if rows is not None:
+                current = current[rows[0] : rows[1]]
+            delta = layer.delta(current, lora.path.name) * weight
             if total is None:
                 total = deltas[name] = torch.zeros(param.shape, device=param.device)
-            rows = layer.target.rows
             if rows is None:
                 total += delta
             else:

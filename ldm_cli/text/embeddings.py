@@ -26,7 +26,6 @@ token embeddings' output with a forward hook.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 
 from ldm_cli.checkpoints.pickled import load_weights_only, pickle_allowed
 from ldm_cli.core.errors import UserError
+from ldm_cli.core.run_folders import model_files
 from ldm_cli.text.tokenizer import CHUNK_TOKENS
 
 PLACEHOLDER_BASE = 1 << 24  # far above any vocabulary
@@ -154,9 +154,9 @@ class EmbeddingDatabase:
             raise UserError(f"embeddings folder {directory} not found")
         db = cls.for_model(text_encoder, tokenizer)
         allowed = pickle_allowed()  # one pickle does not end the run: it is skipped (warned)
-        for root, _, files in sorted(os.walk(directory, followlinks=True)):
-            for file in sorted(files):
-                path = Path(root) / file
+        for root, files in model_files(directory):  # training run folders left out
+            for file in files:
+                path = root / file
                 suffix = path.suffix.lower()
                 if suffix not in EMBEDDING_EXTENSIONS:
                     continue

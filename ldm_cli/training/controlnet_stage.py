@@ -27,6 +27,7 @@ from ldm_cli.samplers.schedules import DiscreteSchedule
 from ldm_cli.training.dataset import default_holdout, holdout_split, load_captioned_images
 from ldm_cli.training.loop import StepRandom, is_main_process, note, train_stage
 from ldm_cli.training.run_log import merge_json
+from ldm_cli.training.run_settings import data_fingerprint, path_key
 from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.unet_stage import noised_batch, prepare_examples
 
@@ -134,8 +135,17 @@ def train_controlnet(plan: ControlNetPlan) -> dict:
         write_samples(plan.base, path, heldout, held_maps, samples_dir / f"samples_{step:06d}.png")
         path.unlink()
 
+    fingerprint = data_fingerprint(
+        plan.data_dir,
+        len(data),
+        heldout=len(heldout),
+        size=cfg.default_size,
+        model=path_key(plan.base),
+        preprocess=plan.preprocess,
+        init=path_key(plan.init),
+    )
     result = train_stage(
-        STAGE, net, loss_fn, settings, options, ema_decay=EMA_DECAY, sample_fn=sample_fn
+        STAGE, net, loss_fn, settings, options, EMA_DECAY, sample_fn, fingerprint=fingerprint
     )
     if not result.finished:
         return {}

@@ -2,7 +2,9 @@
 
 Captions come from ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per line, the Hugging
 Face imagefolder layout) when present, otherwise from a ``.txt`` file beside each image.
-Images are resized (shorter side) and centre-cropped to a square of ``size`` pixels.
+Images are resized (shorter side) and centre-cropped to a square of ``size`` pixels. Smaller
+images would be enlarged: `ldm train model` refuses a --size above the smallest image's shorter
+side first (`check_image_sides`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,36 @@ def _from_metadata(data_dir: Path, metadata: Path) -> list[tuple[Path, str]]:
     if not pairs:
         raise UserError(f"{metadata} lists no images")
     return pairs
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from e
+
+
+def smallest_image(data_dir: str | Path) -> tuple[Path, int, int]:
+    """The folder's image with the shortest shorter side: (path, width, height)."""
+    paths = [path for path, _ in find_captioned_files(Path(data_dir))]
+    with ThreadPoolExecutor(LOADER_THREADS) as pool:
+        sizes = list(pool.map(image_size, paths))
+    index = min(range(len(paths)), key=lambda i: min(sizes[i]))
+    return (paths[index], *sizes[index])
+
+
+def check_image_sides(data_dir: str | Path, side: int, option: str = "--size") -> None:
+    """Refuse to train at ``side`` pixels when an image of the folder is smaller: it would be
+    enlarged, and the model would learn the blur of the enlargement."""
+    path, width, height = smallest_image(data_dir)
+    if min(width, height) < side:
+        raise UserError(
+            f"{option} {side} is larger than the images of {data_dir}: {path.name} is "
+            f"{width}x{height}, and images are never enlarged for training; use at most "
+            f"{min(width, height)} px (or larger images)"
+        )
 
 
 def load_square_image(path: Path, size: int) -> np.ndarray:

@@ -31,12 +31,13 @@ class FineTuneBase:
         has one, into the run folder, where a run trained from scratch keeps its own."""
         from ldm_cli.evaluation.clip_score import find_clip_tower
         from ldm_cli.training.run_log import merge_json
+        from ldm_cli.training.run_settings import path_key
         from ldm_cli.training.text_stage import TOWER_FILE
 
         tower = find_clip_tower(self.path)
         if tower is not None and tower.resolve() != (run_dir / TOWER_FILE).resolve():
             shutil.copyfile(tower, run_dir / TOWER_FILE)
-        merge_json(run_dir / "metrics.json", {"base": {"path": str(self.path)}})
+        merge_json(run_dir / "metrics.json", {"base": {"path": path_key(self.path)}})
 
 
 def base_config(cfg: ModelConfig, base: ModelConfig) -> ModelConfig:
@@ -86,6 +87,55 @@ def load_fine_tune_base(path: Path, cfg: ModelConfig) -> FineTuneBase:
     return FineTuneBase(path, config, *parts)
 
 
+def check_base_fits(cfg: ModelConfig, path: Path, name: str) -> None:
+    """`ldm train model --config NAME --base PATH`, before anything is loaded or trained: the
+    base must be of the config's family and its U-Net tensors must fit the config's U-Net (as
+    `start_from` will need), read from the checkpoint's header alone."""
+    from ldm_cli.checkpoints.detect import FAMILY_NAMES, detect_config, is_upscaler_unet
+    from ldm_cli.checkpoints.file import read_header
+
+    header = read_header(path)
+    own = detect_config(header)
+    plain = not own.conditioner and not is_upscaler_unet(own.unet)
+    if plain and own.unet.in_channels == own.vae.embed_dim and own.family != cfg.family:
+        raise UserError(
+            f"--config {name} is a {_family(cfg.family, FAMILY_NAMES)} model but --base "
+            f"{path.name} is {_family(own.family, FAMILY_NAMES)}; pass a config of the base's "
+            "family, or none to fine-tune the base's own architecture"
+        )
+    config = base_config(cfg, own)  # the base's kind, its text width and latent channels
+    prefix = "model.diffusion_model."
+    source = {k[len(prefix) :]: header.shape(k) for k in header.tensors if k.startswith(prefix)}
+    try:
+        unet_fit(_meta_unet_shapes(config), source)
+    except UserError as e:
+        raise UserError(f"--config {name} does not fit --base {path.name}: {e}") from None
+
+
+def _family(family: str, names: dict) -> str:
+    return f"{names.get(family, family)} ({family})"
+
+
+def _meta_unet_shapes(cfg: ModelConfig) -> dict:
+    from ldm_cli.models.loading import build_empty
+
+    return {key: tuple(value.shape) for key, value in build_empty(cfg).unet.state_dict().items()}
+
+
+def unet_fit(target: dict, source: dict) -> list[str]:
+    """Whether a base U-Net whose tensors have the shapes ``source`` (name -> shape) fits a
+    U-Net of shapes ``target``: every base tensor has its place, and what the base lacks are
+    whole modules. Returns those modules; a UserError names the first misfit."""
+    for key, shape in source.items():
+        if key not in target:
+            raise UserError(f"the base U-Net has {key}, which this config's U-Net lacks")
+        if tuple(shape) != tuple(target[key]):
+            raise UserError(
+                f"{key}: the base U-Net's is {tuple(shape)}, this config's {tuple(target[key])}"
+            )
+    return sorted({_new_module(key, source) for key in target if key not in source})
+
+
 def start_from(unet, base_unet) -> list[str]:
     """Load ``base_unet``'s weights into ``unet`` (strictly, every tensor accounted for) and
     return the modules of ``unet`` the base does not have, which keep their initialisation."""
@@ -93,15 +143,10 @@ def start_from(unet, base_unet) -> list[str]:
 
     target = unet.state_dict()
     source = base_unet.state_dict()
-    for key, value in source.items():
-        if key not in target:
-            raise UserError(f"the base U-Net has {key}, which this config's U-Net lacks")
-        if value.shape != target[key].shape:
-            raise UserError(
-                f"{key}: the base U-Net's is {tuple(value.shape)}, this config's "
-                f"{tuple(target[key].shape)}"
-            )
-    added = sorted({_new_module(key, source) for key in target if key not in source})
+    added = unet_fit(
+        {key: value.shape for key, value in target.items()},
+        {key: value.shape for key, value in source.items()},
+    )
     merged = {key: source.get(key, value) for key, value in target.items()}
     with torch.no_grad():
         unet.load_state_dict(merged, strict=True)

@@ -20,8 +20,10 @@ from ldm_cli.training.plan import (
     TrainOutcome,
     TrainPlan,
     check_run_config,
+    check_run_data,
     export_model,
     read_metrics,
+    run_data,
     split,
 )
 
@@ -32,6 +34,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.training.dataset import load_captioned_images
     from ldm_cli.training.loop import is_main_process, note, wait_for_everyone
     from ldm_cli.training.run_log import merge_json
+    from ldm_cli.training.run_settings import data_fingerprint, path_key
 
     if is_upscaler_unet(plan.config.unet):
         from ldm_cli.training.upscaler_run import run_upscaler_training
@@ -49,14 +52,19 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
         cfg = base.config
     data = load_captioned_images(plan.data_dir, cfg.default_size)
     train, heldout = split(data, plan.holdout, loop.seed)
+    record = run_data(plan.data_dir, len(data), len(train), len(heldout))
+    check_run_data(loop.run_dir, record, plan.base)
     if main:
         loop.run_dir.mkdir(parents=True, exist_ok=True)
         check_run_config(loop.run_dir / CONFIG_FILE, cfg)
-        counts = {"images": len(data), "train": len(train), "heldout": len(heldout)}
-        merge_json(loop.run_dir / METRICS_FILE, {"data": counts})
+        merge_json(loop.run_dir / METRICS_FILE, {"data": record})
         if base is not None:
             base.record(loop.run_dir)
     wait_for_everyone()
+    # what else defines each stage's run: --resume with another is refused (run_settings)
+    fingerprint = data_fingerprint(
+        plan.data_dir, len(data), heldout=len(heldout), size=cfg.default_size
+    )
 
     if base is not None:
         vae_model, text_model, init = base.vae, base.text_encoder, base.unet
@@ -66,7 +74,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
             note(loop, f"vae: trained already ({vae_stage.weights_path(loop)}), skipped")
             vae = vae_stage.load_vae(cfg.vae, vae_stage.weights_path(loop))
         else:
-            vae = vae_stage.train_vae(cfg.vae, train, heldout, plan.vae, loop)
+            vae = vae_stage.train_vae(cfg.vae, train, heldout, plan.vae, loop, fingerprint)
             if vae is None:
                 return TrainOutcome(None, read_metrics(loop))
         cfg, vae_model = cfg.with_(vae=vae.config), vae.vae
@@ -75,7 +83,7 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
             note(loop, f"text: trained already ({text_stage.weights_path(loop)}), skipped")
             text_model = text_stage.load_text(cfg.text, loop).text_encoder
         else:
-            text = text_stage.train_text(cfg.text, train, heldout, plan.text, loop)
+            text = text_stage.train_text(cfg.text, train, heldout, plan.text, loop, fingerprint)
             if text is None:
                 return TrainOutcome(None, read_metrics(loop))
             text_model = text.text_encoder
@@ -85,8 +93,9 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
         unet = unet_stage.load_unet(cfg, loop)
     else:
         unet = unet_stage.train_unet(
-            cfg, vae_model, text_model, train, heldout, plan.unet, loop, init=init
-        )
+            cfg, vae_model, text_model, train, heldout, plan.unet, loop, init=init,
+            fingerprint={**fingerprint, "base": path_key(plan.base)},
+        )  # fmt: skip
         if unet is None:
             return TrainOutcome(None, read_metrics(loop))
 

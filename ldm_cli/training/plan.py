@@ -64,6 +64,44 @@ def split(
     return data.subset(train_idx), data.subset(heldout_idx)
 
 
+def run_data(data_dir: Path, images: int, train: int, heldout: int) -> dict:
+    """The run's data as metrics.json records it under ``data`` (the folder absolute)."""
+    from ldm_cli.training.run_settings import path_key
+
+    return {"folder": path_key(data_dir), "images": images, "train": train, "heldout": heldout}
+
+
+def check_run_data(run_dir: Path, data: dict, base: Path | None) -> None:
+    """Refuse a run folder whose run was made from other data (another folder, another image
+    count, another --holdout) or on another --base: its finished stages would be mixed with
+    this run's, and its metrics rewritten as if made from this data. One line, naming each
+    difference; a folder without metrics (a new run) passes."""
+    from ldm_cli.training.run_settings import changed_settings, path_key
+
+    metrics = read_metrics_file(run_dir / METRICS_FILE)
+    old = metrics.get("data")
+    if not isinstance(old, dict):
+        return
+    keys = [key for key in data if key in old]  # folders written before "folder" was kept
+    before, now = {key: old[key] for key in keys}, {key: data[key] for key in keys}
+    if "folder" in old:
+        before["base"] = (metrics.get("base") or {}).get("path")
+        now["base"] = path_key(base)
+    changes = changed_settings(before, now)
+    if changes:
+        raise UserError(
+            f"{run_dir} holds a run made with {'; '.join(changes)}; give this one a new --out"
+        )
+
+
+def read_metrics_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a metrics file ({e}); use a new --out folder") from e
+    return data if isinstance(data, dict) else {}
+
+
 def check_run_config(path: Path, cfg: ModelConfig) -> None:
     """Record the architecture in a new run folder; refuse a different one in an existing one.
 

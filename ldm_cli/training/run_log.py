@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ldm_cli.core.run_folders import RUN_LOG
+
 if TYPE_CHECKING:
     from ldm_cli.training.settings import LoopOptions
 
-LOG_FILE = "train_log.jsonl"
+LOG_FILE = RUN_LOG
 
 
 def trim_log(path: Path, stage: str, step: int) -> None:
@@ -27,6 +29,19 @@ def trim_log(path: Path, stage: str, step: int) -> None:
         if record.get("stage") != stage or record.get("step", 0) <= step:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def logged_losses(path: Path, stage: str, up_to: int) -> list[float]:
+    """The losses of ``stage``'s log lines up to step ``up_to``, in the log's order."""
+    if up_to <= 0 or not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = (json.loads(line) for line in lines if line.strip())
+    return [
+        float(r["loss"])
+        for r in records
+        if r.get("stage") == stage and r.get("step", 0) <= up_to and "loss" in r
+    ]
 
 
 class TrainLog:

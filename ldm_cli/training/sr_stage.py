@@ -30,6 +30,7 @@ from ldm_cli.pipeline.tasks.image_upscaler import (
 )
 from ldm_cli.training.loop import note, stage_dir, train_stage
 from ldm_cli.training.run_log import merge_json
+from ldm_cli.training.run_settings import path_key
 from ldm_cli.training.settings import LoopOptions, StageSettings
 from ldm_cli.training.sr_init import linear_start
 from ldm_cli.training.sr_pairs import SourcePool, mosaic, sample_batch
@@ -133,7 +134,16 @@ def train_sr(plan: SrPlan) -> dict:
         device = next(model.parameters()).device
         return (model(low.to(device)) - high.to(device)).abs().mean()
 
-    result = train_stage(STAGE, network, loss_fn, plan.settings, loop, ema_decay=EMA_DECAY)
+    fingerprint = {
+        "shape": asdict(plan.shape),
+        "low_side": plan.low_side,
+        "images": [path_key(folder) for folder in plan.extra_dirs],
+        "photos": list(plan.photos),
+        "counts": list(plan.counts),
+    }
+    result = train_stage(
+        STAGE, network, loss_fn, plan.settings, loop, EMA_DECAY, fingerprint=fingerprint
+    )
     if not result.finished:
         return json.loads((loop.run_dir / METRICS_FILE).read_text(encoding="utf-8"))
     tail = result.losses[-max(1, len(result.losses) // 10) :]

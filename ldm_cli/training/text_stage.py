@@ -64,8 +64,10 @@ def train_text(
     heldout: CaptionedImages,
     settings: StageSettings,
     options: LoopOptions,
+    fingerprint: dict | None = None,
 ) -> TextResult | None:
-    """Train (or resume) the text encoder; returns None when stopped early by ``stop_after``."""
+    """Train (or resume) the text encoder; returns None when stopped early by ``stop_after``.
+    ``fingerprint``: what else defines the run, checked on --resume (`loop.train_stage`)."""
     torch.manual_seed(options.seed + 1)
     model = ClipModel(cfg)
     images = train.images
@@ -82,7 +84,7 @@ def train_text(
             mask.to(device),
         )
 
-    result = train_stage(STAGE, model, loss_fn, settings, options)
+    result = train_stage(STAGE, model, loss_fn, settings, options, fingerprint=fingerprint)
     if not result.finished:
         return None
     model = result.model.eval().requires_grad_(False)

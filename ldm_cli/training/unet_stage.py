@@ -171,12 +171,19 @@ def noised_batch(
 
 
 def prediction_target(
-    x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, prediction: str
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    a: torch.Tensor,
+    prediction: str,
+    gamma: float | None = MIN_SNR_GAMMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the U-Net should output ("eps" or "v") and its min-SNR loss weight, for latents
-    ``x0`` noised with ``noise`` at alphas_cumprod ``a``."""
+    """What the U-Net should output ("eps" or "v") and its min-SNR loss weight (gamma None:
+    weight 1, plain MSE), for latents ``x0`` noised with ``noise`` at alphas_cumprod ``a``."""
+    if gamma is None:
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction == "v" else noise
+        return target, torch.ones_like(a)
     snr = a / (1 - a)
-    clipped = snr.clamp(max=MIN_SNR_GAMMA)
+    clipped = snr.clamp(max=gamma)
     if prediction == "v":
         # v = sqrt(a) eps - sqrt(1 - a) x0; its MSE is (snr + 1) times the eps one's
         return a.sqrt() * noise - (1 - a).sqrt() * x0, clipped / (snr + 1)
@@ -230,11 +237,13 @@ def train_unet(
     settings: StageSettings,
     options: LoopOptions,
     init: UNetModel | None = None,
+    fingerprint: dict | None = None,
 ) -> UnetResult | None:
     """Train (or resume) the U-Net; ``cfg.vae.scale_factor`` must be the measured one.
 
     ``init``: a trained U-Net to start from (fine-tuning); parts of ``cfg.unet`` it lacks keep
-    their fresh initialisation. Returns None when stopped early by ``stop_after``.
+    their fresh initialisation. ``fingerprint``: what else defines the run, checked on
+    --resume (`loop.train_stage`). Returns None when stopped early by ``stop_after``.
     """
     torch.manual_seed(options.seed + 2)
     unet = zero_init_like_ldm(UNetModel(cfg.unet))
@@ -262,7 +271,7 @@ def train_unet(
         write_samples(model, prompts, samples_dir / f"unet_{step:06d}.png", options.seed)
 
     result = train_stage(
-        STAGE, unet, loss_fn, settings, options, ema_decay=EMA_DECAY, sample_fn=sample_fn
+        STAGE, unet, loss_fn, settings, options, EMA_DECAY, sample_fn, fingerprint=fingerprint
     )
     if not result.finished:
         return None

@@ -21,8 +21,10 @@ from ldm_cli.training.plan import (
     TrainOutcome,
     TrainPlan,
     check_run_config,
+    check_run_data,
     export_model,
     read_metrics,
+    run_data,
     split,
 )
 
@@ -97,6 +99,7 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
     from ldm_cli.training.dataset import load_captioned_images
     from ldm_cli.training.loop import is_main_process, note, wait_for_everyone
     from ldm_cli.training.run_log import merge_json
+    from ldm_cli.training.run_settings import data_fingerprint, path_key
     from ldm_cli.training.unet_stage import assemble_model
 
     loop = plan.loop
@@ -106,13 +109,25 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
     cfg = upscaler_config(plan.config, base.config)
     data = load_captioned_images(plan.data_dir, cfg.default_size)
     train, heldout = split(data, plan.holdout, loop.seed)
+    record = run_data(plan.data_dir, len(data), len(train), len(heldout))
+    check_run_data(loop.run_dir, record, plan.base)
     train_sets = [train] + larger_sides(plan, len(data), cfg.default_size)
     if main:
         loop.run_dir.mkdir(parents=True, exist_ok=True)
         check_run_config(loop.run_dir / CONFIG_FILE, cfg)
-        counts = {"images": len(data), "train": len(train), "heldout": len(heldout)}
-        merge_json(loop.run_dir / METRICS_FILE, {"data": counts})
+        merge_json(loop.run_dir / METRICS_FILE, {"data": record})
+        if plan.base is not None:
+            merge_json(loop.run_dir / METRICS_FILE, {"base": {"path": path_key(plan.base)}})
     wait_for_everyone()
+    fingerprint = data_fingerprint(
+        plan.data_dir,
+        len(data),
+        heldout=len(heldout),
+        size=cfg.default_size,
+        sides=[int(part.images.shape[-1]) for part in train_sets],
+        base=path_key(plan.base),
+        init=path_key(plan.init),
+    )
 
     vae, text = base.vae, base.text_encoder
     if upscaler_stage.weights_path(loop).is_file():
@@ -121,7 +136,7 @@ def run_upscaler_training(plan: TrainPlan) -> TrainOutcome:
     else:
         init = load_init(plan.init, cfg)
         result = upscaler_stage.train_upscaler(
-            cfg, vae, text, train_sets, heldout, plan.unet, loop, init=init
+            cfg, vae, text, train_sets, heldout, plan.unet, loop, init=init, fingerprint=fingerprint
         )
         if result is None:
             return TrainOutcome(None, read_metrics(loop))

@@ -198,13 +198,15 @@ def train_upscaler(
     settings: StageSettings,
     options: LoopOptions,
     init: UNetModel | None = None,
+    fingerprint: dict | None = None,
 ) -> UnetResult | None:
     """Train (or resume) the upscaler U-Net; None when stopped early by ``stop_after``.
 
     `train` holds one set per image side (the first the smallest): step k trains on set
     k mod len(train), with a batch of as many pixels as `settings.batch_size` images of the
     first set, so one model learns the domain at every scale. `init`: the U-Net to start from
-    (a fine-tune), else LDM's zero-initialised residual branches."""
+    (a fine-tune), else LDM's zero-initialised residual branches. `fingerprint`: what else
+    defines the run, checked on --resume (`loop.train_stage`)."""
     torch.manual_seed(options.seed + 3)
     unet = zero_init_like_ldm(UNetModel(cfg.unet))
     if init is not None:
@@ -234,7 +236,7 @@ def train_upscaler(
         write_samples(pipe, samples, samples_dir / f"{STAGE}_{step:06d}.png", options.seed)
 
     result = train_stage(
-        STAGE, unet, loss_fn, settings, options, ema_decay=EMA_DECAY, sample_fn=sample_fn
+        STAGE, unet, loss_fn, settings, options, EMA_DECAY, sample_fn, fingerprint=fingerprint
     )
     if not result.finished:
         return None

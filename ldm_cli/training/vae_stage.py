@@ -93,8 +93,10 @@ def train_vae(
     heldout: CaptionedImages,
     settings: StageSettings,
     options: LoopOptions,
+    fingerprint: dict | None = None,
 ) -> VaeResult | None:
-    """Train (or resume) the autoencoder; returns None when stopped early by ``stop_after``."""
+    """Train (or resume) the autoencoder; returns None when stopped early by ``stop_after``.
+    ``fingerprint``: what else defines the run, checked on --resume (`loop.train_stage`)."""
     torch.manual_seed(options.seed)
     vae = AutoencoderKL(cfg)
     with torch.no_grad():
@@ -120,7 +122,9 @@ def train_vae(
         reconstructed = reconstruct(model, originals)
         save_grid(torch.cat([originals, reconstructed]), samples_dir / f"vae_{step:06d}.png", 2)
 
-    result = train_stage(STAGE, vae, loss_fn, settings, options, sample_fn=sample_fn)
+    result = train_stage(
+        STAGE, vae, loss_fn, settings, options, sample_fn=sample_fn, fingerprint=fingerprint
+    )
     if not result.finished:
         return None
     vae = result.model.eval().requires_grad_(False)
