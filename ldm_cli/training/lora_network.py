@@ -195,6 +195,32 @@ class LoraNetwork(nn.Module):
             parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
         self._attached = []
 
+    def drop_unreached(self, model: nn.Module, encode) -> list[str]:
+        """Leave out the text-encoder layers whose output the model never uses (the last
+        layers of a tower read with clip skip): they would train to nothing, and DDP refuses
+        parameters that get no gradient. `encode()` runs the text encoder on a prompt; a
+        layer is unreached when its ``up`` gets no gradient from the outputs."""
+        for param in self.parameters():
+            param.grad = None
+        with torch.enable_grad():
+            out = encode()
+            outputs = out if isinstance(out, tuple) else (out,)
+            sum(o.float().sum() for o in outputs).backward()
+        gone = [
+            key
+            for key, layer in self.layers.items()
+            if layer.target.component == "te" and layer.up.grad is None
+        ]
+        for param in self.parameters():
+            param.grad = None
+        if gone:
+            self.detach_from(model)
+            for key in gone:
+                del self.layers[key]
+                del self.names[key]
+            self.attach(model)
+        return gone
+
     def tensors(self, layout: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The file's tensors: kohya (``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``)
         or PEFT (``.lora_A.weight``, ``.lora_B.weight``; alpha in the metadata)."""

@@ -50,6 +50,14 @@ def train_lora(lora: LoraJob) -> dict | None:
     from ldm_cli.text.embeddings import EmbeddingDatabase
 
     db = EmbeddingDatabase.for_model(pipe.model.text_encoder, pipe.tokenizer)
+    if spec.text_encoder:
+        from ldm_cli.text.embeddings import encode_truncated
+
+        unused = network.drop_unreached(
+            pipe.model, lambda: encode_truncated(db, pipe.model.text_encoder, [data.captions[0]])
+        )
+        if unused:
+            note(job.loop(), f"lora: {len(unused)} text-encoder layers left out (clip skip)")
     trainer = AdapterTrainer(network, pipe, db, spec.text_encoder, size)
     count = sum(p.numel() for p in network.parameters())
     note(job.loop(), f"lora: {len(network.layers)} layers, {count:,} parameters")

@@ -172,3 +172,20 @@ def test_two_process_training_is_one_ddp_run(tmp_path):
     assert len(lines) == 3 * 2, lines  # steps 2 and 4 of each stage, logged by the main process
     model, _ = load_model(run / "model.safetensors")
     assert model.config.default_size == 32
+
+
+def test_two_process_lora_training_writes_one_file(tmp_path):
+    """`accelerate launch ... ldm train lora` on CPUs: the LoRA layers are the DDP module, the
+    frozen model sits on each process, and the main process alone writes the file."""
+    from safetensors import safe_open
+
+    from tests.training.test_adapter_training import write_folder
+
+    data = write_folder(tmp_path / "data", count=4)
+    out = tmp_path / "zorp.safetensors"
+    args = ["train", "lora", str(data), "-o", str(out), "--steps", "4", "--batch-size", "2"]
+    launch(tmp_path, *args, "--threads", "1", "--rank", "2", "--save-every", "2")
+    lines = (tmp_path / "zorp.train" / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 4, lines  # one line per step (log every step), from one process
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_steps"] == "4" and len(list(f.keys())) > 0

@@ -263,6 +263,9 @@ def test_other_families_train_and_load_back(tmp_path, family):
         assert towers == {"clip_l", "clip_g"} and meta["ss_base_model_version"] == "sdxl_base_v1-0"
     else:
         assert any("self_attn_q_proj" in k for k in keys) and towers == {"emb_params"}
+        # clip skip 2: the last layer's output is never read, so it is not trained
+        last = cfg.text.num_hidden_layers - 1
+        assert cfg.text.clip_skip == 2 and not any(f"layers_{last}_" in k for k in keys)
         assert meta["ss_v_parameterization"] == "True" and meta["ss_v2"] == "True"
 
     pipe = load(checkpoint, device="cpu", dtype="fp32")
