@@ -131,7 +131,11 @@ class AdapterJob:
 
 
 def _has_state(run_dir: Path) -> bool:
-    return any(run_dir.glob("*/state")) or any(run_dir.glob("*/state.tmp"))
+    """A stage folder of the run holds a saved state (or a complete one cut short)."""
+    from ldm_cli.training.loop import STATE_DIR, existing_state
+
+    stages = (path for path in run_dir.iterdir() if path.is_dir()) if run_dir.is_dir() else ()
+    return any(existing_state(stage / STATE_DIR) is not None for stage in stages)
 
 
 def base_model_version(config) -> str:

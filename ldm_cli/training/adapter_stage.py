@@ -26,12 +26,11 @@ from ldm_cli.samplers.schedules import DiscreteSchedule
 from ldm_cli.training.adapter_data import CaptionOptions, ConceptImages, step_captions
 from ldm_cli.training.loop import StepRandom, note, train_stage
 from ldm_cli.training.settings import LoopOptions, StageSettings
-from ldm_cli.training.unet_stage import prediction_target
+from ldm_cli.training.unet_stage import prediction_target, render_row
 from ldm_cli.training.vae_stage import encode_means
 
 SAMPLE_STEPS = 20
 SAMPLE_CFG = 7.0
-SAMPLE_SAMPLER = "euler_a"
 
 
 @dataclass(frozen=True)
@@ -160,30 +159,11 @@ def train_adapter(
 
 def preview_writer(pipe, prompts: list[str], folder: Path, seed: int, size: int, prepare=None):
     """A sample_fn writing one image per prompt (the pipeline's own render) as a PNG row."""
-    from PIL import Image
-
-    from ldm_cli.pipeline.request import Request
 
     def write(module: nn.Module, step: int) -> None:
         if prepare is not None:
             prepare()
-        images = []
-        for prompt in prompts:
-            req = Request(
-                prompt,
-                steps=SAMPLE_STEPS,
-                cfg=SAMPLE_CFG,
-                seed=seed,
-                sampler=SAMPLE_SAMPLER,
-                width=size,
-                height=size,
-            )
-            ((_, image),) = pipe.render([req])
-            images.append(image)
-        row = Image.new("RGB", (size * len(images), size))
-        for k, image in enumerate(images):
-            row.paste(image, (k * size, 0))
-        folder.mkdir(parents=True, exist_ok=True)
-        row.save(folder / f"step_{step:06d}.png")
+        path = folder / f"step_{step:06d}.png"
+        render_row(pipe, prompts, path, seed, size, steps=SAMPLE_STEPS, cfg=SAMPLE_CFG)
 
     return write

@@ -171,6 +171,7 @@ class LoraNetwork(nn.Module):
         if not layers:
             raise UserError("this model has no layers of the chosen kind to train")
         self.layers = nn.ModuleDict(layers)
+        self._attached: list[str] = []  # the parameters attach() parametrized
 
     def reset(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -189,7 +190,7 @@ class LoraNetwork(nn.Module):
         self._attached = list(by_param)
 
     def detach_from(self, model: nn.Module) -> None:
-        for param in getattr(self, "_attached", []):
+        for param in self._attached:
             owner, attribute = param.rsplit(".", 1)
             module = model.get_submodule(owner)
             parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)

@@ -204,20 +204,33 @@ def assemble_model(
 
 def write_samples(model: LatentDiffusion, prompts: list[str], path: Path, seed: int) -> None:
     """One image per prompt through the Pipeline's sampling code, as one PNG row."""
-    import numpy as np
-
     from ldm_cli.pipeline.base import Pipeline
-    from ldm_cli.pipeline.request import Request
 
     device = next(model.unet.parameters()).device
     pipe = Pipeline(model, path, device, torch.float32)
-    size = model.config.default_size
+    render_row(pipe, prompts, path, seed, model.config.default_size)
+
+
+def render_row(
+    pipe,
+    prompts: list[str],
+    path: Path,
+    seed: int,
+    size: int,
+    steps: int = SAMPLE_STEPS,
+    cfg: float = SAMPLE_CFG,
+) -> None:
+    """`pipe`'s image of each prompt (`SAMPLE_SAMPLER`, seed `seed`), side by side in one PNG."""
+    import numpy as np
+
+    from ldm_cli.pipeline.request import Request
+
     rows = []
     for prompt in prompts:
         req = Request(
             prompt,
-            steps=SAMPLE_STEPS,
-            cfg=SAMPLE_CFG,
+            steps=steps,
+            cfg=cfg,
             seed=seed,
             sampler=SAMPLE_SAMPLER,
             width=size,
