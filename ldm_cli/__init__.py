@@ -23,6 +23,10 @@ def load(
     vae_tiling="auto",
     low_memory=None,
     cuda_graphs=False,
+    vae=None,
+    clip_l=None,
+    clip_g=None,
+    t5=None,
 ):
     """Open a single-file `.safetensors` checkpoint as a `Pipeline` (see ldm_cli.pipeline.base).
 
@@ -33,14 +37,17 @@ def load(
     (ldm_cli.pipeline.vae_codec); `low_memory` keeps an fp16 file's large U-Net weights in 16
     bits on the CPU, widened per call (ldm_cli.ops.narrow_weights): by default unless `compile` or
     `offload`; False converts them at load. `cuda_graphs=True` (CUDA) compiles the U-Net to
-    replay each step as CUDA graphs (ldm_cli.runtime.compile).
+    replay each step as CUDA graphs (ldm_cli.runtime.compile). A FLUX.1 or SD3/3.5 file
+    (safetensors or GGUF) opens as a flow-model pipeline; `vae`, `clip_l`, `clip_g` and `t5`
+    name the files of the parts it does not hold (FLUX's ae.safetensors, clip_l.safetensors,
+    t5xxl_fp16.safetensors) or replace its own.
     """
     from ldm_cli.pipeline.load import load as _load
 
     return _load(
         path, device=device, dtype=dtype, prediction=prediction, clip_skip=clip_skip,
         compile=compile, offload=offload, vae_tiling=vae_tiling, low_memory=low_memory,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, vae=vae, clip_l=clip_l, clip_g=clip_g, t5=t5,
     )  # fmt: skip
 
 

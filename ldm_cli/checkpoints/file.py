@@ -27,7 +27,11 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise UserError(f"checkpoint path is a directory, expected a .safetensors file: {path}")
+    from ldm_cli.checkpoints.gguf_file import is_gguf, read_gguf_header
     from ldm_cli.checkpoints.pickled import looks_pickled, read_pickled_header
+
+    if is_gguf(path):  # quantised FLUX/SD3 transformers (checkpoints.gguf_file)
+        return read_gguf_header(path)
 
     if looks_pickled(path):  # refused unless --allow-pickle, then read weights-only
         return read_pickled_header(path)

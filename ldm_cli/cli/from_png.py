@@ -24,7 +24,7 @@ POSTPROCESS_KEY = "Postprocess upscaler:"
 OVERRIDABLE = frozenset(
     {
         "negative_prompt", "steps", "cfg", "seed", "sampler", "scheduler", "width", "height",
-        "num_images", "batch_size", "rescale_cfg", "deep_cache", "token_merging",
+        "num_images", "batch_size", "rescale_cfg", "deep_cache", "token_merging", "guidance",
     }
 )  # fmt: skip
 
@@ -66,6 +66,11 @@ def png_job(from_png: Path) -> dict:
             options["rescale_cfg"] = float(p.extra["CFG rescale"])
         except ValueError:
             raise UserError(f"{from_png}: bad 'CFG rescale' value") from None
+    if "Distilled CFG Scale" in p.extra:  # FLUX dev's --guidance (Forge's key)
+        try:
+            options["guidance"] = float(p.extra["Distilled CFG Scale"])
+        except ValueError:
+            raise UserError(f"{from_png}: bad 'Distilled CFG Scale' value") from None
     if "Deep cache" in p.extra:  # written by --deep-cache
         if not p.extra["Deep cache"].isdigit():
             raise UserError(f"{from_png}: bad 'Deep cache' value")

@@ -19,6 +19,14 @@ from ldm_cli.cli.control import (
     check_control_files,
     control_options,
 )
+from ldm_cli.cli.model_parts import (
+    CLIP_G_FILE,
+    CLIP_L_FILE,
+    GUIDANCE,
+    T5_FILE,
+    VAE_FILE,
+    part_files,
+)
 from ldm_cli.cli.networks import EMBEDDINGS, LORA, LORA_DIR
 from ldm_cli.cli.performance import (
     COMPILE,
@@ -88,7 +96,9 @@ def generate(
     negative_prompt: str = typer.Option(
         "", "--negative-prompt", "-n", help="What to steer away from."
     ),
-    steps: int = typer.Option(30, "--steps", "-s", help="Sampling steps."),
+    steps: int | None = typer.Option(
+        None, "--steps", "-s", help="Sampling steps (default: 30; a flow model's own count)."
+    ),
     cfg: float | None = typer.Option(
         None,
         "--cfg",
@@ -96,10 +106,11 @@ def generate(
         "skips the unconditional pass.",
     ),
     seed: int | None = SEED,
-    sampler: str = typer.Option(
-        "euler_a",
+    sampler: str | None = typer.Option(
+        None,
         "--sampler",
-        help="One of: " + "; ".join(f"{k}: {v}" for k, v in SAMPLER_HELP.items()),
+        help="Default: euler_a (flow models: euler; they take euler, euler_a, heun, dpm2, "
+        "lms). One of: " + "; ".join(f"{k}: {v}" for k, v in SAMPLER_HELP.items()),
     ),
     scheduler: str = typer.Option("auto", "--scheduler", help="Sigma spacing: " + SCHEDULER_HELP),
     width: int | None = typer.Option(
@@ -194,6 +205,11 @@ def generate(
     control_start: list[float] = CONTROL_START,
     control_end: list[float] = CONTROL_END,
     control_mode: str = CONTROL_MODE,
+    guidance: float | None = GUIDANCE,
+    vae: Path | None = VAE_FILE,
+    clip_l: Path | None = CLIP_L_FILE,
+    clip_g: Path | None = CLIP_G_FILE,
+    t5: Path | None = T5_FILE,
 ) -> None:
     """Generate images from a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -210,6 +226,7 @@ def generate(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
+        parts=part_files(vae, clip_l, clip_g, t5),
     )  # fmt: skip
     from ldm_cli.cli.batch_resume import check_output_dir
 
@@ -278,7 +295,7 @@ def generate(
         "seed": shared_random_seed() if seed is None else seed,  # one seed for all processes
         "sampler": sampler, "scheduler": scheduler, "width": width, "height": height,
         "rescale_cfg": rescale_cfg, "num_images": num_images, "batch_size": batch_size,
-        **performance.speedups(), **controls,
+        "guidance": guidance, **performance.speedups(), **controls,
     }  # fmt: skip
     batches = _batches(pipe, jobs, defaults)
     if controls:
@@ -317,12 +334,13 @@ def _batches(pipe, jobs: list[dict], defaults: dict) -> list:
 def check_options(
     sampler, scheduler, steps, batch_size, num_images, device, dtype, seed=None
 ) -> None:
-    if sampler not in SAMPLER_HELP:
+    if sampler is not None and sampler not in SAMPLER_HELP:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_HELP)}")
     if scheduler not in SCHEDULER_NAMES:
         names = ", ".join(SCHEDULER_NAMES)
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {names}")
-    check_steps(steps)
+    if steps is not None:
+        check_steps(steps)
     check_count(num_images, "--num-images")
     check_count(batch_size, "--batch-size")
     if seed is not None:

@@ -31,6 +31,14 @@ from ldm_cli.cli.generate import (
     check_options,
     save_all,
 )
+from ldm_cli.cli.model_parts import (
+    CLIP_G_FILE,
+    CLIP_L_FILE,
+    GUIDANCE,
+    T5_FILE,
+    VAE_FILE,
+    part_files,
+)
 from ldm_cli.cli.networks import EMBEDDINGS, LORA, LORA_DIR, configure
 from ldm_cli.cli.performance import (
     COMPILE,
@@ -50,7 +58,11 @@ IMAGE = typer.Argument(..., help="Input image (any size; PNG, JPEG, WebP, ...; a
 PROMPT = typer.Argument(..., help="The prompt.")
 NEGATIVE = typer.Option("", "--negative-prompt", "-n", help="What to steer away from.")
 STEPS = typer.Option(
-    30, "--steps", "-s", help="Schedule length; int(steps * strength) of them are run."
+    None,
+    "--steps",
+    "-s",
+    help="Schedule length; int(steps * strength) of them are run (default: 30; a flow model's "
+    "own count).",
 )
 CFG = typer.Option(
     None,
@@ -59,9 +71,10 @@ CFG = typer.Option(
     "the unconditional pass.",
 )
 SAMPLER = typer.Option(
-    "euler_a",
+    None,
     "--sampler",
-    help="One of: " + "; ".join(f"{k}: {v}" for k, v in SAMPLER_HELP.items()),
+    help="Default: euler_a (flow models: euler). One of: "
+    + "; ".join(f"{k}: {v}" for k, v in SAMPLER_HELP.items()),
 )
 SCHEDULER = typer.Option("auto", "--scheduler", help="Sigma spacing: " + SCHEDULER_HELP)
 BATCH_SIZE = typer.Option(1, "--batch-size", "-b", help="Images rendered together in one batch.")
@@ -90,7 +103,9 @@ def _notice(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls):
+def _base(
+    prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls, guidance
+):
     from ldm_cli.pipeline.tasks.img2img import base_request
 
     return base_request(
@@ -101,6 +116,7 @@ def _base(prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, perform
         seed=seed,
         sampler=sampler,
         scheduler=scheduler,
+        guidance=guidance,
         **performance.speedups(),
         **controls,
     )
@@ -115,10 +131,10 @@ def img2img(
         help="Denoising strength: 0 returns the image through the VAE, 1 ignores it.",
     ),
     negative_prompt: str = NEGATIVE,
-    steps: int = STEPS,
+    steps: int | None = STEPS,
     cfg: float | None = CFG,
     seed: int | None = SEED,
-    sampler: str = SAMPLER,
+    sampler: str | None = SAMPLER,
     scheduler: str = SCHEDULER,
     batch_size: int = BATCH_SIZE,
     num_images: int = NUM_IMAGES,
@@ -145,6 +161,11 @@ def img2img(
     control_start: list[float] = CONTROL_START,
     control_end: list[float] = CONTROL_END,
     control_mode: str = CONTROL_MODE,
+    guidance: float | None = GUIDANCE,
+    vae: Path | None = VAE_FILE,
+    clip_l: Path | None = CLIP_L_FILE,
+    clip_g: Path | None = CLIP_G_FILE,
+    t5: Path | None = T5_FILE,
 ) -> None:
     """Redraw an image towards a prompt and write PNGs with their parameters embedded."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -152,6 +173,7 @@ def img2img(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
+        parts=part_files(vae, clip_l, clip_g, t5),
     )  # fmt: skip
     controls = control_options(
         control, control_image, preprocess, control_weight, control_start, control_end,
@@ -167,7 +189,16 @@ def img2img(
     pipe = performance.load(model, device, dtype)
     configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion
     base = _base(
-        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls
+        prompt,
+        negative_prompt,
+        steps,
+        cfg,
+        seed,
+        sampler,
+        scheduler,
+        performance,
+        controls,
+        guidance,
     )
     check_control_files(pipe, replace(base, width=picture.width, height=picture.height))
 
@@ -211,10 +242,10 @@ def inpaint(
         None, "--height", "-H", help="Working height of --inpaint-full-res (default: native)."
     ),
     negative_prompt: str = NEGATIVE,
-    steps: int = STEPS,
+    steps: int | None = STEPS,
     cfg: float | None = CFG,
     seed: int | None = SEED,
-    sampler: str = SAMPLER,
+    sampler: str | None = SAMPLER,
     scheduler: str = SCHEDULER,
     batch_size: int = BATCH_SIZE,
     num_images: int = NUM_IMAGES,
@@ -241,6 +272,11 @@ def inpaint(
     control_start: list[float] = CONTROL_START,
     control_end: list[float] = CONTROL_END,
     control_mode: str = CONTROL_MODE,
+    guidance: float | None = GUIDANCE,
+    vae: Path | None = VAE_FILE,
+    clip_l: Path | None = CLIP_L_FILE,
+    clip_g: Path | None = CLIP_G_FILE,
+    t5: Path | None = T5_FILE,
 ) -> None:
     """Repaint the white part of a mask; pixels the blurred mask leaves out stay exactly."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -248,6 +284,7 @@ def inpaint(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
+        parts=part_files(vae, clip_l, clip_g, t5),
     )  # fmt: skip
     controls = control_options(
         control, control_image, preprocess, control_weight, control_start, control_end,
@@ -275,7 +312,16 @@ def inpaint(
 
     options = InpaintOptions(strength, mask_blur, full_res, full_res_padding, width, height)
     base = _base(
-        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls
+        prompt,
+        negative_prompt,
+        steps,
+        cfg,
+        seed,
+        sampler,
+        scheduler,
+        performance,
+        controls,
+        guidance,
     )
     _inpaint_and_save(
         picture, stencil, base, options, num_images, batch_size, model, device, dtype, out,
@@ -293,10 +339,10 @@ def outpaint(
     strength: float = INPAINT_STRENGTH,
     mask_blur: int = MASK_BLUR,
     negative_prompt: str = NEGATIVE,
-    steps: int = STEPS,
+    steps: int | None = STEPS,
     cfg: float | None = CFG,
     seed: int | None = SEED,
-    sampler: str = SAMPLER,
+    sampler: str | None = SAMPLER,
     scheduler: str = SCHEDULER,
     batch_size: int = BATCH_SIZE,
     num_images: int = NUM_IMAGES,
@@ -323,6 +369,11 @@ def outpaint(
     control_start: list[float] = CONTROL_START,
     control_end: list[float] = CONTROL_END,
     control_mode: str = CONTROL_MODE,
+    guidance: float | None = GUIDANCE,
+    vae: Path | None = VAE_FILE,
+    clip_l: Path | None = CLIP_L_FILE,
+    clip_g: Path | None = CLIP_G_FILE,
+    t5: Path | None = T5_FILE,
 ) -> None:
     """Grow the canvas (new borders start as repeated edge pixels) and paint the new area."""
     check_options(sampler, scheduler, steps, batch_size, num_images, device, dtype, seed)
@@ -330,6 +381,7 @@ def outpaint(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
         low_memory=low_memory, cuda_graphs=cuda_graphs,
+        parts=part_files(vae, clip_l, clip_g, t5),
     )  # fmt: skip
     controls = control_options(
         control, control_image, preprocess, control_weight, control_start, control_end,
@@ -344,7 +396,16 @@ def outpaint(
 
     options = InpaintOptions(strength, mask_blur)
     base = _base(
-        prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, performance, controls
+        prompt,
+        negative_prompt,
+        steps,
+        cfg,
+        seed,
+        sampler,
+        scheduler,
+        performance,
+        controls,
+        guidance,
     )
     _inpaint_and_save(
         canvas, stencil, base, options, num_images, batch_size, model, device, dtype, out, extra,

@@ -21,12 +21,19 @@ def info(
 
     from ldm_cli.checkpoints.detect import FAMILY_NAMES, detect_config
     from ldm_cli.checkpoints.file import read_header
+    from ldm_cli.checkpoints.flow_sources import is_flow_file
     from ldm_cli.checkpoints.header import KNOWN_EXTRAS
     from ldm_cli.core.config import ModelConfig
 
     header = read_header(checkpoint) if not checkpoint.is_dir() else None
     if header is None or any(k.endswith(CONTROL_MARKS) for k in header.tensors):
         return _control_info(checkpoint)
+    if is_flow_file(header):
+        if prediction is not None:
+            from ldm_cli.core.errors import UserError
+
+            raise UserError(f"--prediction does not apply to {checkpoint.name} (a flow model)")
+        return _flow_info(header)
     if not any(
         k.startswith(("model.", "first_stage_model.", "conditioner.")) for k in header.tensors
     ):
@@ -148,3 +155,40 @@ def _upscaler_info(path: Path) -> None:
             f"on average, {heldout['worst_gain_db']:+.2f} dB on the worst"
         )
     print(f"use:         ldm upscale IMAGE --upscaler {path}")
+
+
+def _flow_info(header) -> None:
+    """A FLUX or SD3 file: the release it is shaped like, each part's size, what it lacks.
+    The parts it holds are built on the meta device and checked against its tensors."""
+    import time
+    from collections import Counter
+
+    from ldm_cli.checkpoints.detect.flow import detect_flow, flow_model_name, missing_parts
+    from ldm_cli.checkpoints.flow_sources import PART_PREFIXES, TRANSFORMER, flow_sources
+    from ldm_cli.models.flow_loading import build_empty_flow, check_parts
+
+    start = time.perf_counter()
+    sources = flow_sources(header, {})
+    cfg = detect_flow(sources.header)
+    check_parts(build_empty_flow(cfg), sources)
+    built = time.perf_counter() - start
+    print(f"file:        {header.path}")
+    print(f"family:      {cfg.family} ({flow_model_name(cfg)})")
+    print("prediction:  flow (velocity; rectified flow)")
+    print(f"resolution:  {cfg.default_size}x{cfg.default_size}")
+    print(f"defaults:    {cfg.default_steps} steps, cfg {cfg.default_cfg:g}", end="")
+    print(f", guidance {cfg.default_guidance:g}" if cfg.default_guidance else "")
+    print(f"tensors:     {len(header.tensors)}")
+    parts = {"transformer": TRANSFORMER, **PART_PREFIXES}
+    for name, prefix in parts.items():
+        infos = [t for k, t in sources.header.tensors.items() if k.startswith(prefix)]
+        if not infos:
+            continue
+        count = sum(_numel(t.shape) for t in infos)
+        dtypes = Counter(t.dtype for t in infos)
+        kinds = ", ".join(f"{d} x{n}" for d, n in dtypes.most_common())
+        print(f"{name + ':':<13}{count:>14,} parameters  ({kinds})")
+    missing = missing_parts(sources.header, cfg)
+    if missing:
+        print(f"needs:       {' '.join(m + ' FILE' for m in missing)} to generate")
+    print(f"checked:     every tensor's name and shape, on the meta device in {built:.1f} s")

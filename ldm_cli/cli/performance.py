@@ -87,6 +87,8 @@ class Performance:
     token_merging: float = 0.0
     low_memory: bool | None = None
     cuda_graphs: bool = False
+    # a flow model's part files (--vae, --clip-l, --clip-g, --t5): (load option, path) pairs
+    parts: tuple[tuple[str, Path], ...] = ()
 
     @classmethod
     def checked(cls, model: Path | None, **values) -> Performance:
@@ -129,7 +131,7 @@ class Performance:
         pipe = load(
             model, device, dtype, compile=self.compile, offload=self.offload,
             vae_tiling=self.vae_tiling, low_memory=self.low_memory,
-            cuda_graphs=self.cuda_graphs, **options,
+            cuda_graphs=self.cuda_graphs, **dict(self.parts), **options,
         )  # fmt: skip
         if self.preview is not None:
             from ldm_cli.runtime.preview import PreviewWriter

@@ -94,6 +94,14 @@ def train(
         "--init",
         help="x4 upscaler configs: start the U-Net from this x4 checkpoint's (a fine-tune).",
     ),
+    objective: str | None = typer.Option(
+        None,
+        "--objective",
+        help="What the U-Net learns: eps or v (noise prediction, the config's or the base's "
+        "own by default), or flow (rectified flow: the velocity noise - x0 along straight "
+        "paths, as SD3 and FLUX; sampled with euler, euler_a, heun, dpm2 or lms). With --base "
+        "an eps model's U-Net is fine-tuned to the new objective.",
+    ),
     base: Path | None = typer.Option(
         None,
         "--base",
@@ -136,6 +144,10 @@ def train(
     for name, value in (("--lr", lr), ("--text-lr", text_lr), ("--vae-lr", vae_lr)):
         if not value > 0:
             raise UserError(f"{name} must be positive, got {value}")
+    if objective not in (None, "eps", "v", "flow"):
+        raise UserError(f"--objective must be eps, v or flow, got {objective!r}")
+    if objective is not None and is_upscaler_unet(cfg.unet):
+        raise UserError("--objective is for text-to-image configs, not x4 upscalers")
     if mixed_precision not in MIXED_PRECISION:
         raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     if export_dtype not in EXPORT_DTYPES:
@@ -172,6 +184,7 @@ def train(
         base=base,
         sides=side_list,
         init=init,
+        objective=objective,
     )
     _report(run_training(plan), out)
 

@@ -47,6 +47,10 @@ class VAEConfig:
     resolution: int = 256
     norm_groups: int = 32
     scale_factor: float = 0.18215
+    # latents are (z - shift_factor) * scale_factor (SD3, FLUX); 0 for SD 1.x/2.x/XL
+    shift_factor: float = 0.0
+    # quant_conv / post_quant_conv 1x1 convolutions (absent from the SD3 and FLUX VAEs)
+    use_quant_conv: bool = True
 
     @property
     def downscale(self) -> int:
@@ -93,7 +97,9 @@ class ModelConfig:
     unet: UNetConfig
     vae: VAEConfig
     text: TextConfig
-    prediction: str = "eps"  # "eps" or "v"
+    prediction: str = "eps"  # "eps", "v", or "flow" (velocity of a rectified flow)
+    # "flow" only: the static shift of its sigmas (samplers.flow; SD3 uses 3)
+    flow_shift: float = 1.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     default_size: int = 512
     # The guidance scale `ldm upscale` uses when --cfg is not given (a model trained for another

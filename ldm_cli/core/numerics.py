@@ -49,8 +49,9 @@ def decode_finite(
     model_dtype: torch.dtype | None = None,
     warn: Callable[[str], None] = _warn,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shift_factor: float = 0.0,
 ) -> torch.Tensor:
-    """`vae.decode(latents / scale_factor)` as float32, checked to be finite.
+    """`vae.decode(latents / scale_factor + shift_factor)` as float32, checked to be finite.
 
     Non-finite latents are refused before decoding. A half-precision decoder whose output is
     not finite is converted to fp32 in place (it stays so) and the batch decoded again.
@@ -59,14 +60,14 @@ def decode_finite(
     check_latents(latents, model_dtype)
     decode = decode or vae.decode
     dtype = next(vae.parameters()).dtype
-    images = decode(latents.to(dtype) / scale_factor).float()
+    images = decode(latents.to(dtype) / scale_factor + shift_factor).float()
     if bool(torch.isfinite(images).all()):
         return images
     if dtype in (torch.float16, torch.bfloat16):
         warn(RETRY_WARNING.format(dtype=_dtype_name(dtype)))
         with torch.inference_mode(False):  # the fp32 weights stay ordinary tensors
             vae.float()
-        images = decode(latents.float() / scale_factor).float()
+        images = decode(latents.float() / scale_factor + shift_factor).float()
         if bool(torch.isfinite(images).all()):
             return images
         raise UserError(IMAGE_MESSAGE.format(how=", in fp32 too"), exit_code=1)

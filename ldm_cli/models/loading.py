@@ -26,7 +26,7 @@ TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 UNET_PREFIX = "model.diffusion_model."
 
 
-class _SkipMetaInit(TorchFunctionMode):
+class SkipMetaInit(TorchFunctionMode):
     """Makes parameter initialisation a no-op on meta tensors.
 
     Initialising meta tensors does nothing useful, and ``normal_`` on meta is a Python
@@ -51,7 +51,7 @@ def _on_meta(value) -> bool:
 
 
 def build_empty(cfg: ModelConfig) -> LatentDiffusion:
-    with torch.device("meta"), _SkipMetaInit():
+    with torch.device("meta"), SkipMetaInit():
         return LatentDiffusion(cfg)
 
 

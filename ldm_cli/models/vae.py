@@ -3,7 +3,7 @@
 ``AutoencoderKL(cfg).state_dict()`` has exactly the keys found under ``first_stage_model.`` in an
 original Stable Diffusion checkpoint, so such a checkpoint loads without any key conversion.
 Latents given to ``decode`` and returned by ``encode`` are unscaled; the pipeline applies
-``cfg.scale_factor``.
+``cfg.scale_factor`` (and ``cfg.shift_factor``).
 
 Every module is built without data-dependent initialisation, so the whole model can be created
 under ``torch.device("meta")`` and filled with ``load_state_dict(sd, assign=True)``.
@@ -266,8 +266,11 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         z_moments = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
-        self.quant_conv = nn.Conv2d(z_moments, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(z_moments, 2 * cfg.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        else:  # SD3 and FLUX: the moments are the encoder's output as they are
+            self.quant_conv = self.post_quant_conv = nn.Identity()
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Image in [-1, 1] -> posterior over unscaled latents."""

@@ -85,7 +85,14 @@ def layer_table(model: nn.Module) -> dict[str, LayerTarget]:
     Names are those of a LoRA key without its suffix: ``lora_unet_..._to_q`` (kohya, from
     diffusers' or the original path), ``unet.down_blocks...to_q`` (diffusers/PEFT),
     ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, ``text_encoder.text_model...``.
+    A flow model (FLUX.1, SD3) has its own table: :mod:`ldm_cli.networks.flow_keys`.
     """
+    from ldm_cli.models.flow_model import FlowDiffusion
+
+    if isinstance(model, FlowDiffusion):
+        from ldm_cli.networks.flow_keys import flow_layer_table
+
+        return flow_layer_table(model)
     table: dict[str, LayerTarget] = {}
 
     def add(names: list[str], target: LayerTarget) -> None:

@@ -13,7 +13,7 @@ from ldm_cli.control.units import control_specs
 from ldm_cli.pipeline import base
 from ldm_cli.pipeline.base import Progress
 from ldm_cli.pipeline.request import Request, random_seed, seeded_batches
-from ldm_cli.pipeline.tasks import sdxl
+from ldm_cli.pipeline.tasks import flow, sdxl
 from ldm_cli.pipeline.tasks.hires import HiresFix
 
 
@@ -25,10 +25,10 @@ class Tasks:
         prompt: str,
         negative_prompt: str = "",
         *,
-        steps: int = 30,
+        steps: int | None = None,
         cfg: float | None = None,
         seed: int | None = None,
-        sampler: str = "euler_a",
+        sampler: str | None = None,
         scheduler: str = "auto",
         width: int | None = None,
         height: int | None = None,
@@ -41,11 +41,14 @@ class Tasks:
         token_merging: float = 0.0,
         control=None,
         control_mode: str = "balanced",
+        guidance: float | None = None,
     ) -> list[Image.Image]:
         """Images k = 0..num_images-1 use seed + k whatever the batch size.
 
         `cfg` defaults to the checkpoint's own guidance scale (`config.default_cfg`, 7.5 unless
-        its metadata names another). Each image carries its AUTOMATIC1111 `parameters` text in
+        its metadata names another); `steps` and `sampler` to the model's (30 and euler_a; a
+        flow model's own count and euler). `guidance` is FLUX dev's distilled guidance (default
+        3.5). Each image carries its AUTOMATIC1111 `parameters` text in
         `image.info`. `hires` upscales each image and refines it with img2img (A1111's "hires fix").
         `rescale_cfg` is the guidance rescale PHI (0..1; see ldm_cli.pipeline.cfg_rescale).
         `deep_cache` N > 1 reuses the U-Net's deep features for N-1 of every N calls: faster,
@@ -60,7 +63,7 @@ class Tasks:
             prompt, negative_prompt, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
             scheduler=scheduler, width=width, height=height, rescale_cfg=rescale_cfg,
             deep_cache=deep_cache, token_merging=token_merging, control=control,
-            control_mode=control_mode,
+            control_mode=control_mode, guidance=guidance,
         )  # fmt: skip
         return [
             image
@@ -73,10 +76,10 @@ class Tasks:
         prompt: str,
         negative_prompt: str = "",
         *,
-        steps: int = 30,
+        steps: int | None = None,
         cfg: float | None = None,
         seed: int | None = None,
-        sampler: str = "euler_a",
+        sampler: str | None = None,
         scheduler: str = "auto",
         width: int | None = None,
         height: int | None = None,
@@ -85,15 +88,16 @@ class Tasks:
         token_merging: float = 0.0,
         control=None,
         control_mode: str = "balanced",
+        guidance: float | None = None,
     ) -> Request:
         """A text-to-image request with this model's defaults where an option is None (its
-        size, its guidance scale, a random seed), checked against the model."""
+        size, guidance scale, steps and sampler, a random seed), checked against the model."""
         size = self.config.default_size
         req = Request(
             prompt,
             negative_prompt,
             steps,
-            self.guidance_scale(cfg),
+            cfg,
             random_seed() if seed is None else seed,
             sampler,
             scheduler,
@@ -104,7 +108,9 @@ class Tasks:
             token_merging,
             control_specs(control),
             control_mode,
+            guidance,
         )
+        req = self.with_defaults(req)
         self.validate(req)
         return req
 
@@ -178,3 +184,7 @@ class Pipeline(Tasks, base.Pipeline):
 
 class SDXLPipeline(Tasks, sdxl.SDXLPipeline):
     """SDXL base, inpainting and refiner files' pipeline with its tasks."""
+
+
+class FlowPipeline(Tasks, flow.FlowPipeline):
+    """FLUX.1 and SD3/3.5 files' pipeline with its tasks."""

@@ -19,6 +19,7 @@ from ldm_cli.pipeline.request import Request, check_request
 from ldm_cli.runtime.deep_cache import deep_cache
 from ldm_cli.runtime.token_merging import token_merging
 from ldm_cli.samplers import SAMPLERS
+from ldm_cli.samplers.flow import FLOW_SAMPLERS, flow_x0, static_shift_sigmas
 from ldm_cli.samplers.schedules import (
     Denoiser,
     DiscreteSchedule,
@@ -45,16 +46,21 @@ class Pipeline:
         self.path = Path(path)
         self.device = device
         self.dtype = dtype
-        self.schedule = DiscreteSchedule(self.config.schedule)
-        self.tokenizer = get_tokenizer(self.config.text.pad_token_id)
         self.vae_tiling = "auto"  # "auto", "on" or "off": see ldm_cli.pipeline.vae_codec
         self.preview = None  # called with each step's x0 (ldm_cli.runtime.preview.PreviewWriter)
         self.released: set[str] = set()  # parts whose weights `release` gave back
+        self._control_nets = None  # the ControlNets runs used, built once (control_nets)
+        self.setup_family()
+
+    def setup_family(self) -> None:
+        """What the U-Net models' stages read: the noise schedule, the CLIP tokenizer, the
+        file's clip skip and prediction (a flow pipeline has none of them)."""
+        self.schedule = DiscreteSchedule(self.config.schedule)
+        self.tokenizer = get_tokenizer(self.config.text.pad_token_id)
         # the file's own clip skip (before a clip_skip= override): the parameters text names
         # the one used wherever it differs, so that --from-png gets it back
         self.file_clip_skip = self.config.text.clip_skip
         self.file_prediction: str | None = self.config.prediction  # None: only a probe can tell
-        self._control_nets = None  # the ControlNets runs used, built once (control_nets)
 
     @property
     def control_nets(self):
@@ -179,8 +185,17 @@ class Pipeline:
         shape = self.latent_shape(width, height)
         return torch.randn(shape, generator=gen, dtype=torch.float32), gen
 
+    @property
+    def is_flow(self) -> bool:
+        """A U-Net trained on the rectified-flow objective (`ldm train --objective flow`):
+        it predicts the velocity noise - x0 at flow time sigma, given timestep sigma * 1000."""
+        return self.config.prediction == "flow"
+
     def sigmas(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
         """The run's sigmas and the U-Net timestep of each step (as diffusers feeds them)."""
+        if self.is_flow:
+            sigmas = static_shift_sigmas(req.steps, self.config.flow_shift)
+            return sigmas, sigmas[:-1] * 1000
         info = SAMPLERS[req.sampler]
         final = info.default_final if req.spacing == info.default_spacing else "zero"
         sigmas = get_sigmas(self.schedule, req.steps, req.spacing, final=final)
@@ -211,17 +226,21 @@ class Pipeline:
         if req.control:
             run_steps = len(sigmas) - 1 - (start.skip if start is not None else 0)
             unet_fn = self.with_control(unet_fn, req, noise, clock, run_steps)
-        denoiser = Denoiser(
-            unet_fn,
-            self.schedule,
-            self.config.prediction,
-            pinned_timesteps=(sigmas[:-1], timesteps),
-        )
+        if self.is_flow:
+            denoiser = flow_unet_denoiser(unet_fn)
+        else:
+            denoiser = Denoiser(
+                unet_fn,
+                self.schedule,
+                self.config.prediction,
+                pinned_timesteps=(sigmas[:-1], timesteps),
+            )
         model = cfg_denoiser(denoiser, cond, uncond, req.cfg, clock, rescale=req.rescale_cfg)
         noise = noise.to(self.device)
         if start is None:
-            x = noise * init_noise_sigma(float(sigmas[0]), req.spacing)
+            x = noise if self.is_flow else noise * init_noise_sigma(float(sigmas[0]), req.spacing)
         else:
+            start = replace(start, flow=self.is_flow)
             sigmas = sigmas[start.skip :]
             if len(sigmas) == 1:  # strength 0: nothing to denoise
                 return start.latents
@@ -242,9 +261,10 @@ class Pipeline:
             deep_cache(unet, req.deep_cache),
             token_merging(unet, req.token_merging, height, width),
         ):
-            x = SAMPLERS[req.sampler].fn(model, x, sigmas, generator=generators, callback=on_step)
+            sampler = FLOW_SAMPLERS[req.sampler] if self.is_flow else SAMPLERS[req.sampler].fn
+            x = sampler(model, x, sigmas, generator=generators, callback=on_step)
         # DDIM stops at the first table sigma as diffusers/CompVis do; it decodes the VP latent
-        x = to_vp_latent(x, sigmas[-1])
+        x = x if self.is_flow else to_vp_latent(x, sigmas[-1])
         return x if start is None else start.finish(x)
 
     def with_control(self, unet_fn, req: Request, noise: torch.Tensor, clock, run_steps: int):
@@ -288,6 +308,12 @@ class Pipeline:
 
         check_request(req, self.size_multiple)
         check_mode(self.vae_tiling)
+        if self.is_flow:
+            check_flow_request(req, self.name)
+        if req.guidance is not None:
+            raise UserError(
+                "--guidance is FLUX dev's distilled guidance; this model takes --cfg only"
+            )
 
     def conditioning(self, requests: list[Request]):
         """Validate a batch (it may differ in prompts and seeds only); (cond, uncond or None)."""
@@ -332,6 +358,23 @@ class Pipeline:
             self.release_unet_before_decoding(latents)
         yield from zip(requests, self.decode(latents), strict=True)
 
+    @property
+    def default_sampler(self) -> str:
+        return "euler" if self.is_flow else "euler_a"
+
+    @property
+    def default_steps(self) -> int:
+        return 30
+
+    def with_defaults(self, req: Request) -> Request:
+        """`req` with the model's own guidance scale, steps and sampler where they are None."""
+        return replace(
+            req,
+            cfg=self.guidance_scale(req.cfg),
+            steps=self.default_steps if req.steps is None else req.steps,
+            sampler=self.default_sampler if req.sampler is None else req.sampler,
+        )
+
     def guidance_scale(self, cfg: float | None) -> float:
         """`cfg`, or where it is None the checkpoint's own scale (`config.default_cfg`: 7.5
         unless its ldm_config names another)."""
@@ -348,6 +391,35 @@ class Pipeline:
         from ldm_cli.pipeline.infotext import parameters_text
 
         return parameters_text(self, req, extra, second_pass)
+
+
+def flow_unet_denoiser(unet_fn):
+    """`(x, sigma, **cond) -> x0` of a flow-objective U-Net: x - sigma * v, the U-Net given
+    the noisy latents as they are and timestep sigma * 1000."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        return flow_x0(x, sigma, unet_fn(x, sigma * 1000, **cond).float())
+
+    denoise.prediction = "flow"
+    return denoise
+
+
+def check_flow_request(req: Request, name: str) -> None:
+    """What a flow model's run cannot take (a one-line UserError)."""
+    if req.sampler not in FLOW_SAMPLERS:
+        raise UserError(
+            f"sampler {req.sampler!r} does not run flow models ({name}) yet; choose one of "
+            f"{', '.join(FLOW_SAMPLERS)}"
+        )
+    if req.scheduler not in ("auto", "simple"):
+        raise UserError(
+            f"--scheduler {req.scheduler} does not apply to {name}: flow models use their own "
+            "shifted schedule (auto)"
+        )
+    if req.rescale_cfg:
+        raise UserError(f"--rescale-cfg does not work with flow models ({name}) yet")
 
 
 def _in_dtype(unet, dtype: torch.dtype):

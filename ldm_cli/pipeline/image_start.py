@@ -24,10 +24,14 @@ from ldm_cli.samplers.schedules import init_noise_sigma
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def first_step(steps: int, strength: float) -> int:
-    """Index of the first sigma an image-conditioned run uses (diffusers' `get_timesteps`)."""
+def first_step(steps: int, strength: float, flow: bool = False) -> int:
+    """Index of the first sigma an image-conditioned run uses (diffusers' `get_timesteps`:
+    its SD pipelines run int(steps * strength) steps; its flow pipelines, FLUX's and SD3's,
+    skip int(steps - steps * strength), so 4 steps at 0.6 run 3 there, 2 here)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be within [0, 1], got {strength}")
+    if flow:
+        return int(max(steps - steps * strength, 0))
     return steps - min(int(steps * strength), steps)
 
 
@@ -42,12 +46,15 @@ class ImageStart:
         latents at every call: mask and masked-image latents for 9-channel inpainting models.
     keep: latent mask [B or 1, 1, h, w], 1 where the image latents are kept (inpainting with an
         ordinary 4-channel model).
+    flow: a rectified-flow model's run, where noising to sigma is `(1 - sigma) * latents +
+        sigma * noise` (diffusers' `scale_noise`) instead of `latents + sigma * noise`.
     """
 
     latents: torch.Tensor | None
     skip: int = 0
     concat: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    flow: bool = False
 
     def __post_init__(self) -> None:
         if self.latents is None and (self.skip > 0 or self.keep is not None):
@@ -61,12 +68,14 @@ class ImageStart:
     def wrap_denoiser(self, model: Denoise, noise: torch.Tensor) -> Denoise:
         if self.keep is None:
             return model
-        return keep_outside_mask(model, self.latents, noise, self.keep)
+        return keep_outside_mask(model, self.latents, noise, self.keep, self.flow)
 
     def initial_x(self, noise: torch.Tensor, first_sigma: float, spacing: str) -> torch.Tensor:
+        if self.flow:
+            return noise if self.skip == 0 else noised(self.latents, noise, first_sigma, True)
         if self.skip == 0:
             return noise * init_noise_sigma(first_sigma, spacing)
-        return self.latents + noise * first_sigma
+        return noised(self.latents, noise, first_sigma)
 
     def finish(self, latents: torch.Tensor) -> torch.Tensor:
         """The sampled latents with the kept region set back to the image's latents exactly."""
@@ -87,8 +96,19 @@ def concat_channels(
     return call
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, sigma, flow: bool = False) -> torch.Tensor:
+    """The latents noised to `sigma`: in sigma space, or on a rectified flow's path."""
+    if flow:
+        return (1 - sigma) * latents + sigma * noise
+    return latents + noise * sigma
+
+
 def keep_outside_mask(
-    model: Denoise, latents: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor
+    model: Denoise,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    keep: torch.Tensor,
+    flow: bool = False,
 ) -> Denoise:
     """Inpainting with a model that never saw a mask (ComfyUI's KSamplerX0Inpaint).
 
@@ -100,7 +120,7 @@ def keep_outside_mask(
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(sigma, device=x.device).reshape(-1, 1, 1, 1)
-        x = x * (1 - keep) + (latents + noise * s) * keep
+        x = x * (1 - keep) + noised(latents, noise, s, flow) * keep
         x0 = model(x, sigma)
         return x0 * (1 - keep) + latents * keep
 

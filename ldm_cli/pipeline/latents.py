@@ -41,7 +41,8 @@ def encode_latents(
         row = min(i, mean.shape[0] - 1)
         noise = torch.randn(mean.shape[1:], generator=gen, dtype=torch.float32)
         rows.append(mean[row] + std[row] * noise.to(mean.device))
-    return torch.stack(rows) * pipe.config.vae.scale_factor
+    vae = pipe.config.vae
+    return (torch.stack(rows) - vae.shift_factor) * vae.scale_factor
 
 
 def start_noise(pipe: PipelineParts, req: Request, gens: list[torch.Generator]) -> torch.Tensor:

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from ldm_cli.checkpoints.detect import detect_config
+from ldm_cli.checkpoints.detect.flow import detect_flow, flow_model_name, missing_parts
 from ldm_cli.checkpoints.file import read_header
+from ldm_cli.checkpoints.flow_sources import flow_sources, is_flow_file
 from ldm_cli.checkpoints.header import CheckpointHeader
 from ldm_cli.checkpoints.prediction import (
     check_prediction,
@@ -27,10 +29,12 @@ from ldm_cli.checkpoints.prediction import (
 from ldm_cli.core.devices import resolve_device, resolve_dtype
 from ldm_cli.core.embedded import default_model_path
 from ldm_cli.core.errors import UserError
+from ldm_cli.models.flow_loading import load_flow_model
+from ldm_cli.models.flow_model import FlowDiffusion
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.loading import load_model
 from ldm_cli.models.prediction_probe import probe_prediction
-from ldm_cli.pipeline.api import Pipeline, SDXLPipeline
+from ldm_cli.pipeline.api import FlowPipeline, Pipeline, SDXLPipeline
 from ldm_cli.pipeline.vae_codec import check_mode
 from ldm_cli.runtime.offload import apply_offload, check_offload_device
 
@@ -45,7 +49,9 @@ class LoadOptions:
     fp16 file's large U-Net weights in fp16 on the CPU, widened per call (ops.narrow_weights):
     None (the default) does so unless `compile` or `offload`; False converts them at load.
     `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs
-    (runtime.compile)."""
+    (runtime.compile). `vae`, `clip_l`, `clip_g`, `t5`: files of a flow model's parts that
+    its main file lacks or that replace its own (FLUX's ae.safetensors, clip_l.safetensors,
+    t5xxl_fp16.safetensors; checkpoints.flow_sources)."""
 
     prediction: str | None = None
     clip_skip: int | None = None
@@ -54,6 +60,16 @@ class LoadOptions:
     vae_tiling: str = "auto"
     low_memory: bool | None = None
     cuda_graphs: bool = False
+    vae: str | Path | None = None
+    clip_l: str | Path | None = None
+    clip_g: str | Path | None = None
+    t5: str | Path | None = None
+
+    @property
+    def part_files(self) -> dict[str, Path]:
+        """The flow-model part files given, by part name."""
+        parts = {"vae": self.vae, "clip_l": self.clip_l, "clip_g": self.clip_g, "t5": self.t5}
+        return {name: Path(p) for name, p in parts.items() if p is not None}
 
     def check(self, device: torch.device) -> None:
         """The clashes that need no file: before any weights are read."""
@@ -99,6 +115,14 @@ def load_model_with(
     # offloaded weights are read into CPU memory and never all sit on the GPU at once
     home = device if options.offload == "none" else torch.device("cpu")
     header = read_header(path)
+    if is_flow_file(header):
+        return load_flow_with(header, device, home, dtype, options), header
+    if options.part_files:
+        given = ", ".join("--" + name.replace("_", "-") for name in options.part_files)
+        raise UserError(
+            f"{given}: separate part files are for FLUX and SD3 models; {header.path.name} "
+            "is not one"
+        )
     cfg = with_clip_skip(detect_config(header), options.clip_skip)
     model, header = load_model(header, device=home, dtype=dtype, cfg=cfg, narrow=options.narrow)
     model.config = settle_prediction(cfg, header, model, options.prediction)
@@ -108,6 +132,30 @@ def load_model_with(
         compile_unet(model.unet, device, options.cuda_graphs)
     apply_offload(model, options.offload, device)
     return model, header
+
+
+def load_flow_with(header, device, home, dtype, options: LoadOptions) -> FlowDiffusion:
+    """A FLUX or SD3 model from its main file and the part files the options name."""
+    if options.prediction is not None or options.clip_skip is not None:
+        flag = "--prediction" if options.prediction is not None else "--clip-skip"
+        raise UserError(f"{flag} does not apply to {header.path.name} (a flow model)")
+    parts = {name: read_header(p) for name, p in options.part_files.items()}
+    sources = flow_sources(header, parts)
+    cfg = detect_flow(sources.header)
+    missing = missing_parts(sources.header, cfg)
+    if missing:
+        raise UserError(
+            f"{header.path.name} is a {flow_model_name(cfg)} transformer without "
+            f"{', '.join(m.lstrip('-').replace('-', ' ').upper() for m in missing)} weights: "
+            f"give them with {' and '.join(m + ' FILE' for m in missing)}"
+        )
+    model = load_flow_model(sources, cfg, home, dtype, narrow=options.narrow)
+    if options.compiled:
+        from ldm_cli.runtime.compile import compile_unet
+
+        compile_unet(model.unet, device, options.cuda_graphs)
+    apply_offload(model, options.offload, device)
+    return model
 
 
 def settle_prediction(cfg, header: CheckpointHeader, model: LatentDiffusion, override):
@@ -130,6 +178,10 @@ def load_pipeline(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model, header = load_model_with(path, dev, dt, options)
+    if isinstance(model, FlowDiffusion):
+        pipe = FlowPipeline(model, header.path, dev, dt)
+        pipe.vae_tiling = options.vae_tiling
+        return pipe
     kind = SDXLPipeline if model.config.conditioner else Pipeline
     pipe = kind(model, header.path, dev, dt)
     pipe.vae_tiling = options.vae_tiling

@@ -32,6 +32,8 @@ class Request:
     # prompt: "balanced" or "controlnet" (diffusers' guess mode)
     control: tuple[ControlSpec, ...] = ()
     control_mode: str = "balanced"
+    # FLUX dev's distilled guidance (--guidance): an input of the model, not a second pass
+    guidance: float | None = None
 
     @property
     def spacing(self) -> str:

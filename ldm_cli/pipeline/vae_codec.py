@@ -120,7 +120,7 @@ def encode_tiled(
     tiles = tile_grid(w, h, tile, overlap)
     if len(tiles) == 1:
         return vae.encode(x)
-    channels = vae.quant_conv.out_channels
+    channels = 2 * vae.cfg.embed_dim
     blender = Blender(b * channels, w, h, 1, overlap)
     dtype = device = None
     for t in tiles:
@@ -152,7 +152,15 @@ def decode_latents(pipe: PipelineParts, latents: torch.Tensor) -> torch.Tensor:
     from ldm_cli.core.numerics import decode_finite
 
     decode = tiled_decoder(pipe, latents)
-    return decode_finite(pipe.vae, latents, pipe.config.vae.scale_factor, pipe.dtype, decode=decode)
+    vae = pipe.config.vae
+    return decode_finite(
+        pipe.vae,
+        latents,
+        vae.scale_factor,
+        pipe.dtype,
+        decode=decode,
+        shift_factor=vae.shift_factor,
+    )
 
 
 def encode_pixels(pipe: PipelineParts, pixels: torch.Tensor) -> DiagonalGaussian:

@@ -50,6 +50,8 @@ def run_training(plan: TrainPlan) -> TrainOutcome:
 
         base = load_fine_tune_base(plan.base, cfg)
         cfg = base.config
+    if plan.objective is not None:
+        cfg = cfg.with_(prediction=plan.objective)
     data = load_captioned_images(plan.data_dir, cfg.default_size)
     train, heldout = split(data, plan.holdout, loop.seed)
     record = run_data(plan.data_dir, len(data), len(train), len(heldout))

@@ -41,6 +41,9 @@ class TrainPlan:
     # default_size; empty: that one only), and an x4 checkpoint whose U-Net to start from.
     sides: tuple[int, ...] = ()
     init: Path | None = None
+    # what the U-Net learns to predict: None keeps the config's (or the base's) eps or v;
+    # "flow" trains the rectified-flow velocity (unet_stage.flow_loss)
+    objective: str | None = None
 
 
 @dataclass

@@ -127,11 +127,40 @@ def diffusion_loss(
     generator: torch.Generator,
     prediction: str = "eps",
 ) -> torch.Tensor:
-    """Min-SNR weighted MSE of the eps (or v) prediction, at uniform timesteps."""
+    """Min-SNR weighted MSE of the eps (or v) prediction, at uniform timesteps; for "flow",
+    the plain MSE of the velocity at logit-normal flow times (`flow_loss`)."""
     device = next(unet.parameters()).device
+    if prediction == "flow":
+        return flow_loss(unet, examples, indices, generator)
     batch = noised_batch(examples, alphas_cumprod, indices, generator, CAPTION_DROPOUT)
     output = unet(batch.noisy.to(device), batch.t.to(device), context=batch.context.to(device))
     return batch.loss(output, prediction)
+
+
+def flow_loss(
+    unet, examples: TrainingExamples, indices: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The rectified-flow objective (SD3's): x_t = (1 - t) x0 + t noise at flow times t drawn
+    logit-normal (sigmoid of a standard normal: most steps in the middle, where the velocity
+    is hardest), the U-Net given timestep 1000 t, its output regressed on noise - x0."""
+    device = next(unet.parameters()).device
+    x0, context = _rows(examples, indices, generator, CAPTION_DROPOUT)
+    t = torch.sigmoid(torch.randn(len(indices), generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    s = t.view(-1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * noise
+    output = unet(noisy.to(device), (t * 1000).to(device), context=context.to(device))
+    return (output.float() - (noise - x0).to(device)).square().mean()
+
+
+def _rows(examples: TrainingExamples, indices, generator, dropout: float):
+    """The latents and text features of rows `indices`, captions dropped to the empty one
+    at the dropout rate."""
+    x0 = examples.latents[indices]
+    context = examples.features[examples.caption_ids[indices]]
+    dropped = torch.rand(len(indices), generator=generator) < dropout
+    context = torch.where(dropped[:, None, None], examples.empty.to(context.dtype), context)
+    return x0, context.float()
 
 
 @dataclass
@@ -158,16 +187,13 @@ def noised_batch(
     dropout: float,
 ) -> NoisedBatch:
     """The rows `indices` noised at uniform timesteps with offset noise, on the CPU."""
-    x0 = examples.latents[indices]
-    context = examples.features[examples.caption_ids[indices]]
-    dropped = torch.rand(len(indices), generator=generator) < dropout
-    context = torch.where(dropped[:, None, None], examples.empty.to(context.dtype), context)
+    x0, context = _rows(examples, indices, generator, dropout)
     t = torch.randint(0, len(alphas_cumprod), (len(indices),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     noise += OFFSET_NOISE * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return NoisedBatch(x0, noise, a, t, noisy, context.float())
+    return NoisedBatch(x0, noise, a, t, noisy, context)
 
 
 def prediction_target(
@@ -179,6 +205,10 @@ def prediction_target(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the U-Net should output ("eps" or "v") and its min-SNR loss weight (gamma None:
     weight 1, plain MSE), for latents ``x0`` noised with ``noise`` at alphas_cumprod ``a``."""
+    if prediction not in ("eps", "v"):
+        from ldm_cli.core.errors import UserError
+
+        raise UserError(f"training on a {prediction}-prediction model is not supported here yet")
     if gamma is None:
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction == "v" else noise
         return target, torch.ones_like(a)

@@ -99,6 +99,7 @@ def config_from_json(text: str, header: CheckpointHeader | None = None) -> Model
             vae=_dataclass_from(VAEConfig, raw["vae"]),
             text=_dataclass_from(TextConfig, raw["text"]),
             prediction=raw.get("prediction", "eps"),
+            flow_shift=float(raw.get("flow_shift", 1.0)),
             schedule=_dataclass_from(ScheduleConfig, raw.get("schedule", {})),
             default_size=int(raw.get("default_size", 512)),
             default_cfg=float(raw.get("default_cfg", 7.5)),
@@ -115,8 +116,10 @@ def _check_config(cfg: ModelConfig) -> None:
     """The numbers of an ldm_config that shapes cannot check (ValueError naming the bad one)."""
     if cfg.family not in FAMILY_NAMES:
         raise ValueError(f"unknown family {cfg.family!r}")
-    if cfg.prediction not in ("eps", "v"):
-        raise ValueError(f"prediction must be eps or v, got {cfg.prediction!r}")
+    if cfg.prediction not in ("eps", "v", "flow"):
+        raise ValueError(f"prediction must be eps, v or flow, got {cfg.prediction!r}")
+    if not 0 < cfg.flow_shift < 100:
+        raise ValueError(f"flow_shift must be a positive number, got {cfg.flow_shift}")
     size = cfg.default_size
     if not 8 <= size <= MAX_SIDE or size % 8:
         raise ValueError(f"default_size must be a multiple of 8 from 8 to {MAX_SIDE}, got {size}")

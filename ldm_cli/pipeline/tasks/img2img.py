@@ -42,15 +42,16 @@ def base_request(
     prompt: str,
     negative_prompt: str = "",
     *,
-    steps: int = 30,
-    cfg: float | None = None,  # None: the checkpoint's own (Pipeline.guidance_scale)
+    steps: int | None = None,  # None: the model's own (Pipeline.with_defaults)
+    cfg: float | None = None,
     seed: int | None = None,
-    sampler: str = "euler_a",
+    sampler: str | None = None,
     scheduler: str = "auto",
     deep_cache: int = 0,
     token_merging: float = 0.0,
     control=None,
     control_mode: str = "balanced",
+    guidance: float | None = None,
 ) -> Request:
     """A request whose size the image decides later; `control`: ControlNets (ldm_cli.Control,
     one or several) and `control_mode` how they weigh against the prompt."""
@@ -60,7 +61,7 @@ def base_request(
     return Request(
         prompt, negative_prompt, steps, cfg, seed, sampler, scheduler, 0, 0,
         deep_cache=deep_cache, token_merging=token_merging,
-        control=control_specs(control), control_mode=control_mode,
+        control=control_specs(control), control_mode=control_mode, guidance=guidance,
     )  # fmt: skip
 
 
@@ -88,7 +89,7 @@ def image_start(images: list[Image.Image], strength: float) -> Prepare:
     step, then the start noise; a 9-channel model also gets an all-white mask."""
 
     def prepare(pipe, head: Request, gens: list[torch.Generator]):
-        skip = first_step(head.steps, strength)
+        skip = first_step(head.steps, strength, pipe.is_flow)
         latents = None
         if skip > 0:
             same = all(image is images[0] for image in images)
@@ -121,7 +122,7 @@ def iter_img2img(
     if message and notice:
         notice(message)
     width, height = fitted.image.size
-    base = replace(base, width=width, height=height, cfg=pipe.guidance_scale(base.cfg))
+    base = pipe.with_defaults(replace(base, width=width, height=height))
     pipe.validate(base)
     extra = {"Denoising strength": format_number(strength)}
     batches = seeded_batches(base, num_images, batch_size)

@@ -123,7 +123,7 @@ def masked_start(image: Image.Image, mask: np.ndarray, strength: float) -> Prepa
     at every step (a mask at latent resolution, any pixel of a cell to repaint)."""
 
     def prepare(pipe, head: Request, gens: list[torch.Generator]):
-        skip = first_step(head.steps, strength)
+        skip = first_step(head.steps, strength, pipe.is_flow)
         pixels = to_pixels([image])
         binary = torch.from_numpy(np.ascontiguousarray(mask >= 0.5)).float()[None, None]
         latents = None
@@ -156,7 +156,7 @@ def iter_inpaint(
     """Images k = 0..num_images-1 (seed + k), each carrying its A1111 parameters text.
     `release`: as in `iter_img2img`."""
     check_strength(options.strength)
-    base = replace(base, cfg=pipe.guidance_scale(base.cfg))
+    base = pipe.with_defaults(base)
     image = load_image(image)
     mask = load_mask(mask, image)
     if options.full_res:
