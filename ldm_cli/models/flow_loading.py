@@ -1,9 +1,9 @@
 """Build a flow model on the meta device and fill it, strictly, from the files it came in.
 
 Every tensor is read from its own file (`checkpoints.flow_sources`) under its all-in-one name.
-Large transformer weights stored narrower than the compute dtype stay narrow and are widened
-per call (`ops.narrow_weights`): fp16/bf16 files by default on the CPU (`narrow`), fp8
-(`float8_e4m3fn`, `float8_e5m2`) files always, on every device.
+The transformer's linear weights stored narrower than the compute dtype stay narrow and are
+widened per call (`ops.narrow_weights`): an fp16/bf16 file's large ones by default on the CPU
+(`narrow`), an fp8 file's (`float8_e4m3fn`, `float8_e5m2`) always, on every device.
 """
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ def narrow_names(
         if not name.startswith(TRANSFORMER) or not isinstance(module, Linear):
             continue
         info = sources.header.tensors.get(f"{name}.weight")
-        if info is None or math.prod(info.shape) * dtype.itemsize < narrow_weights.MIN_BYTES:
+        if info is None:
             continue
-        fp8 = info.dtype in FP8_DTYPES
+        large = math.prod(info.shape) * dtype.itemsize >= narrow_weights.MIN_BYTES
         half = info.dtype in ("F16", "BF16") and narrow and device.type == "cpu"
-        if fp8 or (half and dtype == torch.float32):
+        if info.dtype in FP8_DTYPES or (large and half and dtype == torch.float32):
             names.add(f"{name}.weight")
     return frozenset(names)
 

@@ -58,3 +58,22 @@ def test_q8_0_flux_draws_its_fp16_source(flux_files):
     b = np.asarray(quantised.generate("a cat", **options)[0]).astype(int)
     assert np.abs(a - b).max() <= 6
     assert np.abs(a - b).mean() <= 1.0
+
+
+def test_fp8_transformer_is_widened_per_call(flux_files, tmp_path):
+    """A float8_e4m3fn file (as FLUX fp8 checkpoints ship): the large linear weights stay fp8
+    and are widened per call; the image stays near the fp16 source's."""
+    from safetensors.torch import save_file
+
+    state = load_file(str(flux_files["model"]))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()}
+    save_file(fp8, str(tmp_path / "model-fp8.safetensors"))
+    parts = {k: flux_files[k] for k in ("vae", "clip_l", "t5")}
+    pipe = ldm_cli.load(tmp_path / "model-fp8.safetensors", "cpu", **parts)
+    dtypes = {p.dtype for p in pipe.model.unet.parameters()}
+    assert torch.float8_e4m3fn in dtypes and torch.float32 in dtypes
+    source = ldm_cli.load(flux_files["model"], "cpu", **parts)
+    options = {"seed": 1, "steps": 4, "width": 64, "height": 64}
+    a = np.asarray(source.generate("a cat", **options)[0]).astype(int)
+    b = np.asarray(pipe.generate("a cat", **options)[0]).astype(int)
+    assert np.abs(a - b).mean() <= 6
