@@ -18,7 +18,7 @@ from ldm_cli.checkpoints.gguf_file import GGUFHeader, read_gguf_tensors
 from ldm_cli.core.errors import UserError
 from ldm_cli.core.flow_config import FlowModelConfig
 from ldm_cli.models.flow_model import FlowDiffusion
-from ldm_cli.models.loading import SkipMetaInit, read_safetensors
+from ldm_cli.models.loading import SkipMetaInit, key_problems, read_safetensors
 from ldm_cli.ops import narrow_weights
 from ldm_cli.ops.conv_linear import Linear
 from ldm_cli.ops.gguf_weights import PLAIN, dequantize, plain_tensor, quantize_weight_
@@ -59,28 +59,12 @@ def _missing(model: FlowDiffusion, sources: FlowSources) -> list[str]:
 def _raise_problems(model: FlowDiffusion, sources: FlowSources, missing: list[str]) -> None:
     header = sources.header
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    unexpected = sorted(set(header.tensors) - set(expected))
-    wrong = sorted(k for k in header.tensors if k in expected and header.shape(k) != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensors ({_few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
-    if wrong:
-        k = wrong[0]
-        problems.append(
-            f"{len(wrong)} tensors of the wrong shape ({k}: file {list(header.shape(k))}, "
-            f"model {list(expected[k])})"
-        )
+    problems = key_problems(expected, header, list(header.tensors), missing)
     if problems:
         raise UserError(
             f"{header.path.name} does not match the detected {model.config.family} model: "
             + "; ".join(problems)
         )
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
 def narrow_names(

@@ -75,6 +75,19 @@ def check_keys(model: torch.nn.Module, header: CheckpointHeader) -> list[str]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     present = [k for k in header.tensors if not KNOWN_EXTRAS.match(k) or k in expected]
     missing = sorted(set(expected) - set(present))
+    problems = key_problems(expected, header, present, missing)
+    if problems:
+        raise UserError(
+            f"{header.path.name} does not match the detected architecture: " + "; ".join(problems)
+        )
+    return present
+
+
+def key_problems(
+    expected: dict[str, tuple[int, ...]], header: CheckpointHeader, present, missing: list[str]
+) -> list[str]:
+    """What keeps `header`'s tensors `present` from loading into a model of `expected`
+    shapes: missing, unexpected and mis-shaped tensors, a few named each."""
     unexpected = sorted(set(present) - set(expected))
     wrong = sorted(k for k in present if k in expected and header.shape(k) != expected[k])
     problems = []
@@ -88,11 +101,7 @@ def check_keys(model: torch.nn.Module, header: CheckpointHeader) -> list[str]:
             f"{len(wrong)} tensors of the wrong shape ({k}: file {list(header.shape(k))}, "
             f"model {list(expected[k])})"
         )
-    if problems:
-        raise UserError(
-            f"{header.path.name} does not match the detected architecture: " + "; ".join(problems)
-        )
-    return present
+    return problems
 
 
 def _few(keys: list[str], n: int = 3) -> str:
