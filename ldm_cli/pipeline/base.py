@@ -226,15 +226,7 @@ class Pipeline:
         if req.control:
             run_steps = len(sigmas) - 1 - (start.skip if start is not None else 0)
             unet_fn = self.with_control(unet_fn, req, noise, clock, run_steps)
-        if self.is_flow:
-            denoiser = flow_unet_denoiser(unet_fn)
-        else:
-            denoiser = Denoiser(
-                unet_fn,
-                self.schedule,
-                self.config.prediction,
-                pinned_timesteps=(sigmas[:-1], timesteps),
-            )
+        denoiser = self.denoiser(unet_fn, req, sigmas, timesteps)
         model = cfg_denoiser(denoiser, cond, uncond, req.cfg, clock, rescale=req.rescale_cfg)
         noise = noise.to(self.device)
         if start is None:
@@ -266,6 +258,14 @@ class Pipeline:
         # DDIM stops at the first table sigma as diffusers/CompVis do; it decodes the VP latent
         x = x if self.is_flow else to_vp_latent(x, sigmas[-1])
         return x if start is None else start.finish(x)
+
+    def denoiser(self, unet_fn, req: Request, sigmas: torch.Tensor, timesteps: torch.Tensor):
+        """`(x, sigma, **cond) -> x0` over `unet_fn(z, t, **cond)`: eps or v in sigma space
+        (the U-Net fed diffusers' timesteps), or a flow U-Net's velocity."""
+        if self.is_flow:
+            return flow_unet_denoiser(unet_fn)
+        pinned = (sigmas[:-1], timesteps)
+        return Denoiser(unet_fn, self.schedule, self.config.prediction, pinned_timesteps=pinned)
 
     def with_control(self, unet_fn, req: Request, noise: torch.Tensor, clock, run_steps: int):
         """`unet_fn` with the residuals of the request's ControlNets (ldm_cli.control), their

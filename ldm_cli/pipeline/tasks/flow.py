@@ -34,13 +34,10 @@ from ldm_cli.core.flow_config import FlowModelConfig
 from ldm_cli.core.pngmeta import GenerationParams, format_number, format_parameters
 from ldm_cli.models.flow_model import FlowDiffusion
 from ldm_cli.networks.flow_keys import is_text_encoder_name
-from ldm_cli.pipeline.base import Pipeline, Progress
-from ldm_cli.pipeline.guidance import StepClock, cfg_denoiser
-from ldm_cli.pipeline.image_start import ImageStart
+from ldm_cli.pipeline.base import Pipeline
 from ldm_cli.pipeline.request import Request
 from ldm_cli.pipeline.tasks.sdxl_packed_rows import pack, unpack
 from ldm_cli.samplers.flow import (
-    FLOW_SAMPLERS,
     dynamic_shift_sigmas,
     flow_x0,
     flux_mu,
@@ -179,46 +176,10 @@ class FlowPipeline(Pipeline):
         sigmas = self.flow_sigmas(req)
         return sigmas, sigmas[:-1] * 1000
 
-    @torch.inference_mode()
-    def sample(
-        self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
-        noise: torch.Tensor,
-        generators: list[torch.Generator],
-        req: Request,
-        progress: Progress | None = None,
-        start: ImageStart | None = None,
-    ) -> torch.Tensor:
-        """Denoise unit `noise` [B, 16, h, w] from flow time 1 (or the image start's sigma)."""
-        sigmas = self.flow_sigmas(req)
-        clock = StepClock()
-        model = cfg_denoiser(self.denoiser(req), cond, uncond, req.cfg, clock)
-        noise = noise.to(self.device)
-        if start is None:
-            x = noise
-        else:
-            start = replace(start, flow=True)
-            sigmas = sigmas[start.skip :]
-            if len(sigmas) == 1:  # strength 0: nothing to denoise
-                return start.latents
-            model = start.wrap_denoiser(model, noise)
-            x = start.initial_x(noise, float(sigmas[0]), "simple")
-        total = len(sigmas) - 1
-
-        def on_step(i, x, x0):
-            clock.finished(i)
-            if progress:
-                progress(i + 1, total)
-            if self.preview is not None:
-                self.preview(self, i + 1, total, x0)
-
-        sampler = FLOW_SAMPLERS[req.sampler]
-        x = sampler(model, x, sigmas.to(self.device), generator=generators, callback=on_step)
-        return x if start is None else start.finish(x)
-
-    def denoiser(self, req: Request):
-        """`(x, sigma, context=rows) -> x0` over the transformer, in the model's dtype."""
+    def denoiser(self, unet_fn, req: Request, sigmas, timesteps):
+        """`(x, sigma, context=rows) -> x0` over the transformer, in the model's dtype (it
+        takes the context and pooled vector apart, and FLUX dev's guidance, so `unet_fn`,
+        the U-Net call of `base.Pipeline.sample`, is not used)."""
         transformer, dtype = self.unet, self.dtype
         width = transformer_context_width(self.config)
         guidance = self.guidance_value(req)
