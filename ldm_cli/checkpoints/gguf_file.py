@@ -16,7 +16,6 @@ from ldm_cli.checkpoints.header import CheckpointHeader, TensorInfo
 from ldm_cli.core.errors import UserError
 
 MAGIC = b"GGUF"
-PLAIN_TYPES = ("F32", "F16", "BF16")
 
 
 def is_gguf(path: Path) -> bool:

@@ -81,11 +81,6 @@ def flow_x0(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> tor
     return x - sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype) * velocity
 
 
-def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor):
-    """``(1 - sigma) * x0 + sigma * noise`` (diffusers' ``scale_noise``)."""
-    return (1 - sigma) * x0 + sigma * noise
-
-
 def sample_euler_ancestral_flow(
     model: Model,
     x: torch.Tensor,

@@ -25,7 +25,6 @@ generator per image, the start, `sample`, decode. What differs is here:
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -52,9 +51,6 @@ class FlowPipeline(Pipeline):
 
     config: FlowModelConfig
     model: FlowDiffusion
-
-    def __init__(self, model: FlowDiffusion, path: Path, device: torch.device, dtype):
-        super().__init__(model, path, device, dtype)
 
     @property
     def is_flow(self) -> bool:
@@ -164,16 +160,15 @@ class FlowPipeline(Pipeline):
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def flow_sigmas(self, req: Request) -> torch.Tensor:
-        """The run's flow times, 1 down to 0 (`samplers.flow`)."""
-        cfg = self.config
-        if not cfg.is_flux:
-            return static_shift_sigmas(req.steps, cfg.shift)
-        tokens = (req.height // self.size_multiple) * (req.width // self.size_multiple)
-        return dynamic_shift_sigmas(req.steps, flux_mu(tokens) if cfg.dynamic_shift else None)
-
     def sigmas(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
-        sigmas = self.flow_sigmas(req)
+        """The run's flow times, 1 down to 0 (`samplers.flow`), and the timesteps 1000 t."""
+        cfg = self.config
+        if cfg.is_flux:
+            tokens = (req.height // self.size_multiple) * (req.width // self.size_multiple)
+            mu = flux_mu(tokens) if cfg.dynamic_shift else None
+            sigmas = dynamic_shift_sigmas(req.steps, mu)
+        else:
+            sigmas = static_shift_sigmas(req.steps, cfg.shift)
         return sigmas, sigmas[:-1] * 1000
 
     def denoiser(self, unet_fn, req: Request, sigmas, timesteps):
