@@ -25,6 +25,7 @@ OVERRIDABLE = frozenset(
     {
         "negative_prompt", "steps", "cfg", "seed", "sampler", "scheduler", "width", "height",
         "num_images", "batch_size", "rescale_cfg", "deep_cache", "token_merging", "guidance",
+        "eta",
     }
 )  # fmt: skip
 
@@ -71,6 +72,11 @@ def png_job(from_png: Path) -> dict:
             options["guidance"] = float(p.extra["Distilled CFG Scale"])
         except ValueError:
             raise UserError(f"{from_png}: bad 'Distilled CFG Scale' value") from None
+    if "Eta" in p.extra:  # --eta (A1111's key)
+        try:
+            options["eta"] = float(p.extra["Eta"])
+        except ValueError:
+            raise UserError(f"{from_png}: bad 'Eta' value") from None
     if "Deep cache" in p.extra:  # written by --deep-cache
         if not p.extra["Deep cache"].isdigit():
             raise UserError(f"{from_png}: bad 'Deep cache' value")
@@ -81,6 +87,7 @@ def png_job(from_png: Path) -> dict:
         except ValueError:
             raise UserError(f"{from_png}: bad 'Token merging ratio' value") from None
     job = {"prompt": p.prompt, "options": options, "model_hash": p.model_hash, "hires": hires}
+    job["vae"] = (p.extra["VAE"], p.extra.get("VAE hash")) if "VAE" in p.extra else None
     # ControlNet units (A1111's extension's "ControlNet N" keys): their images are not in the PNG
     job["controlnets"] = [k for k in p.extra if k.startswith("ControlNet ")]
     tiling = p.extra.get("VAE tiling", "off")  # the mode that tiled it: on or auto
@@ -111,3 +118,20 @@ def command_line_wins(job: dict, given: set[str]) -> dict:
     """`job` without the options that the command line gives (`given`: parameter names)."""
     options = {k: v for k, v in job["options"].items() if k not in given}
     return {**job, "options": options}
+
+
+def vae_warning(from_png: Path, job: dict, pipe) -> str | None:
+    """What to tell when the PNG was decoded with another VAE than this run's (`--vae`)."""
+    if job.get("vae") is None:
+        return None
+    name, wanted = job["vae"]
+    if pipe.vae_file is not None and wanted in (None, pipe_vae_hash(pipe)):
+        return None
+    label = f"{name} [{wanted}]" if wanted else name
+    return f"warning: {from_png} was decoded with the VAE {label}; give it with --vae FILE"
+
+
+def pipe_vae_hash(pipe) -> str:
+    from ldm_cli.checkpoints.hash import model_hash
+
+    return model_hash(pipe.vae_file)

@@ -63,11 +63,18 @@ SAMPLER_HELP = {
     "dpmpp_2m_sde": "DPM++ 2M SDE (stochastic)",
     "dpmpp_sde": "DPM++ SDE (stochastic, 2 calls per step)",
     "unipc": "UniPC (bh2 predictor-corrector)",
+    "lcm": "LCM (Latent Consistency Models, LCM-LoRAs; 2-8 steps, --cfg 1-2)",
+    "tcd": "TCD (TCD and Hyper-SD LoRAs; 4-8 steps, gamma --eta 0.3)",
 }
-SCHEDULER_NAMES = ("auto", "normal", "karras", "exponential", "simple", "sgm_uniform", "leading")
+SCHEDULER_NAMES = (
+    "auto", "normal", "karras", "exponential", "simple", "sgm_uniform", "leading", "trailing",
+    "lcm",
+)  # fmt: skip
 SCHEDULER_HELP = (
     "auto (the sampler's usual one), normal (evenly spaced timesteps), karras, exponential, "
-    "simple, sgm_uniform, leading (DDIM's timesteps k*(1000//steps)+1)"
+    "simple, sgm_uniform, leading (DDIM's timesteps k*(1000//steps)+1), trailing (from "
+    "t=999: what SDXL-Lightning, Hyper-SD and Turbo models expect), lcm (LCM's 50 distilled "
+    "timesteps; lcm's and tcd's own)"
 )
 PREDICTION_HELP = (
     "What the U-Net predicts: eps or v (default: what the checkpoint tells; an SD 2.x file "
@@ -179,6 +186,13 @@ def generate(
         "pulls the guided prediction's std back towards the conditional one's, against the "
         "over-exposure of strong CFG on v-prediction / zero-terminal-SNR models.",
     ),
+    eta: float | None = typer.Option(
+        None,
+        "--eta",
+        help="The share of fresh noise of the samplers that add it, in [0, 1]: euler_a, "
+        "dpmpp_sde, dpmpp_2m_sde (default 1; 0 makes them deterministic) and tcd (its gamma, "
+        "default 0.3; Hyper-SD's one-step LoRAs use 1).",
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -288,6 +302,11 @@ def generate(
             f"({pipe.name}); the image will differ",
             file=sys.stderr,
         )
+    if from_png is not None:
+        from ldm_cli.cli.from_png import vae_warning
+
+        if warning := vae_warning(from_png, jobs[0], pipe):
+            print(warning, file=sys.stderr)
     from ldm_cli.runtime.distributed import shared_random_seed
 
     defaults = {
@@ -295,7 +314,7 @@ def generate(
         "seed": shared_random_seed() if seed is None else seed,  # one seed for all processes
         "sampler": sampler, "scheduler": scheduler, "width": width, "height": height,
         "rescale_cfg": rescale_cfg, "num_images": num_images, "batch_size": batch_size,
-        "guidance": guidance, **performance.speedups(), **controls,
+        "guidance": guidance, "eta": eta, **performance.speedups(), **controls,
     }  # fmt: skip
     batches = _batches(pipe, jobs, defaults)
     if controls:

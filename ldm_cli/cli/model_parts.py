@@ -13,8 +13,13 @@ from ldm_cli.core.errors import UserError
 VAE_FILE = typer.Option(
     None,
     "--vae",
-    help="FLUX/SD3: the autoencoder file (FLUX's ae.safetensors, encoder.*/decoder.*), when "
-    "the model file has none or to replace its own.",
+    help="A separate VAE, used in place of the model's own and named in the PNG (A1111's "
+    "'VAE hash', 'VAE'): the original encoder.*/decoder.* layout "
+    "(vae-ft-mse-840000-ema-pruned, the SDXL fp16-fix VAE, FLUX's ae.safetensors) or "
+    "diffusers' AutoencoderKL (a vae folder's diffusion_pytorch_model.safetensors). A TAESD "
+    "file (taesd/taesdxl for SD 1.x/2.x/XL, taesd3/taef1 for SD3/FLUX: taesd_decoder.safetensors "
+    "or diffusers' AutoencoderTiny) decodes instead of the VAE, about ten times faster, with "
+    "softer detail: for drafts; images are still encoded with the model's VAE.",
 )
 CLIP_L_FILE = typer.Option(
     None,

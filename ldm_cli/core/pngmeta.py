@@ -45,6 +45,8 @@ SAMPLER_LABELS: dict[str, str] = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_sde": "DPM++ SDE",
     "unipc": "UniPC",
+    "lcm": "LCM",
+    "tcd": "TCD",
 }
 
 SCHEDULER_LABELS: dict[str, str] = {
@@ -55,6 +57,9 @@ SCHEDULER_LABELS: dict[str, str] = {
     "sgm_uniform": "SGM Uniform",
     # diffusers' "leading" timesteps k * (1000 // steps) + 1 = A1111 1.10's "DDIM" schedule
     "leading": "DDIM",
+    # not A1111 schedule types: diffusers' timestep_spacing="trailing", LCMScheduler's timesteps
+    "trailing": "Trailing",
+    "lcm": "LCM",
 }
 
 # A1111's old "k_..." sampler aliases, still accepted by its API and prompts-from-file
@@ -71,7 +76,13 @@ _SAMPLER_ALIASES = {
 }
 
 # what A1111 1.9+ uses when the schedule type is "Automatic"
-_AUTOMATIC_SCHEDULER = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+_AUTOMATIC_SCHEDULER = {
+    "dpmpp_2m": "karras",
+    "dpmpp_sde": "karras",
+    "dpmpp_2m_sde": "exponential",
+    "lcm": "lcm",  # ours: LCMScheduler's own timesteps
+    "tcd": "lcm",
+}
 
 _SAMPLER_LOOKUP = {
     **{label.lower(): name for name, label in SAMPLER_LABELS.items()},

@@ -42,6 +42,7 @@ class Tasks:
         control=None,
         control_mode: str = "balanced",
         guidance: float | None = None,
+        eta: float | None = None,
     ) -> list[Image.Image]:
         """Images k = 0..num_images-1 use seed + k whatever the batch size.
 
@@ -57,13 +58,14 @@ class Tasks:
         ldm_cli.runtime.token_merging). `control` is one `ldm_cli.Control` (a ControlNet file,
         its control image and weight, start and end) or several, their residuals summed;
         `control_mode` "controlnet" makes them more important than the prompt (diffusers' guess
-        mode), "balanced" (default) does not.
+        mode), "balanced" (default) does not. `eta` is the share of fresh noise of the samplers
+        that add it (euler_a, dpmpp_sde, dpmpp_2m_sde: 1 by default; tcd's gamma: 0.3).
         """
         base = self.request(
             prompt, negative_prompt, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
             scheduler=scheduler, width=width, height=height, rescale_cfg=rescale_cfg,
             deep_cache=deep_cache, token_merging=token_merging, control=control,
-            control_mode=control_mode, guidance=guidance,
+            control_mode=control_mode, guidance=guidance, eta=eta,
         )  # fmt: skip
         return [
             image
@@ -89,6 +91,7 @@ class Tasks:
         control=None,
         control_mode: str = "balanced",
         guidance: float | None = None,
+        eta: float | None = None,
     ) -> Request:
         """A text-to-image request with this model's defaults where an option is None (its
         size, guidance scale, steps and sampler, a random seed), checked against the model."""
@@ -109,6 +112,7 @@ class Tasks:
             control_specs(control),
             control_mode,
             guidance,
+            eta,
         )
         req = self.with_defaults(req)
         self.validate(req)

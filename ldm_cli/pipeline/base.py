@@ -50,6 +50,8 @@ class Pipeline:
         self.preview = None  # called with each step's x0 (ldm_cli.runtime.preview.PreviewWriter)
         self.released: set[str] = set()  # parts whose weights `release` gave back
         self._control_nets = None  # the ControlNets runs used, built once (control_nets)
+        self.vae_file: Path | None = None  # --vae FILE, named in the PNG parameters
+        self.tiny_vae = None  # a TAESD given with --vae: it decodes in the VAE's place
         self.setup_family()
 
     def setup_family(self) -> None:
@@ -254,7 +256,10 @@ class Pipeline:
             token_merging(unet, req.token_merging, height, width),
         ):
             sampler = FLOW_SAMPLERS[req.sampler] if self.is_flow else SAMPLERS[req.sampler].fn
-            x = sampler(model, x, sigmas, generator=generators, callback=on_step)
+            options = {} if req.eta is None else {"eta": req.eta}
+            if not self.is_flow:  # lcm and tcd map sigmas to the table's timesteps
+                options["schedule"] = self.schedule
+            x = sampler(model, x, sigmas, generator=generators, callback=on_step, **options)
         # DDIM stops at the first table sigma as diffusers/CompVis do; it decodes the VP latent
         x = x if self.is_flow else to_vp_latent(x, sigmas[-1])
         return x if start is None else start.finish(x)

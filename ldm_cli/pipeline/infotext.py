@@ -7,6 +7,15 @@ from ldm_cli.pipeline.parts import PipelineParts
 from ldm_cli.pipeline.request import Request
 
 
+def vae_parameters(pipe: PipelineParts) -> dict[str, str]:
+    """A1111's "VAE hash" and "VAE" (written after the model's) for a --vae file."""
+    if pipe.vae_file is None:
+        return {}
+    from ldm_cli.checkpoints.hash import model_hash
+
+    return {"VAE hash": model_hash(pipe.vae_file), "VAE": pipe.vae_file.stem}
+
+
 def parameters_text(
     pipe: PipelineParts,
     req: Request,
@@ -22,8 +31,11 @@ def parameters_text(
     # the last layer (SD 2.x), so that --from-png (which takes no key as the file's) reads it
     if clip_skip != 1 or clip_skip != pipe.file_clip_skip:
         extra = {"Clip skip": str(clip_skip), **extra}
+    extra = {**vae_parameters(pipe), **extra}
     if pipe.config.prediction != pipe.file_prediction:  # --prediction, or the probe's answer
         extra["Prediction"] = pipe.config.prediction  # read back by --from-png
+    if req.eta is not None:  # A1111's key for the ancestral samplers' eta
+        extra["Eta"] = f"{req.eta:g}"
     if req.rescale_cfg:
         extra["CFG rescale"] = f"{req.rescale_cfg:g}"
     if req.deep_cache > 1:

@@ -34,6 +34,8 @@ from ldm_cli.models.flow_model import FlowDiffusion
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.loading import load_model
 from ldm_cli.models.prediction_probe import probe_prediction
+from ldm_cli.models.taesd_loading import load_tiny_autoencoder
+from ldm_cli.models.vae_file import load_vae_weights, read_vae_file
 from ldm_cli.pipeline.api import FlowPipeline, Pipeline, SDXLPipeline
 from ldm_cli.pipeline.vae_codec import check_mode
 from ldm_cli.runtime.offload import apply_offload, check_offload_device
@@ -117,11 +119,12 @@ def load_model_with(
     header = read_header(path)
     if is_flow_file(header):
         return load_flow_with(header, device, home, dtype, options), header
-    if options.part_files:
-        given = ", ".join("--" + name.replace("_", "-") for name in options.part_files)
+    text_parts = [name for name in options.part_files if name != "vae"]  # --vae: attach_vae
+    if text_parts:
+        given = ", ".join("--" + name.replace("_", "-") for name in text_parts)
         raise UserError(
-            f"{given}: separate part files are for FLUX and SD3 models; {header.path.name} "
-            "is not one"
+            f"{given}: separate text encoder files are for FLUX and SD3 models; "
+            f"{header.path.name} is not one"
         )
     cfg = with_clip_skip(detect_config(header), options.clip_skip)
     model, header = load_model(header, device=home, dtype=dtype, cfg=cfg, narrow=options.narrow)
@@ -139,7 +142,11 @@ def load_flow_with(header, device, home, dtype, options: LoadOptions) -> FlowDif
     if options.prediction is not None or options.clip_skip is not None:
         flag = "--prediction" if options.prediction is not None else "--clip-skip"
         raise UserError(f"{flag} does not apply to {header.path.name} (a flow model)")
-    parts = {name: read_header(p) for name, p in options.part_files.items()}
+    parts = {
+        name: read_header(p)
+        for name, p in options.part_files.items()
+        if not (name == "vae" and is_tiny_vae(p))  # a TAESD decodes beside the model's VAE
+    }
     sources = flow_sources(header, parts)
     cfg = detect_flow(sources.header)
     missing = missing_parts(sources.header, cfg)
@@ -156,6 +163,39 @@ def load_flow_with(header, device, home, dtype, options: LoadOptions) -> FlowDif
         compile_unet(model.unet, device, options.cuda_graphs)
     apply_offload(model, options.offload, device)
     return model
+
+
+def is_tiny_vae(path: str | Path) -> bool:
+    return read_vae_file(path)[1].kind == "taesd"
+
+
+def attach_vae(pipe: Pipeline, path: str | Path) -> None:
+    """`--vae FILE` on a loaded pipeline: its weights over the model's VAE (an SD model; a
+    flow model's was loaded as one of its parts), or a TAESD that decodes in its place."""
+    header, layout = read_vae_file(path)
+    if layout.kind == "taesd":
+        tiny = load_tiny_autoencoder(header.path, pipe.device, pipe.dtype)
+        channels = pipe.config.vae.embed_dim
+        if tiny.config.latent_channels != channels:
+            raise UserError(
+                f"--vae {header.path.name} is a TAESD for {tiny.config.latent_channels}-channel "
+                f"latents; {pipe.name} has {channels} (taesd/taesdxl: SD 1.x/2.x/XL, "
+                "taesd3/taef1: SD3/FLUX)"
+            )
+        if tiny.decoder is None:
+            raise UserError(
+                f"--vae {header.path.name} holds only a TAESD encoder; give the decoder file "
+                "(taesd_decoder.safetensors)"
+            )
+        if tiny.config.downscale != pipe.latent_factor:
+            raise UserError(
+                f"--vae {header.path.name} is a TAESD for {tiny.config.downscale}x latents; "
+                f"{pipe.name}'s VAE scales by {pipe.latent_factor}"
+            )
+        pipe.tiny_vae = tiny
+    elif not isinstance(pipe.model, FlowDiffusion):
+        load_vae_weights(pipe.model.vae, header, layout, pipe.name)
+    pipe.vae_file = header.path
 
 
 def settle_prediction(cfg, header: CheckpointHeader, model: LatentDiffusion, override):
@@ -181,10 +221,14 @@ def load_pipeline(
     if isinstance(model, FlowDiffusion):
         pipe = FlowPipeline(model, header.path, dev, dt)
         pipe.vae_tiling = options.vae_tiling
+        if options.vae is not None:
+            attach_vae(pipe, options.vae)
         return pipe
     kind = SDXLPipeline if model.config.conditioner else Pipeline
     pipe = kind(model, header.path, dev, dt)
     pipe.vae_tiling = options.vae_tiling
+    if options.vae is not None:
+        attach_vae(pipe, options.vae)
     detected = detect_config(header)
     pipe.file_clip_skip = detected.text.clip_skip
     pipe.file_prediction = settled_prediction(detected, header)

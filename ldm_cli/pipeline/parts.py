@@ -21,6 +21,8 @@ class PipelineParts(Protocol):
     vae_tiling: str  # "auto", "on" or "off"
     file_clip_skip: int
     file_prediction: str | None
+    vae_file: Path | None  # --vae FILE
+    tiny_vae: object  # a TAESD (models.taesd.TinyAutoencoder) decoding in the VAE's place, or None
     tokenizer: object
 
     @property

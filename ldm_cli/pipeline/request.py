@@ -34,12 +34,18 @@ class Request:
     control_mode: str = "balanced"
     # FLUX dev's distilled guidance (--guidance): an input of the model, not a second pass
     guidance: float | None = None
+    # the noise share of stochastic samplers (--eta): ancestral eta, tcd's gamma; None: theirs
+    eta: float | None = None
 
     @property
     def spacing(self) -> str:
         return (
             SAMPLERS[self.sampler].default_spacing if self.scheduler == "auto" else self.scheduler
         )
+
+
+# the samplers with an eta: the share of each step's noise drawn afresh
+ETA_SAMPLERS = ("euler_a", "dpmpp_sde", "dpmpp_2m_sde", "tcd")
 
 
 def check_request(req: Request, size_multiple: int) -> None:
@@ -65,6 +71,14 @@ def check_request(req: Request, size_multiple: int) -> None:
         )
     if not abs(req.cfg) < float("inf"):  # NaN or inf would only give a NaN image
         raise UserError(f"--cfg must be a finite number, got {req.cfg}")
+    if req.eta is not None:
+        if req.sampler not in ETA_SAMPLERS:
+            raise UserError(
+                f"--eta is for the samplers that add noise ({', '.join(ETA_SAMPLERS)}), "
+                f"not {req.sampler}"
+            )
+        if not 0.0 <= req.eta <= 1.0:
+            raise UserError(f"--eta must be within [0, 1], got {req.eta}")
     if not 0.0 <= req.rescale_cfg <= 1.0:
         raise UserError(f"--rescale-cfg must be within [0, 1], got {req.rescale_cfg}")
     check_deep_cache(req.deep_cache)

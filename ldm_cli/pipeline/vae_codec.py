@@ -151,6 +151,8 @@ def decode_latents(pipe: PipelineParts, latents: torch.Tensor) -> torch.Tensor:
     (`numerics.decode_finite`), through tiles when the pipeline's mode asks for them."""
     from ldm_cli.core.numerics import decode_finite
 
+    if pipe.tiny_vae is not None:  # TAESD takes the sampler's latents as they are
+        return decode_finite(pipe.tiny_vae, latents, 1.0, pipe.dtype)
     decode = tiled_decoder(pipe, latents)
     vae = pipe.config.vae
     return decode_finite(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ldm_cli.samplers.consistency import sample_lcm, sample_tcd
 from ldm_cli.samplers.ddim_ddpm import sample_ddim, sample_ddpm
 from ldm_cli.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_sde
 from ldm_cli.samplers.euler import sample_euler, sample_euler_ancestral
@@ -69,6 +70,21 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "unipc": SamplerInfo(
         sample_unipc, "UniPC", "UniPC-bh2 predictor-corrector, order 2; 1 call/step"
     ),
+    "lcm": SamplerInfo(
+        sample_lcm,
+        "LCM",
+        "Latent Consistency Model sampling (LCM models and LCM-LoRAs; 2-8 steps, cfg 1-2)",
+        stochastic=True,
+        default_spacing="lcm",
+    ),
+    "tcd": SamplerInfo(
+        sample_tcd,
+        "TCD",
+        "Trajectory Consistency Distillation, gamma --eta (0.3); TCD and Hyper-SD LoRAs",
+        stochastic=True,
+        default_spacing="lcm",
+        default_final="sigma_min",
+    ),
 }
 
 __all__ = [
@@ -83,6 +99,8 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_lcm",
     "sample_lms",
+    "sample_tcd",
     "sample_unipc",
 ]

@@ -20,7 +20,16 @@ import torch
 from ldm_cli.core.config import ScheduleConfig
 from ldm_cli.core.errors import UserError
 
-SPACINGS: tuple[str, ...] = ("normal", "karras", "exponential", "simple", "sgm_uniform", "leading")
+SPACINGS: tuple[str, ...] = (
+    "normal",
+    "karras",
+    "exponential",
+    "simple",
+    "sgm_uniform",
+    "leading",
+    "trailing",
+    "lcm",
+)
 
 SPACING_HELP: dict[str, str] = {
     "normal": "diffusers' Euler 'linspace': t evenly spaced from 999 to 0, sigma linearly "
@@ -31,7 +40,14 @@ SPACING_HELP: dict[str, str] = {
     "sgm_uniform": "ComfyUI's 'sgm_uniform': steps+1 points evenly spaced in t from 999 to 0, "
     "the last dropped",
     "leading": "diffusers' DDIM/DDPM 'leading' with steps_offset=1: t = k * (1000 // steps) + 1",
+    "trailing": "diffusers' 'trailing': t = round(1000 - k * 1000 / steps) - 1, from t = 999 "
+    "(what SDXL-Lightning, Hyper-SD and SDXL-Turbo expect)",
+    "lcm": "LCMScheduler's/TCDScheduler's: steps picked evenly from the 50 distillation "
+    "timesteps 999, 979, ..., 19",
 }
+
+# LCMScheduler/TCDScheduler's original_inference_steps: the distillation's own timesteps
+LCM_ORIGINAL_STEPS = 50
 
 FINAL_SIGMAS: tuple[str, ...] = ("zero", "sigma_min")
 
@@ -146,6 +162,29 @@ def _leading(schedule: DiscreteSchedule, steps: int) -> tuple[torch.Tensor, torc
     return schedule.sigmas.double()[t.long()], t
 
 
+def _trailing(schedule: DiscreteSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = schedule.num_train_timesteps
+    if steps > n:
+        raise UserError(f"the 'trailing' schedule takes at most {n} steps, got {steps}")
+    # np.arange(n, 0, -n / steps).round() - 1; torch.round rounds halves to even, as numpy
+    t = (n - torch.arange(steps, dtype=torch.float64) * (n / steps)).round() - 1
+    return schedule.sigmas.double()[t.long()], t
+
+
+def _lcm(schedule: DiscreteSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, original = schedule.num_train_timesteps, LCM_ORIGINAL_STEPS
+    if steps > original:
+        raise UserError(
+            f"the 'lcm' schedule (lcm's and tcd's) takes at most {original} steps, got {steps}; "
+            "few-step samplers are meant for 1 to 8"
+        )
+    origin = (torch.arange(1, original + 1, dtype=torch.float64) * (n // original) - 1).flip(0)
+    # np.floor(np.linspace(0, original, steps, endpoint=False))
+    picks = [math.floor(k * original / steps) for k in range(steps)]
+    t = origin[picks]
+    return schedule.sigmas.double()[t.long()], t
+
+
 def _spaced(schedule: DiscreteSchedule, steps: int, spacing: str):
     """(sigmas, timesteps) for every step, float64; timesteps None where t = sigma_to_t."""
     if steps < 1:
@@ -162,6 +201,10 @@ def _spaced(schedule: DiscreteSchedule, steps: int, spacing: str):
         return _sgm_uniform(schedule, steps)
     if spacing == "leading":
         return _leading(schedule, steps)
+    if spacing == "trailing":
+        return _trailing(schedule, steps)
+    if spacing == "lcm":
+        return _lcm(schedule, steps)
     raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
 
 
@@ -180,6 +223,9 @@ def get_sigmas(
     - ``simple``: ComfyUI's; table entries 999 - int(k * 1000 / steps).
     - ``sgm_uniform``: ComfyUI's; t = linspace(999, 0, steps + 1)[:-1], log-sigma interpolation.
     - ``leading``: diffusers' DDIM/DDPM with steps_offset=1: t = k * (1000 // steps) + 1.
+    - ``trailing``: diffusers' timestep_spacing="trailing": t = round(1000 - k * 1000 / steps) - 1.
+    - ``lcm``: LCMScheduler/TCDScheduler: ``steps`` of the 50 distillation timesteps
+      999, 979, ..., 19, picked at indices floor(k * 50 / steps).
 
     ``final`` is the last sigma: "zero" (fully denoised; every sampler's default) or
     "sigma_min" (the table's first entry, ``sqrt((1 - a0) / a0)`` ~ 0.0292). DDIM in diffusers
@@ -213,11 +259,12 @@ def get_timesteps(schedule: DiscreteSchedule, steps: int, spacing: str = "normal
 def init_noise_sigma(first_sigma: float, spacing: str) -> float:
     """Factor for unit noise to start a txt2img run at ``first_sigma``, as diffusers does.
 
-    "leading" (DDIM, DDPM, Euler-leading) starts from pure noise in the U-Net's
-    variance-preserving space, i.e. ``sqrt(sigma^2 + 1)`` in sigma space; the other spacings
-    start at ``sigma`` like k-diffusion and diffusers' linspace/karras Euler.
+    "leading" (DDIM, DDPM, Euler-leading) and "lcm" (LCMScheduler, TCDScheduler) start from
+    pure noise in the U-Net's variance-preserving space, i.e. ``sqrt(sigma^2 + 1)`` in sigma
+    space; the other spacings start at ``sigma`` like k-diffusion and diffusers'
+    linspace/trailing/karras Euler.
     """
-    if spacing == "leading":
+    if spacing in ("leading", "lcm"):
         return math.sqrt(first_sigma**2 + 1)
     return first_sigma
 

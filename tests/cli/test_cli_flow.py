@@ -98,7 +98,7 @@ def test_flow_options_refused_where_they_do_not_apply(flux_parts, tmp_path):
     sd = random_checkpoint(TINY_SD1, tmp_path / "sd.safetensors")
     cases = [
         (["--model", str(sd), "--guidance", "3"], "--guidance is FLUX dev's distilled guidance"),
-        (["--model", str(sd), "--t5", str(flux_parts["t5"])], "--t5: separate part files"),
+        (["--model", str(sd), "--t5", str(flux_parts["t5"])], "--t5: separate text encoder files"),
         (["--model", str(flux_parts["all"]), "--sampler", "ddim"], "does not run flow"),
         (["--model", str(flux_parts["all"]), "--t5", str(flux_parts["vae"])], "--t5 vae"),
     ]

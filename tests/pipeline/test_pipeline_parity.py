@@ -28,9 +28,8 @@ SEED = 1234
 SIZE = 64
 
 
-def write_config_dir(root: Path, reference_dir: str) -> Path:
-    """The diffusers folder layout `from_single_file(config=...)` reads for TINY_SD1."""
-    cfg = TINY_SD1
+def write_config_dir(root: Path, reference_dir: str, cfg=TINY_SD1) -> Path:
+    """The diffusers folder layout `from_single_file(config=...)` reads for `cfg` (SD 1.x)."""
     folders = {
         "unet": {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(cfg.unet)},
         "vae": {"_class_name": "AutoencoderKL", **diffusers_vae_config(cfg.vae)},

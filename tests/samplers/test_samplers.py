@@ -20,7 +20,7 @@ from ldm_cli.samplers.schedules import (
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 4, 6, 6)
 DETERMINISTIC = ["euler", "heun", "dpm2", "lms", "ddim", "dpmpp_2m", "unipc"]
-STOCHASTIC = ["euler_a", "ddpm", "dpmpp_2m_sde", "dpmpp_sde"]
+STOCHASTIC = ["euler_a", "ddpm", "dpmpp_2m_sde", "dpmpp_sde", "lcm", "tcd"]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,8 @@ def test_k_samplers_end_where_diffusers_ends(schedule, name, scheduler):
     assert_same_trajectory([out], [expected])
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+# lcm keeps c_skip of the sample and tcd stops at sigma_min, by design (see test_few_step)
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in ("lcm", "tcd")])
 @pytest.mark.parametrize("spacing", ["karras", "normal"])
 def test_point_mass_lands_exactly_on_x0(schedule, name, spacing):
     target = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
@@ -279,7 +280,9 @@ def test_stochastic_samplers_are_reproducible(schedule, name):
 
     def sample(seed):
         g = torch.Generator().manual_seed(seed)
-        return SAMPLERS[name].fn(denoiser, noise() * sigmas[0], sigmas, generator=g)
+        return SAMPLERS[name].fn(
+            denoiser, noise() * sigmas[0], sigmas, generator=g, schedule=schedule
+        )
 
     first, again, other = sample(5), sample(5), sample(6)
     assert torch.equal(first, again)
@@ -290,7 +293,7 @@ def test_stochastic_samplers_are_reproducible(schedule, name):
 def test_stochastic_samplers_require_a_generator(schedule, name):
     sigmas = get_sigmas(schedule, 4, "karras")
     with pytest.raises(ValueError, match="Generator"):
-        SAMPLERS[name].fn(lambda x, s: x, noise() * sigmas[0], sigmas)
+        SAMPLERS[name].fn(lambda x, s: x, noise() * sigmas[0], sigmas, schedule=schedule)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -308,7 +311,9 @@ def test_callback_once_per_step_and_no_model_call_at_sigma_zero(schedule, name):
         steps.append(i)
 
     g = torch.Generator().manual_seed(0)
-    SAMPLERS[name].fn(model, noise() * sigmas[0], sigmas, generator=g, callback=callback)
+    SAMPLERS[name].fn(
+        model, noise() * sigmas[0], sigmas, generator=g, callback=callback, schedule=schedule
+    )
     assert steps == list(range(6))
     assert min(seen_sigmas) > 0
 
@@ -316,12 +321,12 @@ def test_callback_once_per_step_and_no_model_call_at_sigma_zero(schedule, name):
 def test_sampler_table_metadata():
     assert list(SAMPLERS) == [
         "euler", "euler_a", "heun", "dpm2", "lms", "ddim", "ddpm",
-        "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "unipc",
+        "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "unipc", "lcm", "tcd",
     ]  # fmt: skip
     names = [info.display_name for info in SAMPLERS.values()]
     assert names == [
         "Euler", "Euler a", "Heun", "DPM2", "LMS", "DDIM", "DDPM",
-        "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC",
+        "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "LCM", "TCD",
     ]  # fmt: skip
     assert {n for n, info in SAMPLERS.items() if info.stochastic} == set(STOCHASTIC)
     for info in SAMPLERS.values():

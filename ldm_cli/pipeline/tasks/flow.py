@@ -202,9 +202,10 @@ class FlowPipeline(Pipeline):
         second_pass: tuple[int, int] | None = None,
     ) -> str:
         """A1111/Forge parameters: Forge's "Distilled CFG Scale" for FLUX dev."""
+        from ldm_cli.pipeline.infotext import vae_parameters
         from ldm_cli.pipeline.vae_codec import tiling_parameters
 
-        extra = dict(extra or {})
+        extra = {**vae_parameters(self), **(extra or {})}
         guidance = self.guidance_value(req)
         if guidance is not None:
             extra = {"Distilled CFG Scale": format_number(guidance), **extra}
