@@ -63,6 +63,7 @@ def _register() -> None:
     from ldm_cli.cli.train_adapters import train_lora, train_ti
     from ldm_cli.cli.train_controlnet import train_controlnet
     from ldm_cli.cli.train_group import train_app
+    from ldm_cli.cli.train_lcm import train_lcm
     from ldm_cli.cli.train_upscaler import train_upscaler
     from ldm_cli.cli.upscale import upscale
 
@@ -78,6 +79,7 @@ def _register() -> None:
     train_app.command("controlnet")(train_controlnet)
     train_app.command("lora")(with_allow_pickle(train_lora))
     train_app.command("ti")(with_allow_pickle(train_ti))
+    train_app.command("lcm")(with_allow_pickle(train_lcm))
     app.add_typer(train_app, name="train")
     app.command("eval")(with_allow_pickle(eval_command))
     app.add_typer(dataset_app, name="dataset")

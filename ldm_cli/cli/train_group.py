@@ -25,5 +25,6 @@ train_app = typer.Typer(
     no_args_is_help=True,
     help="Train models: `ldm train model` (a latent diffusion model from captioned images), "
     "`ldm train lora` and `ldm train ti` (a LoRA or a textual-inversion embedding that teaches "
-    "a model a new concept), `ldm train controlnet` and `ldm train upscaler`.",
+    "a model a new concept), `ldm train lcm` (an LCM-LoRA: the model in 4 steps), "
+    "`ldm train controlnet` and `ldm train upscaler`.",
 )

@@ -69,6 +69,7 @@ class LoraLayer(nn.Module):
         kernel = tuple(weight_shape[2:])
         self.rank = min(rank, out, math.prod(weight_shape[1:]))
         self.alpha = alpha
+        self.enabled = True  # off: the weight as it is (the teacher of `ldm train lcm`)
         self.down = nn.Parameter(torch.empty(self.rank, weight_shape[1], *kernel))
         self.up = nn.Parameter(torch.zeros(out, self.rank, *(1 for _ in kernel)))
         self.weight_shape = weight_shape
@@ -97,6 +98,8 @@ class AddDeltas(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
+            if not layer.enabled:
+                continue
             rows = layer.target.rows
             delta = layer.delta().to(weight.dtype)
             if rows is None:
@@ -172,6 +175,15 @@ class LoraNetwork(nn.Module):
             raise UserError("this model has no layers of the chosen kind to train")
         self.layers = nn.ModuleDict(layers)
         self._attached: list[str] = []  # the parameters attach() parametrized
+
+    @property
+    def enabled(self) -> bool:
+        return all(layer.enabled for layer in self.layers.values())
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        for layer in self.layers.values():
+            layer.enabled = value
 
     def reset(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
