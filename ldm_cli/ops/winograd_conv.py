@@ -45,6 +45,7 @@ from torch import nn
 
 from ldm_cli.core.env_choice import env_choice
 from ldm_cli.ops import weight_slices
+from ldm_cli.ops.narrow_weights import is_narrow
 
 # Bytes of transformed tiles, products and outputs per band (measured: 8 MiB was fastest on a
 # 2 MiB-L2 Xeon; 16-64 MiB lose 5-30% at 128x128 and above).
@@ -125,7 +126,9 @@ def winograd_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
     mode, tile = current_mode(), _settings["tile"]
     if mode == "never":
         return 0
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != x.dtype:
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return 0
+    if weight.dtype != x.dtype and not is_narrow(weight, x):  # narrow: widened in the transform
         return 0
     if x.dtype not in (torch.float32, torch.float64) or x.dim() != 4 or x.numel() == 0:
         return 0
@@ -141,16 +144,29 @@ def winograd_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
     return tile
 
 
-def transform_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
-    """(Cout, Cin, 3, 3) -> G g G^T as ((tile + 2)^2, Cin, Cout), the matmuls' right operand.
+def transform_weight(
+    weight: torch.Tensor, tile: int = 2, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> G g G^T as ((tile + 2)^2, Cin, Cout), the matmuls' right operand,
+    in `dtype` (default: the weight's).
 
     One matmul over the weight as it lies (its taps are the last, contiguous dimension); the
     result is stored (k, Cout, Cin) and returned as a transposed view, which bmm reads as it
-    is. Permuting the weight to (Cin, Cout) order first was a strided copy 30x slower."""
+    is. Permuting the weight to (Cin, Cout) order first was a strided copy 30x slower. A narrow
+    (fp16/bf16, `--low-memory`) weight is widened a slice of output channels at a time, each
+    slice transformed while it is in cache, so no whole widened copy is ever made."""
     cout, cin = weight.shape[:2]
-    gg = _kron(tile, weight.dtype)[1].to(weight.device)
-    transformed = torch.mm(gg, weight.reshape(cout * cin, 9).T)
-    return transformed.view(-1, cout, cin).transpose(1, 2)
+    dtype = dtype or weight.dtype
+    gg = _kron(tile, dtype)[1].to(weight.device)
+    if weight.dtype == dtype:
+        transformed = torch.mm(gg, weight.reshape(cout * cin, 9).T)
+        return transformed.view(-1, cout, cin).transpose(1, 2)
+    transformed = torch.empty((gg.shape[0], cout, cin), dtype=dtype, device=weight.device)
+    rows = weight_slices.rows_per_slice(weight, torch.finfo(dtype).bits // 8)
+    for i in range(0, cout, rows):
+        part = weight[i : i + rows].to(dtype).reshape(-1, 9).T
+        torch.mm(gg, part, out=transformed[:, i : i + rows].view(gg.shape[0], -1))
+    return transformed.transpose(1, 2)
 
 
 def _forward(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
@@ -243,8 +259,10 @@ def winograd_conv3x3(
     Channels-last input gives channels-last output, as F.conv2d does."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _WinogradConv.apply(x, weight, bias, transform_weight(weight.detach(), tile), tile)
-    return _forward(x, transform_weight(weight, tile), bias, tile)
+        u = transform_weight(weight.detach(), tile, x.dtype)
+        return _WinogradConv.apply(x, weight, bias, u, tile)
+    bias = None if bias is None else bias.to(x.dtype)
+    return _forward(x, transform_weight(weight, tile, x.dtype), bias, tile)
 
 
 class WinogradConv2d(nn.Conv2d):

@@ -37,6 +37,7 @@ from ldm_cli.models.prediction_probe import probe_prediction
 from ldm_cli.models.taesd_loading import load_tiny_autoencoder
 from ldm_cli.models.vae_file import load_vae_weights, read_vae_file
 from ldm_cli.pipeline.api import FlowPipeline, Pipeline, SDXLPipeline
+from ldm_cli.ops.cpu_kind import narrow_weights_by_default
 from ldm_cli.pipeline.vae_codec import check_mode
 from ldm_cli.runtime.offload import apply_offload, check_offload_device
 
@@ -49,7 +50,9 @@ class LoadOptions:
     keeps the weights in CPU memory (runtime.offload). `vae_tiling` ("auto", "on", "off")
     decodes and encodes large images in tiles (pipeline.vae_codec). `low_memory` keeps an
     fp16 file's large U-Net weights in fp16 on the CPU, widened per call (ops.narrow_weights):
-    None (the default) does so unless `compile` or `offload`; False converts them at load.
+    None (the default) does so where this CPU's steps do not pay for it or memory is short
+    (ops.cpu_kind.narrow_weights_by_default), never with `compile` or `offload`; False
+    converts them at load.
     `cuda_graphs` (CUDA) compiles the U-Net to replay each step as CUDA graphs
     (runtime.compile). `vae`, `clip_l`, `clip_g`, `t5`: files of a flow model's parts that
     its main file lacks or that replace its own (FLUX's ae.safetensors, clip_l.safetensors,
@@ -100,12 +103,14 @@ class LoadOptions:
     def compiled(self) -> bool:
         return self.compile or self.cuda_graphs
 
-    @property
-    def narrow(self) -> bool:
+    def narrow(self, header: CheckpointHeader) -> bool:
         """Keep narrow weights narrow: compiled graphs and offload hooks expect the compute
-        dtype, so only by default where there are neither."""
+        dtype, so only by default where there are neither, and where this CPU's steps do not
+        pay for it or memory is short (ops.cpu_kind.narrow_weights_by_default)."""
         if self.low_memory is None:
-            return not self.compiled and self.offload == "none"
+            if self.compiled or self.offload != "none":
+                return False
+            return narrow_weights_by_default(header.path.stat().st_size)
         return self.low_memory
 
 
@@ -127,7 +132,9 @@ def load_model_with(
             f"{header.path.name} is not one"
         )
     cfg = with_clip_skip(detect_config(header), options.clip_skip)
-    model, header = load_model(header, device=home, dtype=dtype, cfg=cfg, narrow=options.narrow)
+    model, header = load_model(
+        header, device=home, dtype=dtype, cfg=cfg, narrow=options.narrow(header)
+    )
     model.config = settle_prediction(cfg, header, model, options.prediction)
     if options.compiled:
         from ldm_cli.runtime.compile import compile_unet
@@ -156,7 +163,7 @@ def load_flow_with(header, device, home, dtype, options: LoadOptions) -> FlowDif
             f"{', '.join(m.lstrip('-').replace('-', ' ').upper() for m in missing)} weights: "
             f"give them with {' and '.join(m + ' FILE' for m in missing)}"
         )
-    model = load_flow_model(sources, cfg, home, dtype, narrow=options.narrow)
+    model = load_flow_model(sources, cfg, home, dtype, narrow=options.narrow(header))
     if options.compiled:
         from ldm_cli.runtime.compile import compile_unet
 

@@ -119,6 +119,18 @@ def test_weight_edits_and_new_weights_are_seen():
     assert not torch.equal(first, second)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_weights_are_widened_a_slice_at_a_time(monkeypatch, dtype):
+    """--low-memory keeps fp16/bf16 weights: the transform widens them slice by slice and
+    gives what the same weights widened whole give."""
+    monkeypatch.setattr(winograd_conv.weight_slices, "CHUNK_BYTES", 320 * 9 * 4 * 100)
+    x, weight, bias = data(1, 320, 640, 9, 12, dtype=torch.float32)
+    narrow = weight.to(dtype)
+    want = winograd_conv3x3(x, narrow.float(), bias)
+    assert torch.equal(winograd_conv3x3(x, narrow, bias), want)  # 7 slices of 100 rows
+    assert relative_error(want, F.conv2d(x, narrow.float(), bias, padding=1)) < 3e-6
+
+
 def test_policy():
     x, weight = torch.empty(2, 320, 16, 16), torch.empty(640, 320, 3, 3)
     assert winograd_tile(x, weight) == 2
@@ -128,6 +140,8 @@ def test_policy():
     assert winograd_tile(x[:1, :, :4, :4], weight) == 0  # too few pixels
     assert winograd_tile(x.half(), weight.half()) == 0
     assert winograd_tile(x.bfloat16(), weight) == 0
+    assert winograd_tile(x, weight.half()) == 2  # a narrow (--low-memory) weight: widened
+    assert winograd_tile(x, weight.bfloat16()) == 2
     assert winograd_tile(x, weight.requires_grad_()) == 0  # training keeps F.conv2d
     with torch.no_grad():
         assert winograd_tile(x, weight) == 2
