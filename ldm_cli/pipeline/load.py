@@ -36,8 +36,8 @@ from ldm_cli.models.loading import load_model
 from ldm_cli.models.prediction_probe import probe_prediction
 from ldm_cli.models.taesd_loading import load_tiny_autoencoder
 from ldm_cli.models.vae_file import load_vae_weights, read_vae_file
-from ldm_cli.pipeline.api import FlowPipeline, Pipeline, SDXLPipeline
 from ldm_cli.ops.cpu_kind import narrow_weights_by_default
+from ldm_cli.pipeline.api import FlowPipeline, Pipeline, SDXLPipeline
 from ldm_cli.pipeline.vae_codec import check_mode
 from ldm_cli.runtime.offload import apply_offload, check_offload_device
 
