@@ -2,7 +2,8 @@
 
 Each measurement runs in its own fresh process (ldm_cli.bench.worker); the table shows both
 tools, their ratio, and achieved GFLOP/s against this machine's measured fp32 matmul peak
-(the faster of torch's matmul and the same product as a oneDNN convolution).
+(the faster of torch's matmul and the same product as a oneDNN convolution). On the CPU it also
+puts both beside stable-diffusion.cpp and OpenVINO (peer_table.py; --no-peers to skip them).
 """
 
 from __future__ import annotations
@@ -326,6 +327,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only time `ldm --help` and the embedded model end to end (prints, writes nothing)",
     )
+    ap.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        help="also run the CPU specialists stable-diffusion.cpp (f16, q8_0) and OpenVINO (fp32) "
+        "beside ldm and diffusers, each from PyPI in its own environment under CACHE/peers "
+        "(built once); default: on for the CPU",
+    )
     return ap
 
 
@@ -383,6 +391,30 @@ def controlnet_table(args, device: str, dtype: str, peak: float) -> list[str]:
     return lines
 
 
+def peer_lines(args, dtype: str) -> list[str]:
+    """ldm and diffusers against stable-diffusion.cpp and OpenVINO on the fp16 file (peer_table)."""
+    from ldm_cli.bench.peer_table import peer_comparison
+
+    model = checkpoint(args.cache, "fp16")
+
+    def ours(tool: str, size: int, steps: int, png: Path) -> dict:
+        return worker(tool, model, size, steps, png, "cpu", dtype)
+
+    sizes = [int(size) for size in args.sizes.split(",")]
+    config = diffusers_config(args.cache)
+    return peer_comparison(
+        args.cache,
+        model,
+        config,
+        sizes,
+        args.steps,
+        args.repeats,
+        ours,
+        run_order,
+        torch.get_num_threads(),
+    )
+
+
 def main() -> None:
     args = _parser().parse_args()
     if args.startup_only:
@@ -394,6 +426,10 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if args.peers is None:
+        args.peers = device == "cpu"
+    if args.peers and device != "cpu":
+        raise SystemExit("--peers compares CPU tools: use --device cpu (or --no-peers)")
     args.cache.mkdir(parents=True, exist_ok=True)
     file_dtypes = args.file_dtypes.split(",")
     if unknown := set(file_dtypes) - set(FILE_DTYPES):
@@ -414,6 +450,8 @@ def main() -> None:
         "",
     ]
     lines += _size_tables(args, device, dtype, file_dtypes, peak)
+    if args.peers:
+        lines += peer_lines(args, dtype)
     if args.controlnet_size:
         lines += controlnet_table(args, device, dtype, peak)
     extra = startup_lines()
