@@ -33,7 +33,13 @@ from ldm_cli.training.adapter_stage import (
     checkpoint_blocks,
     load_frozen_pipeline,
 )
-from ldm_cli.training.loop import StepRandom, note, train_stage
+from ldm_cli.training.loop import (
+    StepRandom,
+    is_main_process,
+    note,
+    train_stage,
+    wait_for_everyone,
+)
 from ldm_cli.training.lora_network import LoraNetwork
 from ldm_cli.training.lora_run import LoraJob, write_lora
 
@@ -156,7 +162,9 @@ def train_lcm(lora: LoraJob, options: DistillOptions) -> dict | None:
     network.detach_from(pipe.model)
     if not result.finished:
         return None
-    write_lora(network, lora, pipe, data, result.step, size)
+    if is_main_process():  # one writer; the others wait for the file
+        write_lora(network, lora, pipe, data, result.step, size)
+    wait_for_everyone()
     tail = result.losses[-max(1, len(result.losses) // 10) :]
     return {
         "layers": len(network.layers),

@@ -16,7 +16,7 @@ from ldm_cli.training.adapter_stage import (
     preview_writer,
     train_adapter,
 )
-from ldm_cli.training.loop import note
+from ldm_cli.training.loop import is_main_process, note, wait_for_everyone
 from ldm_cli.training.lora_network import LoraNetwork, LoraSpec
 
 STAGE = "lora"
@@ -74,7 +74,9 @@ def train_lora(lora: LoraJob) -> dict | None:
     network.detach_from(pipe.model)
     if not result.finished:
         return None
-    write_lora(network, lora, pipe, data, result.step, size)
+    if is_main_process():  # one writer; the others wait for the file
+        write_lora(network, lora, pipe, data, result.step, size)
+    wait_for_everyone()
     tail = result.losses[-max(1, len(result.losses) // 10) :]
     return {
         "layers": len(network.layers),

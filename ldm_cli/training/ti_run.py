@@ -27,7 +27,7 @@ from ldm_cli.training.adapter_stage import (
     preview_writer,
     train_adapter,
 )
-from ldm_cli.training.loop import note
+from ldm_cli.training.loop import is_main_process, note, wait_for_everyone
 
 STAGE = "ti"
 TOWER_PARAM = {"*": "single"}  # a ParameterDict key may not be "*"
@@ -114,7 +114,9 @@ def train_ti(ti: TiJob) -> dict | None:
     )
     if not result.finished:
         return None
-    write_embedding(vectors, ti, pipe, result.step)
+    if is_main_process():  # one writer; the others wait for the file
+        write_embedding(vectors, ti, pipe, result.step)
+    wait_for_everyone()
     tail = result.losses[-max(1, len(result.losses) // 10) :]
     return {
         "vectors": ti.vectors,

@@ -111,3 +111,21 @@ def test_inpainting_a_green_circle_into_a_generated_image(pipe):
     outside = np.ones(labels.shape, bool)
     outside[:24, 40:] = False
     assert np.array_equal(np.asarray(image)[outside], np.asarray(base)[outside])
+
+
+def test_the_embedded_lcm_lora_draws_the_scenes_in_four_steps(pipe):
+    """weights/ldm-shapes-lcm.safetensors (`ldm train lcm`): 4 lcm steps, no unconditional
+    pass, the golden scenes' colours, shapes and places (weights/README.md has its eval)."""
+    lora = WEIGHTS_DIR / "ldm-shapes-lcm.safetensors"
+    assert lora.is_file() and lora.stat().st_size <= 5 * 2**20
+    pipe.networks.add_lora(lora, 1.0)
+    try:
+        for scene, seed in GOLDEN[:3]:
+            (image,) = pipe.generate(caption(scene), seed=seed, sampler="lcm", steps=4, cfg=1)
+            result = analyse(image, scene)
+            assert result["background_ok"], result
+            for obj in result["objects"]:
+                assert obj["colour_ok"] and obj["place_ok"] and obj["shape_ok"], result
+            assert "Sampler: LCM" in image.info["parameters"]
+    finally:
+        pipe.networks.clear_loras()
