@@ -26,12 +26,10 @@ from torch import nn
 
 from ldm_cli.samplers.consistency import lcm_boundary_scalings
 from ldm_cli.samplers.schedules import LCM_ORIGINAL_STEPS, DiscreteSchedule
-from ldm_cli.training.adapter_data import load_concept_images, step_captions
+from ldm_cli.training.adapter_data import step_captions
 from ldm_cli.training.adapter_stage import (
     AdapterTrainer,
     cache_latents,
-    checkpoint_blocks,
-    load_frozen_pipeline,
 )
 from ldm_cli.training.loop import (
     StepRandom,
@@ -41,7 +39,7 @@ from ldm_cli.training.loop import (
     wait_for_everyone,
 )
 from ldm_cli.training.lora_network import LoraNetwork
-from ldm_cli.training.lora_run import LoraJob, write_lora
+from ldm_cli.training.lora_run import LoraJob, attached_network, write_lora
 
 STAGE = "lcm"
 HUBER_C = 0.001
@@ -128,18 +126,7 @@ def train_lcm(lora: LoraJob, options: DistillOptions) -> dict | None:
     job, spec = lora.job, lora.spec
     job.check()
     spec.check()
-    pipe = load_frozen_pipeline(job.model, job.threads)
-    if job.checkpointing:
-        checkpoint_blocks(pipe.model.unet)
-    size = job.side(pipe)
-    data = load_concept_images(job.data_dir, size, job.captions)
-    network = LoraNetwork(pipe.model, spec)
-    network.reset(job.seed)
-    network.to(pipe.device)
-    network.attach(pipe.model)
-    from ldm_cli.text.embeddings import EmbeddingDatabase
-
-    db = EmbeddingDatabase.for_model(pipe.model.text_encoder, pipe.tokenizer)
+    pipe, size, data, network, db = attached_network(lora)
     trainer = AdapterTrainer(network, pipe, db, False, size)
     guidance = pipe.config.default_cfg if options.cfg is None else options.cfg
     distiller = Distiller(trainer, network, pipe, guidance)

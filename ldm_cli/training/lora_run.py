@@ -29,6 +29,25 @@ class LoraJob:
     layout: str = "kohya"  # or "peft"
 
 
+def attached_network(lora: LoraJob):
+    """(pipe, size, data, network, db): the frozen model, its training side, the folder's
+    images, a fresh LoRA attached to the model, and the embeddings database that encodes text."""
+    job = lora.job
+    pipe = load_frozen_pipeline(job.model, job.threads)
+    if job.checkpointing:
+        checkpoint_blocks(pipe.model.unet)
+    size = job.side(pipe)
+    data = load_concept_images(job.data_dir, size, job.captions)
+    network = LoraNetwork(pipe.model, lora.spec)
+    network.reset(job.seed)
+    network.to(pipe.device)
+    network.attach(pipe.model)
+    from ldm_cli.text.embeddings import EmbeddingDatabase
+
+    db = EmbeddingDatabase.for_model(pipe.model.text_encoder, pipe.tokenizer)
+    return pipe, size, data, network, db
+
+
 def train_lora(lora: LoraJob) -> dict | None:
     """Train and write the LoRA; its summary, or None when stopped early (state saved)."""
     job, spec = lora.job, lora.spec
@@ -38,18 +57,7 @@ def train_lora(lora: LoraJob) -> dict | None:
         from ldm_cli.core.errors import UserError
 
         raise UserError("a LoRA is written as .safetensors")
-    pipe = load_frozen_pipeline(job.model, job.threads)
-    if job.checkpointing:
-        checkpoint_blocks(pipe.model.unet)
-    size = job.side(pipe)
-    data = load_concept_images(job.data_dir, size, job.captions)
-    network = LoraNetwork(pipe.model, spec)
-    network.reset(job.seed)
-    network.to(pipe.device)
-    network.attach(pipe.model)
-    from ldm_cli.text.embeddings import EmbeddingDatabase
-
-    db = EmbeddingDatabase.for_model(pipe.model.text_encoder, pipe.tokenizer)
+    pipe, size, data, network, db = attached_network(lora)
     if spec.text_encoder:
         from ldm_cli.text.embeddings import encode_truncated
 
