@@ -124,14 +124,10 @@ def vae_warning(from_png: Path, job: dict, pipe) -> str | None:
     """What to tell when the PNG was decoded with another VAE than this run's (`--vae`)."""
     if job.get("vae") is None:
         return None
+    from ldm_cli.checkpoints.hash import model_hash
+
     name, wanted = job["vae"]
-    if pipe.vae_file is not None and wanted in (None, pipe_vae_hash(pipe)):
+    if pipe.vae_file is not None and wanted in (None, model_hash(pipe.vae_file)):
         return None
     label = f"{name} [{wanted}]" if wanted else name
     return f"warning: {from_png} was decoded with the VAE {label}; give it with --vae FILE"
-
-
-def pipe_vae_hash(pipe) -> str:
-    from ldm_cli.checkpoints.hash import model_hash
-
-    return model_hash(pipe.vae_file)

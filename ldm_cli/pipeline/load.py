@@ -227,18 +227,15 @@ def load_pipeline(
     model, header = load_model_with(path, dev, dt, options)
     if isinstance(model, FlowDiffusion):
         pipe = FlowPipeline(model, header.path, dev, dt)
-        pipe.vae_tiling = options.vae_tiling
-        if options.vae is not None:
-            attach_vae(pipe, options.vae)
-        return pipe
-    kind = SDXLPipeline if model.config.conditioner else Pipeline
-    pipe = kind(model, header.path, dev, dt)
+    else:
+        kind = SDXLPipeline if model.config.conditioner else Pipeline
+        pipe = kind(model, header.path, dev, dt)
+        detected = detect_config(header)
+        pipe.file_clip_skip = detected.text.clip_skip
+        pipe.file_prediction = settled_prediction(detected, header)
     pipe.vae_tiling = options.vae_tiling
     if options.vae is not None:
         attach_vae(pipe, options.vae)
-    detected = detect_config(header)
-    pipe.file_clip_skip = detected.text.clip_skip
-    pipe.file_prediction = settled_prediction(detected, header)
     return pipe
 
 

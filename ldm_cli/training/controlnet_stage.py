@@ -149,8 +149,7 @@ def train_controlnet(plan: ControlNetPlan) -> dict:
     )
     if not result.finished:
         return {}
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
-    metrics = {"steps": result.step, "final_loss": round(sum(tail) / len(tail), 5)}
+    metrics = {"steps": result.step, "final_loss": result.final_loss()}
     if is_main_process():
         out = options.run_dir / MODEL_FILE
         export(result.ema.eval(), out, plan, plan.export_dtype)

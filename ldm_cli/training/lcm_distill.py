@@ -31,15 +31,9 @@ from ldm_cli.training.adapter_stage import (
     AdapterTrainer,
     cache_latents,
 )
-from ldm_cli.training.loop import (
-    StepRandom,
-    is_main_process,
-    note,
-    train_stage,
-    wait_for_everyone,
-)
+from ldm_cli.training.loop import StepRandom, note, train_stage
 from ldm_cli.training.lora_network import LoraNetwork
-from ldm_cli.training.lora_run import LoraJob, attached_network, write_lora
+from ldm_cli.training.lora_run import LoraJob, attached_network, finish_lora
 
 STAGE = "lcm"
 HUBER_C = 0.001
@@ -146,17 +140,5 @@ def train_lcm(lora: LoraJob, options: DistillOptions) -> dict | None:
         {"lora": spec.__dict__, "layout": lora.layout, "objective": "lcm", "cfg": guidance}
     )
     result = train_stage(STAGE, trainer, loss_fn, settings, job.loop(), fingerprint=fingerprint)
-    network.detach_from(pipe.model)
-    if not result.finished:
-        return None
-    if is_main_process():  # one writer; the others wait for the file
-        write_lora(network, lora, pipe, data, result.step, size)
-    wait_for_everyone()
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
-    return {
-        "layers": len(network.layers),
-        "parameters": count,
-        "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
-        "file_kb": round(job.out.stat().st_size / 1024, 1),
-        "cfg": guidance,
-    }
+    summary = finish_lora(network, lora, pipe, data, result, size, digits=6)
+    return None if summary is None else {**summary, "cfg": guidance}

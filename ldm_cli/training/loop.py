@@ -45,6 +45,11 @@ class StageResult:
     step: int  # steps done in total (resumed steps included)
     finished: bool  # step == settings.steps
 
+    def final_loss(self, digits: int = 5) -> float | None:
+        """The mean of the last tenth of the logged losses, rounded; None if none were logged."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return round(sum(tail) / len(tail), digits) if tail else None
+
 
 class StepRandom:
     """The random draws of one step; the same for a given (seed, stage, step) in every run.

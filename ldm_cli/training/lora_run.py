@@ -79,18 +79,23 @@ def train_lora(lora: LoraJob) -> dict | None:
         STAGE, trainer, data, job.captions, job.loss, job.settings(), job.loop(), sample,
         fingerprint,
     )  # fmt: skip
+    return finish_lora(network, lora, pipe, data, result, size)
+
+
+def finish_lora(network, lora: LoraJob, pipe, data, result, size: int, digits: int = 5):
+    """Detach the trained LoRA and write it (the main process; the others wait); its summary,
+    or None when the run stopped early (state saved)."""
     network.detach_from(pipe.model)
     if not result.finished:
         return None
     if is_main_process():  # one writer; the others wait for the file
         write_lora(network, lora, pipe, data, result.step, size)
     wait_for_everyone()
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
     return {
         "layers": len(network.layers),
-        "parameters": count,
-        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
-        "file_kb": round(job.out.stat().st_size / 1024, 1),
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "final_loss": result.final_loss(digits),
+        "file_kb": round(lora.job.out.stat().st_size / 1024, 1),
     }
 
 

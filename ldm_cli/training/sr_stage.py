@@ -146,7 +146,6 @@ def train_sr(plan: SrPlan) -> dict:
     )
     if not result.finished:
         return json.loads((loop.run_dir / METRICS_FILE).read_text(encoding="utf-8"))
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
     note(loop, f"{STAGE}: held-out photos against bicubic")
     upscaler = frozen_copy(result.ema, plan.shape)
     heldout = evaluate_photos(upscaler, plan.heldout)
@@ -154,7 +153,7 @@ def train_sr(plan: SrPlan) -> dict:
         "architecture": "Real-ESRGAN SRVGGNetCompact",
         "shape": asdict(plan.shape),
         "steps": result.step,
-        "final_l1": round(sum(tail) / len(tail), 5) if tail else None,
+        "final_l1": result.final_loss(),
         "heldout_photos": heldout,
         "plan": _plan_record(plan),
     }

@@ -117,10 +117,9 @@ def train_ti(ti: TiJob) -> dict | None:
     if is_main_process():  # one writer; the others wait for the file
         write_embedding(vectors, ti, pipe, result.step)
     wait_for_everyone()
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
     return {
         "vectors": ti.vectors,
-        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+        "final_loss": result.final_loss(),
         "file_kb": round(job.out.stat().st_size / 1024, 1),
     }
 

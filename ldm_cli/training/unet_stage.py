@@ -324,10 +324,9 @@ def train_unet(
 def finish_stage(stage: str, result, options: LoopOptions, extra: dict) -> UnetResult:
     """Save a finished U-Net stage's EMA weights and metrics (the main and upscaler stages)."""
     ema = result.ema.eval().requires_grad_(False)
-    tail = result.losses[-max(1, len(result.losses) // 10) :]
     metrics = {
         "steps": result.step,
-        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+        "final_loss": result.final_loss(),
         **extra,
     }
     if is_main_process():

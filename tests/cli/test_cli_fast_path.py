@@ -3,20 +3,17 @@ trailing`, `--eta`, `--vae FILE` (a VAE or a TAESD), and `--from-png` of their i
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.pngmeta import params_from_png
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.testing import random_checkpoint, randomize_
 from tests.cli_helpers import ldm, one_thread_per_command, pixels, written  # noqa: F401
 from tests.models.taesd_helpers import write_taesd_files
+from tests.pipeline.test_vae_file import TINY_SD1_X8
 
-TINY_SD1_X8 = replace(TINY_SD1, vae=replace(TINY_SD1.vae, ch_mult=(1, 1, 1, 1)))
 BASE = ("--steps", "2", "--width", "64", "--height", "64", "--seed", "3")
 
 

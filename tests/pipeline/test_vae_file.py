@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ldm_cli.checkpoints.detect.vae_file import original_vae_key
 from ldm_cli.core.config import TINY_SD1
 from ldm_cli.core.errors import UserError
-from ldm_cli.core.pngmeta import params_from_png
+from ldm_cli.core.pngmeta import parse_parameters
 from ldm_cli.models.vae import AutoencoderKL
 from ldm_cli.pipeline.load import load
 from ldm_cli.runtime.preview import PreviewWriter
@@ -100,22 +100,9 @@ def test_a_vae_file_decodes_as_diffusers_from_single_file(
     # the model's own VAE gives another picture: the file really was used
     own = diffusers_image(reference_pipe, reference_pipe.vae)
     assert np.abs(own.astype(int) - expected).max() > 20
-    params = params_from_png_info(image)
+    params = parse_parameters(image.info["parameters"])
     assert params.extra["VAE"] == files[layout].stem
     assert len(params.extra["VAE hash"]) == 10
-
-
-def params_from_png_info(image):
-    import io
-
-    buffer = io.BytesIO()
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", image.info["parameters"])
-    image.save(buffer, format="PNG", pnginfo=info)
-    buffer.seek(0)
-    return params_from_png(buffer)
 
 
 # TAESD scales by 8, as real VAEs do: a tiny model with a four-level VAE

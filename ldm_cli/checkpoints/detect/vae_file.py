@@ -35,10 +35,8 @@ class VAEFileLayout:
     up_levels: int = 0  # diffusers: decoder.up_blocks.N counts from the top level down
 
     def original_key(self, key: str) -> str | None:
-        """The original (CompVis) name of a file key; None for keys to ignore. A key outside
-        the prefix comes back as it is, for the strict load to name."""
-        if not key.startswith(self.prefix):
-            return key
+        """The original (CompVis) name of a file key (one under the prefix); None for keys to
+        ignore."""
         key = key[len(self.prefix) :]
         if key.startswith(IGNORED):
             return None
