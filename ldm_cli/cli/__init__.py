@@ -56,9 +56,11 @@ def _register() -> None:
     from ldm_cli.cli.dataset import dataset_app
     from ldm_cli.cli.eval import eval_command
     from ldm_cli.cli.generate import generate
+    from ldm_cli.cli.grid import grid
     from ldm_cli.cli.image import img2img, inpaint, outpaint
     from ldm_cli.cli.info import info
     from ldm_cli.cli.preprocess import preprocess
+    from ldm_cli.cli.serve import serve
     from ldm_cli.cli.train import train
     from ldm_cli.cli.train_adapters import train_lora, train_ti
     from ldm_cli.cli.train_controlnet import train_controlnet
@@ -73,7 +75,9 @@ def _register() -> None:
     app.command()(with_allow_pickle(outpaint))
     app.command()(with_allow_pickle(upscale))
     app.command()(with_allow_pickle(info))
+    app.command()(with_allow_pickle(grid))
     app.command()(preprocess)
+    app.command()(serve)
     train_app.command("model")(with_allow_pickle(train))
     train_app.command("upscaler")(train_upscaler)
     train_app.command("controlnet")(train_controlnet)

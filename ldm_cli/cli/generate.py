@@ -235,7 +235,7 @@ def generate(
     check_side(width, "--width")
     check_side(height, "--height")
     given = _given(ctx, {"refiner_switch", "hires_strength", "hires_steps", "hires_upscaler"})
-    _check_pairings(given, refiner, refiner_switch, hires_scale, from_png)
+    check_pairings(given, refiner, refiner_switch, hires_scale, from_png)
     performance = Performance.checked(
         model, compile=use_compile, offload=offload, preview=preview, preview_every=preview_every,
         vae_tiling=vae_tiling, deep_cache=deep_cache, token_merging=token_merging,
@@ -275,24 +275,17 @@ def generate(
         refiner_switch = jobs[0]["refiner_switch"]
     if vae_tiling == "auto":  # --from-png: as the image was made
         performance = replace(performance, vae_tiling=jobs[0].get("vae_tiling", "auto"))
-    from ldm_cli.pipeline.tasks.hires import UPSCALER, HiresFix
-
     hires = jobs[0].get("hires")
     if hires_scale is not None:
-        hires = HiresFix(hires_scale, hires_strength, hires_steps, hires_upscaler or UPSCALER)
+        hires = hires_fix(hires_scale, hires_strength, hires_steps, hires_upscaler)
     elif hires is not None and hires_upscaler is not None:  # --from-png's, another upscaler
         hires = replace(hires, upscaler=hires_upscaler)
 
-    loaded = {"prediction": prediction, "clip_skip": clip_skip}
-    pipe = performance.load(model, device, dtype, **loaded)
-    if refiner is not None:  # SDXL base + refiner (ldm_cli.pipeline.tasks.refiner)
-        from ldm_cli.pipeline.tasks.refiner import attach_refiner
-
-        second = performance.load(refiner, pipe.device, pipe.dtype, **loaded)
-        attach_refiner(pipe, second, refiner_switch)
-    from ldm_cli.cli.networks import configure
-
-    configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion (networks.lora)
+    pipe = load_pipeline(
+        performance, model, device, dtype, prediction=prediction, clip_skip=clip_skip,
+        refiner=refiner, refiner_switch=refiner_switch, lora=lora, lora_dir=lora_dir,
+        embeddings=embeddings,
+    )  # fmt: skip
     if hires is not None:
         hires.network(pipe.device)  # a bad --hires-upscaler file fails before any sampling
     wanted = jobs[0].get("model_hash")
@@ -309,20 +302,20 @@ def generate(
             print(warning, file=sys.stderr)
     from ldm_cli.runtime.distributed import shared_random_seed
 
-    defaults = {
-        "negative_prompt": negative_prompt, "steps": steps, "cfg": cfg,
-        "seed": shared_random_seed() if seed is None else seed,  # one seed for all processes
-        "sampler": sampler, "scheduler": scheduler, "width": width, "height": height,
-        "rescale_cfg": rescale_cfg, "num_images": num_images, "batch_size": batch_size,
-        "guidance": guidance, "eta": eta, **performance.speedups(), **controls,
-    }  # fmt: skip
+    defaults = request_options(
+        performance, controls, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
+        seed=shared_random_seed() if seed is None else seed,  # one seed for all processes
+        sampler=sampler, scheduler=scheduler, width=width, height=height,
+        rescale_cfg=rescale_cfg, num_images=num_images, batch_size=batch_size,
+        guidance=guidance, eta=eta,
+    )  # fmt: skip
     batches = _batches(pipe, jobs, defaults)
     if controls:
         check_control_files(pipe, batches[0][0])  # family, layout, aspect ratio: before rendering
     _run(pipe, batches, out, hires, resume)
 
 
-def _check_pairings(given: set[str], refiner, refiner_switch, hires_scale, from_png) -> None:
+def check_pairings(given: set[str], refiner, refiner_switch, hires_scale, from_png) -> None:
     """Options that only mean something beside another one."""
     if "refiner_switch" in given and refiner is None:
         raise UserError("--refiner-switch needs --refiner (the SDXL refiner checkpoint)")
@@ -335,19 +328,55 @@ def _check_pairings(given: set[str], refiner, refiner_switch, hires_scale, from_
         raise UserError("--hires-upscaler needs --hires-scale (the hires fix)")
 
 
-def _batches(pipe, jobs: list[dict], defaults: dict) -> list:
-    """Each job's requests (its own options over the command line's), made by the API, in
-    seeded batches: image k of a job uses its seed + k."""
+def hires_fix(hires_scale: float, hires_strength: float, hires_steps, hires_upscaler):
+    """The hires fix the --hires-* options ask for (checked; no torch yet)."""
+    from ldm_cli.pipeline.tasks.hires import UPSCALER, HiresFix
+
+    return HiresFix(hires_scale, hires_strength, hires_steps, hires_upscaler or UPSCALER)
+
+
+def load_pipeline(
+    performance: Performance, model, device: str, dtype: str, *, prediction, clip_skip,
+    refiner, refiner_switch: float, lora: list[str], lora_dir: Path, embeddings,
+):  # fmt: skip
+    """The model (and SDXL refiner) opened as the options say, LoRAs and embeddings set."""
+    loaded = {"prediction": prediction, "clip_skip": clip_skip}
+    pipe = performance.load(model, device, dtype, **loaded)
+    if refiner is not None:  # SDXL base + refiner (ldm_cli.pipeline.tasks.refiner)
+        from ldm_cli.pipeline.tasks.refiner import attach_refiner
+
+        second = performance.load(refiner, pipe.device, pipe.dtype, **loaded)
+        attach_refiner(pipe, second, refiner_switch)
+    from ldm_cli.cli.networks import configure
+
+    configure(pipe, lora, lora_dir, embeddings)  # LoRA and textual inversion (networks.lora)
+    return pipe
+
+
+def request_options(performance: Performance, controls: dict, **options) -> dict:
+    """What `job_batches` takes: the request options (negative_prompt, steps, cfg, seed,
+    sampler, scheduler, width, height, rescale_cfg, guidance, eta, num_images, batch_size)
+    with the speed-ups that change the image and the ControlNets."""
+    return {**options, **performance.speedups(), **controls}
+
+
+def job_batches(pipe, prompt: str, options: dict) -> list:
+    """One prompt's requests, made by the API from `request_options` (its defaults where
+    None), in seeded batches: image k uses seed + k."""
     from ldm_cli.pipeline.request import seeded_batches
 
-    batches = []
-    for job in jobs:
-        o = {**defaults, **job["options"]}
-        counts = (o.pop("num_images"), o.pop("batch_size"))
-        negative = o.pop("negative_prompt")
-        req = pipe.request(job["prompt"], negative, **o)  # the API's defaults where None
-        batches += seeded_batches(req, *counts)
-    return batches
+    o = dict(options)
+    counts = (o.pop("num_images"), o.pop("batch_size"))
+    negative = o.pop("negative_prompt")
+    req = pipe.request(prompt, negative, **o)
+    return seeded_batches(req, *counts)
+
+
+def _batches(pipe, jobs: list[dict], defaults: dict) -> list:
+    """Each job's requests (its own options over the command line's)."""
+    return [
+        b for job in jobs for b in job_batches(pipe, job["prompt"], {**defaults, **job["options"]})
+    ]
 
 
 def check_options(

@@ -13,7 +13,7 @@ from ldm_cli.control.units import control_specs
 from ldm_cli.pipeline import base
 from ldm_cli.pipeline.base import Progress
 from ldm_cli.pipeline.request import Request, random_seed, seeded_batches
-from ldm_cli.pipeline.tasks import flow, sdxl
+from ldm_cli.pipeline.tasks import sdxl
 from ldm_cli.pipeline.tasks.hires import HiresFix
 
 
@@ -188,7 +188,3 @@ class Pipeline(Tasks, base.Pipeline):
 
 class SDXLPipeline(Tasks, sdxl.SDXLPipeline):
     """SDXL base, inpainting and refiner files' pipeline with its tasks."""
-
-
-class FlowPipeline(Tasks, flow.FlowPipeline):
-    """FLUX.1 and SD3/3.5 files' pipeline with its tasks."""

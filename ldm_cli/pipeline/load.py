@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ldm_cli.checkpoints.detect import detect_config
-from ldm_cli.checkpoints.detect.flow import detect_flow, flow_model_name, missing_parts
 from ldm_cli.checkpoints.file import read_header
 from ldm_cli.checkpoints.flow_sources import flow_sources, is_flow_file
 from ldm_cli.checkpoints.header import CheckpointHeader
@@ -29,15 +28,10 @@ from ldm_cli.checkpoints.prediction import (
 from ldm_cli.core.devices import resolve_device, resolve_dtype
 from ldm_cli.core.embedded import default_model_path
 from ldm_cli.core.errors import UserError
-from ldm_cli.models.flow_loading import load_flow_model
-from ldm_cli.models.flow_model import FlowDiffusion
 from ldm_cli.models.latent_diffusion import LatentDiffusion
 from ldm_cli.models.loading import load_model
-from ldm_cli.models.prediction_probe import probe_prediction
-from ldm_cli.models.taesd_loading import load_tiny_autoencoder
-from ldm_cli.models.vae_file import load_vae_weights, read_vae_file
 from ldm_cli.ops.cpu_kind import narrow_weights_by_default
-from ldm_cli.pipeline.api import FlowPipeline, Pipeline, SDXLPipeline
+from ldm_cli.pipeline.api import Pipeline, SDXLPipeline
 from ldm_cli.pipeline.vae_codec import check_mode
 from ldm_cli.runtime.offload import apply_offload, check_offload_device
 
@@ -144,8 +138,13 @@ def load_model_with(
     return model, header
 
 
-def load_flow_with(header, device, home, dtype, options: LoadOptions) -> FlowDiffusion:
-    """A FLUX or SD3 model from its main file and the part files the options name."""
+def load_flow_with(header, device, home, dtype, options: LoadOptions):
+    """A FLUX or SD3 model (models.flow_model.FlowDiffusion) from its main file and the part
+    files the options name."""
+    # imported here, as below: opening an SD file needs none of the flow models' modules
+    from ldm_cli.checkpoints.detect.flow import detect_flow, flow_model_name, missing_parts
+    from ldm_cli.models.flow_loading import load_flow_model
+
     if options.prediction is not None or options.clip_skip is not None:
         flag = "--prediction" if options.prediction is not None else "--clip-skip"
         raise UserError(f"{flag} does not apply to {header.path.name} (a flow model)")
@@ -173,12 +172,17 @@ def load_flow_with(header, device, home, dtype, options: LoadOptions) -> FlowDif
 
 
 def is_tiny_vae(path: str | Path) -> bool:
+    from ldm_cli.models.vae_file import read_vae_file
+
     return read_vae_file(path)[1].kind == "taesd"
 
 
 def attach_vae(pipe: Pipeline, path: str | Path) -> None:
     """`--vae FILE` on a loaded pipeline: its weights over the model's VAE (an SD model; a
     flow model's was loaded as one of its parts), or a TAESD that decodes in its place."""
+    from ldm_cli.models.taesd_loading import load_tiny_autoencoder
+    from ldm_cli.models.vae_file import load_vae_weights, read_vae_file
+
     header, layout = read_vae_file(path)
     if layout.kind == "taesd":
         tiny = load_tiny_autoencoder(header.path, pipe.device, pipe.dtype)
@@ -200,7 +204,7 @@ def attach_vae(pipe: Pipeline, path: str | Path) -> None:
                 f"{pipe.name}'s VAE scales by {pipe.latent_factor}"
             )
         pipe.tiny_vae = tiny
-    elif not isinstance(pipe.model, FlowDiffusion):
+    elif isinstance(pipe.model, LatentDiffusion):  # a flow model's VAE is one of its parts
         load_vae_weights(pipe.model.vae, header, layout, pipe.name)
     pipe.vae_file = header.path
 
@@ -211,6 +215,8 @@ def settle_prediction(cfg, header: CheckpointHeader, model: LatentDiffusion, ove
         return with_prediction(cfg, header, override)
     if settled_prediction(cfg, header) is not None:
         return cfg
+    from ldm_cli.models.prediction_probe import probe_prediction
+
     return with_prediction(cfg, header, probe_prediction(model.unet))
 
 
@@ -225,7 +231,9 @@ def load_pipeline(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model, header = load_model_with(path, dev, dt, options)
-    if isinstance(model, FlowDiffusion):
+    if not isinstance(model, LatentDiffusion):
+        from ldm_cli.pipeline.flow_api import FlowPipeline
+
         pipe = FlowPipeline(model, header.path, dev, dt)
     else:
         kind = SDXLPipeline if model.config.conditioner else Pipeline
