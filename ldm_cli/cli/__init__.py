@@ -53,12 +53,14 @@ def _root(
 
 def _register() -> None:
     from ldm_cli.cli.allow_pickle import with_allow_pickle
+    from ldm_cli.cli.convert import convert
     from ldm_cli.cli.dataset import dataset_app
     from ldm_cli.cli.eval import eval_command
     from ldm_cli.cli.generate import generate
     from ldm_cli.cli.grid import grid
     from ldm_cli.cli.image import img2img, inpaint, outpaint
     from ldm_cli.cli.info import info
+    from ldm_cli.cli.merge import merge
     from ldm_cli.cli.preprocess import preprocess
     from ldm_cli.cli.serve import serve
     from ldm_cli.cli.train import train
@@ -78,6 +80,8 @@ def _register() -> None:
     app.command()(with_allow_pickle(grid))
     app.command()(preprocess)
     app.command()(serve)
+    app.command()(convert)
+    app.command()(merge)
     train_app.command("model")(with_allow_pickle(train))
     train_app.command("upscaler")(train_upscaler)
     train_app.command("controlnet")(train_controlnet)
