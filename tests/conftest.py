@@ -20,3 +20,16 @@ def reference_dir():
     if not os.path.isdir(path):
         pytest.skip("../shared/reference not present")
     return path
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread while a module runs its tiny models in-process (`pytestmark =
+    pytest.mark.usefixtures("single_torch_thread")`): they gain nothing from threads, and the
+    suite's two workers share two cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -20,11 +20,9 @@ import torch
 from ldm_cli.checkpoint_tools.bake_lora import LoraBake
 from ldm_cli.checkpoint_tools.bake_vae import vae_tensors
 from ldm_cli.checkpoint_tools.prune import kept_keys
-from ldm_cli.checkpoint_tools.sources import Source, cast, open_source
+from ldm_cli.checkpoint_tools.sources import DTYPES, Source, cast, check_output, open_source
 from ldm_cli.checkpoint_tools.stream_writer import OutTensor, write_streaming
-from ldm_cli.core.errors import UserError
 
-DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 SINGLE_FILE = ".safetensors"
 
 
@@ -45,10 +43,7 @@ def writes_folder(out: Path) -> bool:
 
 
 def run_convert(job: ConvertJob) -> Path:
-    if job.out.exists():
-        raise UserError(f"{job.out} exists already; give a new name (nothing is overwritten)")
-    if job.dtype is not None and job.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {job.dtype!r}; use fp32, fp16 or bf16")
+    check_output(job.out, job.dtype)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(job.source, "IN"))
         keys = kept_keys(source.tensors, job.prune, job.ema, source.name)

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ldm_cli.checkpoint_tools.sources import Source, cast, open_source
+from ldm_cli.checkpoint_tools.sources import DTYPES, Source, cast, check_output, open_source
 from ldm_cli.checkpoint_tools.stream_writer import OutTensor, write_streaming
 from ldm_cli.core.errors import UserError
 
-DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 SKIPPED = re.compile(r".*\.position_ids$")  # A1111's checkpoint_dict_skip_on_merge
 BLOCK = re.compile(
     r"^model\.diffusion_model\.(?:(input_blocks|output_blocks)\.(\d+)|middle_block)\."
@@ -51,10 +50,7 @@ class MergeJob:
 
 
 def run_merge(job: MergeJob) -> Path:
-    if job.out.exists():
-        raise UserError(f"{job.out} exists already; give a new name (nothing is overwritten)")
-    if job.dtype is not None and job.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {job.dtype!r}; use fp32, fp16 or bf16")
+    check_output(job.out, job.dtype)
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(open_source(job.a, "A"))
         b = stack.enter_context(open_source(job.b, "B"))

@@ -24,6 +24,17 @@ from ldm_cli.checkpoints.header import CheckpointHeader, TensorInfo
 from ldm_cli.core.config import ModelConfig
 from ldm_cli.core.errors import UserError
 
+DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}  # --dtype: the safetensors names
+
+
+def check_output(out: Path, dtype: str | None) -> None:
+    """What convert and merge refuse before reading anything: an OUT that exists, a bad --dtype."""
+    if out.exists():
+        raise UserError(f"{out} exists already; give a new name (nothing is overwritten)")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; use fp32, fp16 or bf16")
+
+
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 

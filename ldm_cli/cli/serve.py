@@ -59,11 +59,10 @@ def serve(
             raise UserError(f"{name} {folder}: no such folder")
     if embeddings is not None and not embeddings.is_dir():
         raise UserError(f"--embeddings {embeddings}: no such folder")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(
-            "ldm serve runs one worker per GPU itself: start it once with --workers N instead "
-            "of under accelerate launch"
-        )
+    launched = launched_workers(workers)
+    if launched == 0:
+        return  # another process of `accelerate launch` serves this machine's GPUs
+    workers = launched
     from ldm_cli.core.embedded import default_model_path
 
     path = default_model_path() if model is None else model
@@ -84,6 +83,28 @@ def serve(
     devices = worker_devices(device, workers)
     pool, app = build(path, settings, models_dir, dtype, embeddings, devices)
     run(app, pool, host, port)
+
+
+def launched_workers(workers: int) -> int:
+    """Under `accelerate launch` (N processes on this machine), the machine's first process
+    serves with one worker per process's GPU and the others step aside (0): one port, one
+    queue, `--workers N` by another name. Outside it, `workers` as given."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if local <= 1:
+        return workers
+    if workers not in (1, local):
+        raise UserError(
+            f"--workers {workers} under accelerate launch with {local} processes: leave "
+            "--workers out (one worker per process) or start ldm serve once without accelerate"
+        )
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        print(
+            "ldm serve: the first process of accelerate launch serves every GPU of this "
+            "machine; this one has nothing to do",
+            file=sys.stderr,
+        )
+        return 0
+    return local
 
 
 def _checked(host, port, api_auth, workers, max_body_mb, device, dtype):

@@ -25,12 +25,7 @@ SETTINGS = {"steps": 4, "cfg": 7.5, "seed": 21, "sampler": "euler", "width": 64,
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ SHAPES_SD1 = TINY_SD1.with_(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def chain(folder: Path, cfg, dtype=None) -> dict[str, Path]:

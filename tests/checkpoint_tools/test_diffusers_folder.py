@@ -48,12 +48,7 @@ PROMPT, NEGATIVE, SEED, SIZE, STEPS = "a red circle on a blue background", "blur
 CONFIGS = {"sd1": TINY_SD1, "sd2": TINY_SD2, "sdxl": TINY_SDXL}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ OPENCLIP_H_PARAMETERS = 354_032_641  # all 24 blocks, text_projection and logit_
 SD_VAE_PARAMETERS = 83_653_863
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def shapes_header(cfg: ModelConfig, name: str, extra: tuple[str, ...] = ()) -> CheckpointHeader:

@@ -69,12 +69,7 @@ REFINER_UNET_DIFFUSERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # -- full size, on the meta device --------------------------------------------------------

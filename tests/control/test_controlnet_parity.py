@@ -33,12 +33,7 @@ ATOL = 1e-5
 CONFIGS = {"sd1": TINY_SD1.unet, "sd2": TINY_SD2, "sdxl": TINY_SDXL}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def inputs(cfg, seed=1):

@@ -20,10 +20,10 @@ from tests.pipeline.test_sdxl import (  # noqa: F401 (fixtures)
     files,
     ours,
     reference,
-    single_thread,
 )
 
 pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 STEPS = 4
 
 

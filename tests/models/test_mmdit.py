@@ -55,12 +55,7 @@ FULL_SIZE_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def random_state(cfg: MMDiTConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -77,14 +77,7 @@ TINY_X4 = UNetConfig(
 TINY_CONFIGS = {"sd1": TINY_SD1.unet, "sd2": TINY_SD2, "sdxl": TINY_SDXL, "x4": TINY_X4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors gain nothing from threads, and on a loaded 2-core machine OpenMP spinning
-    # makes each forward take seconds instead of milliseconds.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

@@ -48,12 +48,7 @@ PEFT_TEXT = {"flux-dev": ("text_encoder.",), "sd35": ("text_encoder.", "text_enc
 KOHYA_TEXT = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

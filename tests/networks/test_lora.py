@@ -33,12 +33,7 @@ ATOL = 1e-5
 SDXL_TIME_EMBED = (TINY_SDXL.unet.adm_in_channels - TINY_SDXL.text2.projection_dim) // 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from ldm_cli.pipeline.tasks.hires import HiresFix, hires_from_parameters
 from ldm_cli.testing import random_checkpoint
 from tests.image_helpers import PHOTOS, TINY_INPAINT, photo
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

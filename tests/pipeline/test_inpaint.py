@@ -30,12 +30,7 @@ from tests.reference_configs import diffusers_unet_config  # noqa: E402
 MASK_BOX = (20, 12, 44, 40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

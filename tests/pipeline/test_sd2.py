@@ -34,12 +34,7 @@ TINY_TEXT = replace(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def open_clip_text_model(cfg: TextConfig, seed: int = 0):

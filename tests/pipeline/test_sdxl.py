@@ -51,12 +51,7 @@ SIZE = 64
 SIZE_EMBED_DIM = 8  # TINY_SDXL's width per micro-conditioning number (256 in the real model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # -- the conditioner ------------------------------------------------------------------------

@@ -21,12 +21,7 @@ ADM = TINY_SDXL.unet.adm_in_channels
 REFINER_TEXT = TINY_SDXL_REFINER.unet.context_dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

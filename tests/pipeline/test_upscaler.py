@@ -31,12 +31,7 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 PARITY_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def reference_config(reference_dir: str, part: str) -> dict:

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from ldm_cli.core.errors import UserError
 from tests.server.conftest import free_port
 
 RUNNER = (
@@ -113,3 +114,20 @@ def test_serves_behind_api_auth_and_stops_on_ctrl_c():
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr  # Ctrl-C, as every ldm command
     assert "Application shutdown complete" in stderr and "Traceback" not in stderr
+
+
+def test_accelerate_launch_gives_one_server_with_a_worker_per_process(monkeypatch):
+    from ldm_cli.cli.serve import launched_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_workers(3) == 3
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_workers(1) == 4
+    assert launched_workers(4) == 4
+    with pytest.raises(UserError, match="--workers 2 under accelerate launch with 4 processes"):
+        launched_workers(2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert launched_workers(1) == 0

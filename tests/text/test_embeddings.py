@@ -28,12 +28,7 @@ from tests.cli_helpers import ldm, written
 WIDTH = TINY_SD1.text.hidden_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -36,12 +36,7 @@ SEED = 7
 STEPS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_folder(root: Path, count: int = 4) -> Path:

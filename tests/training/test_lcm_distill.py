@@ -14,9 +14,10 @@ from ldm_cli.pipeline.load import load
 from ldm_cli.training.lcm_distill import Distiller, DistillOptions, pseudo_huber, train_lcm
 from ldm_cli.training.lora_network import LoraSpec
 from ldm_cli.training.lora_run import LoraJob
-from tests.training.test_adapter_training import files, job, single_thread  # noqa: F401
+from tests.training.test_adapter_training import files, job  # noqa: F401
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def lcm_job(files, out: Path, **changes) -> LoraJob:  # noqa: F811
