@@ -189,7 +189,12 @@ def _peft_alphas(metadata: dict[str, str]) -> _PeftAlphas:
 
 
 def find_lora(name: str, directory: Path) -> Path:
-    """The LoRA file called `name` (no extension) in `directory` or below it."""
+    """The LoRA file called `name` (no extension) in `directory` or below it; a name that
+    leads out of it (`../x`, an absolute path) is refused: a prompts file or a request names
+    files in the folder, not anywhere."""
+    # lexically, not by resolving: LoRA folders often hold links to files kept elsewhere
+    if Path(name).is_absolute() or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise UserError(f"<lora:{name}:...> names a file outside {directory}; give its name there")
     if directory.is_dir():
         for extension in LORA_EXTENSIONS:
             direct = directory / f"{name}{extension}"
