@@ -4,6 +4,11 @@ import tempfile
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread per test process, and for the `ldm` processes tests start: the suite runs two
+# xdist workers on two cores, and its models are tiny. Two threads each made four OpenMP teams
+# spin against each other on two cores (a ControlNet evaluation took 161 s in the suite, 41 s
+# alone). Set before torch is imported; a run that sets OMP_NUM_THREADS keeps its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 # model hashes are cached on disk (ldm_cli.checkpoints.hash): never in the user's own cache, and
