@@ -14,14 +14,13 @@ and the U-Net's layers, as ``--lora FILE:W`` does.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from ldm_cli.checkpoint_tools.sources import Source
 from ldm_cli.networks.files import LoraFile, read_lora
-from ldm_cli.networks.lora import lora_deltas
+from ldm_cli.networks.lora import lora_deltas, warn_unmatched
 
 
 class _OneWeight:
@@ -47,7 +46,7 @@ class LoraBake:
         for path, weight in loras:
             with allow_pickle():  # weights-only, as the checkpoint itself
                 lora = read_lora(Path(path), table)
-            _warn_unmatched(lora)
+            warn_unmatched(lora)
             layers: dict[str, list] = {}
             for layer in lora.layers:
                 layers.setdefault(layer.target.param, []).append(layer)
@@ -67,16 +66,3 @@ class LoraBake:
         base = weight.float()
         delta = lora_deltas(_OneWeight(key, base), self._by_weight[key])[key]
         return base + delta
-
-
-def _warn_unmatched(lora: LoraFile) -> None:
-    """As at generate time (networks.lora.Networks.file): layers that fit nothing are skipped
-    with a warning."""
-    if lora.unmatched:
-        some = ", ".join(sorted(lora.unmatched)[:3])
-        count, total = len(lora.unmatched), len(lora.unmatched) + len(lora.layers)
-        print(
-            f"warning: LoRA {lora.path.name}: {count} of {total} layers match nothing in this "
-            f"model and are skipped (e.g. {some})",
-            file=sys.stderr,
-        )

@@ -187,14 +187,7 @@ class Networks:
             if self._table is None:
                 self._table = layer_table(self.pipe.model)
             lora = read_lora(path, self._table)
-            if lora.unmatched:
-                some = ", ".join(sorted(lora.unmatched)[:3])
-                count, total = len(lora.unmatched), len(lora.unmatched) + len(lora.layers)
-                print(
-                    f"warning: LoRA {path.name}: {count} of {total} layers match nothing in "
-                    f"this model and are skipped (e.g. {some})",
-                    file=sys.stderr,
-                )
+            warn_unmatched(lora)
             self._files[key] = lora
         return self._files[key]
 
@@ -290,3 +283,15 @@ def _writable(param: torch.Tensor):
 def _infotext_name(name: str) -> str:
     """A1111 drops ':' and ',' from names in these lists."""
     return name.replace(":", "").replace(",", "")
+
+
+def warn_unmatched(lora: LoraFile) -> None:
+    """Layers of a LoRA file that fit nothing in the model are skipped, with a warning."""
+    if lora.unmatched:
+        some = ", ".join(sorted(lora.unmatched)[:3])
+        count, total = len(lora.unmatched), len(lora.unmatched) + len(lora.layers)
+        print(
+            f"warning: LoRA {lora.path.name}: {count} of {total} layers match nothing in this "
+            f"model and are skipped (e.g. {some})",
+            file=sys.stderr,
+        )
