@@ -160,14 +160,9 @@ def img2img_work(body: Img2ImgRequest, control_dir: Path | None) -> Work:
     )  # fmt: skip
 
     def run(pipe, on_step):
-        from ldm_cli.pipeline.tasks.img2img import base_request
         from ldm_cli.pipeline.tasks.inpaint import iter_inpaint
 
-        base = base_request(
-            body.prompt, body.negative_prompt, control=control or None, control_mode=mode,
-            **options,
-        )  # fmt: skip
-        base = replace(base, eta=eta, guidance=_guidance(pipe, body))
+        base = _image_request(pipe, body, options, control, mode, eta)
         yield from iter_inpaint(
             pipe, picture, mask, base, inpaint, num_images=count, batch_size=body.batch_size,
             progress=on_step,
@@ -178,19 +173,25 @@ def img2img_work(body: Img2ImgRequest, control_dir: Path | None) -> Work:
 
 def _img2img_run(body, options, control, mode, eta, picture, count) -> Run:
     def run(pipe, on_step):
-        from ldm_cli.pipeline.tasks.img2img import base_request, iter_img2img
+        from ldm_cli.pipeline.tasks.img2img import iter_img2img
 
-        base = base_request(
-            body.prompt, body.negative_prompt, control=control or None, control_mode=mode,
-            **options,
-        )  # fmt: skip
-        base = replace(base, eta=eta, guidance=_guidance(pipe, body))
+        base = _image_request(pipe, body, options, control, mode, eta)
         yield from iter_img2img(
             pipe, picture, base, strength=body.denoising_strength, num_images=count,
             batch_size=body.batch_size, progress=on_step,
         )  # fmt: skip
 
     return run
+
+
+def _image_request(pipe, body: Img2ImgRequest, options: dict, control, mode: str, eta):
+    """The request img2img and inpainting start from, as `ldm img2img`/`ldm inpaint` build it."""
+    from ldm_cli.pipeline.tasks.img2img import base_request
+
+    base = base_request(
+        body.prompt, body.negative_prompt, control=control or None, control_mode=mode, **options
+    )
+    return replace(base, eta=eta, guidance=_guidance(pipe, body))
 
 
 def _resized(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:

@@ -3,47 +3,21 @@ small LoRA and VAE files for tiny models."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ldm_cli.core.config import ModelConfig
+from tests.cli_helpers import ldm
 
 REPO = Path(__file__).resolve().parents[2]
 
-# `ldm` with `convert` and `merge` registered if the CLI does not register them (yet)
-_RUNNER = """
-import sys
-from ldm_cli.cli import app, main
-names = {c.name or c.callback.__name__ for c in app.registered_commands}
-if "convert" not in names:
-    from ldm_cli.cli.convert import convert
-    app.command()(convert)
-if "merge" not in names:
-    from ldm_cli.cli.merge import merge
-    app.command()(merge)
-sys.argv[0] = "ldm"
-main()
-"""
 
-
-def ldm_tool(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ldm {' '.join(map(str, args))} failed:\n{proc.stderr}")
-    return proc
+def ldm_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """`ldm ARGS` in a subprocess from the repository root (paths given as Path or str)."""
+    return ldm(*map(str, args), cwd=REPO, check=check)
 
 
 def write_lora(path: Path, cfg: ModelConfig, seed: int, rank: int = 2, dora: bool = False) -> Path:

@@ -1,8 +1,5 @@
 """`ldm grid` end to end on the embedded model: every cell is the image `ldm generate` gives
 for its settings, bit for bit, and the grid shows them under their labels.
-
-The command is run through a small runner that registers it on the `ldm` app when the app
-does not have it yet, so these tests pass before and after it is wired into ldm_cli.cli.
 """
 
 from __future__ import annotations
@@ -26,32 +23,13 @@ pytestmark = pytest.mark.skipif(
     not (WEIGHTS_DIR / DEFAULT_NAME).exists(), reason="the embedded model is not in weights/"
 )
 
-RUNNER = """
-from ldm_cli.cli import app, main
-if not any((c.name or c.callback.__name__) == "grid" for c in app.registered_commands):
-    from ldm_cli.cli.allow_pickle import with_allow_pickle
-    from ldm_cli.cli.grid import grid
-    app.command()(with_allow_pickle(grid))
-main()
-"""
-
 PROMPT, NEGATIVE = "a red circle", "blurry red"
 AXES = ("--x", "steps=1-2", "--y", "sampler=euler, DPM++ 2M", "--z", "prompt=red,blue")
 STEPS, SAMPLERS, WORDS = (1, 2), ("euler", "dpmpp_2m"), ("red", "blue")
 
 
 def ldm_grid(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, "grid", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ldm grid {' '.join(args)} failed:\n{proc.stderr}")
-    return proc
+    return ldm("grid", *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +130,8 @@ def test_grid_metadata_says_how_to_rebuild_it(run):
 
 
 def _run_in_process(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
-    from ldm_cli.cli import app, main
+    from ldm_cli.cli import main
 
-    if not any((c.name or c.callback.__name__) == "grid" for c in app.registered_commands):
-        from ldm_cli.cli.allow_pickle import with_allow_pickle
-        from ldm_cli.cli.grid import grid
-
-        app.command()(with_allow_pickle(grid))
     monkeypatch.setattr(sys, "argv", ["ldm", "grid", *args])
     with pytest.raises(SystemExit) as exit_:
         main()
@@ -204,7 +177,7 @@ def test_ctrl_c_keeps_the_cells_already_written(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     args = ["grid", "a cat", "--x", "seed=1-3", "--steps", "60", "-o", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUNNER, *args],
+        [sys.executable, "-m", "ldm_cli.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

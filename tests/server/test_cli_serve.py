@@ -1,7 +1,6 @@
 """`ldm serve` as a user runs it: help without torch, one-line errors for bad options, and a
-real server process behind --api-auth that stops cleanly on Ctrl-C.
-
-Until `serve` is registered in ldm_cli/cli/__init__.py, RUNNER registers it for the run."""
+real server process behind --api-auth that stops cleanly on Ctrl-C. RUNNER is `ldm` that also
+says on stderr whether torch was imported."""
 
 from __future__ import annotations
 
@@ -20,10 +19,7 @@ from tests.server.conftest import free_port
 
 RUNNER = (
     "import sys\n"
-    "from ldm_cli.cli import app, main\n"
-    "from ldm_cli.cli.serve import serve\n"
-    "if not any((c.name or c.callback.__name__) == 'serve' for c in app.registered_commands):\n"
-    "    app.command()(serve)\n"
+    "from ldm_cli.cli import main\n"
     "sys.argv = ['ldm', *sys.argv[1:]]\n"
     "try:\n"
     "    main()\n"
