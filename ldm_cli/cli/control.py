@@ -111,6 +111,8 @@ def check_control_files(pipe, request) -> None:
     renders."""
     from ldm_cli.control.apply import control_units
 
+    if not request.control:
+        return  # nothing to check (and a flow model has no U-Net config to check against)
     size = (request.width, request.height)
     unet, factor = pipe.config.unet, pipe.latent_factor
     control_units(request.control, pipe.control_nets, unet, size, pipe.device, pipe.dtype, factor)

@@ -12,9 +12,13 @@ layer is named in a LoRA file in one of these ways:
   Where diffusers splits a fused weight (q, k and v of ``img_attn.qkv``, FLUX's single-block
   ``linear1`` = [q, k, v, mlp]) its names map to a block of rows (`LayerTarget.rows`).
   diffusers' ``norm_out.linear`` (both models) and the last SD3 block's
-  ``norm1_context.linear`` hold our (shift, scale) halves as (scale, shift): their names are
-  not mapped (a LoRA of them would be patched with its halves crossed), and those layers are
-  reached by the original names alone.
+  ``norm1_context.linear`` hold our (shift, scale) halves as (scale, shift): a LoRA of them
+  changes our rows with its halves exchanged (`LayerTarget.swapped`), as diffusers' own
+  converters swap them;
+* XLabs' FLUX LoRAs (``double_blocks.N.processor.qkv_lora1``: the image stream's q, k, v;
+  ``qkv_lora2`` the text's, ``proj_lora1``/``proj_lora2`` their output projections;
+  ``single_blocks.N.processor.qkv_lora`` the q, k, v rows of ``linear1``, ``proj_lora`` its
+  ``linear2``), with or without ``diffusion_model.``.
 
 Text encoders take transformers' paths (``text_model.encoder.layers.0.self_attn.q_proj``,
 T5's ``encoder.block.0.layer.0.SelfAttention.q``) after a prefix per encoder: kohya
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
@@ -77,6 +81,13 @@ _FLUX_DOUBLE_QKV = {
 # single_blocks.N.<ours> -> single_transformer_blocks.N.<theirs>
 _FLUX_SINGLE = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
 _FLUX_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+# XLabs' processor layers: <ours> -> processor.<theirs>; single blocks' qkv_lora: rows of linear1
+_XLABS_DOUBLE = {
+    "img_attn.qkv": "qkv_lora1",
+    "txt_attn.qkv": "qkv_lora2",
+    "img_attn.proj": "proj_lora1",
+    "txt_attn.proj": "proj_lora2",
+}
 
 _MMDIT_TOP = {
     "x_embedder.proj": "pos_embed.proj",
@@ -109,9 +120,11 @@ _MMDIT_QKV = {
     "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
     "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
+_FINAL_MODULATION = "final_layer.adaLN_modulation.1"
 _BLOCK = re.compile(r"^(double_blocks|single_blocks|joint_blocks)\.(\d+)\.(.+)$")
 
-Rows = tuple[int, int] | None
+SWAPPED = "swapped"  # in place of rows: the layer's halves in the other order
+Rows = tuple[int, int] | Literal["swapped"] | None
 
 
 def _flat(path: str) -> str:
@@ -132,8 +145,8 @@ def _flux_names(path: str, hidden: int, mlp: int) -> list[tuple[str, Rows]]:
     if path in _FLUX_TOP:
         return [(_FLUX_TOP[path], None)]
     match = _BLOCK.match(path)
-    if match is None:
-        return []  # final_layer.adaLN_modulation.1: diffusers' norm_out swaps its halves
+    if match is None:  # final_layer.adaLN_modulation.1
+        return [("norm_out.linear", SWAPPED)] if path == _FINAL_MODULATION else []
     kind, n, part = match.groups()
     if kind == "double_blocks":
         block = f"transformer_blocks.{n}."
@@ -153,8 +166,8 @@ def _mmdit_names(path: str, hidden: int, last: int) -> list[tuple[str, Rows]]:
     if path in _MMDIT_TOP:
         return [(_MMDIT_TOP[path], None)]
     match = _BLOCK.match(path)
-    if match is None:
-        return []  # final_layer.adaLN_modulation.1: diffusers' norm_out swaps its halves
+    if match is None:  # final_layer.adaLN_modulation.1
+        return [("norm_out.linear", SWAPPED)] if path == _FINAL_MODULATION else []
     _, n, part = match.groups()
     block = f"transformer_blocks.{n}."
     if part in _MMDIT_QKV:
@@ -162,9 +175,24 @@ def _mmdit_names(path: str, hidden: int, last: int) -> list[tuple[str, Rows]]:
         return [(block + name, rows) for name, rows in qkv]
     stream, _, rest = part.partition(".")
     if stream == "context_block" and rest == "adaLN_modulation.1" and int(n) == last:
-        return []  # the last block's (shift, scale) is AdaLayerNormContinuous's (scale, shift)
+        # the last block's (shift, scale) is AdaLayerNormContinuous's (scale, shift)
+        return [(block + "norm1_context.linear", SWAPPED)]
     theirs = _MMDIT_STREAMS.get(stream, {}).get(rest)
     return [(block + theirs, None)] if theirs is not None else []
+
+
+def _xlabs_names(path: str, hidden: int) -> list[tuple[str, Rows]]:
+    """XLabs' names (and rows) of a FLUX layer, [] where it has none."""
+    match = _BLOCK.match(path)
+    if match is None:
+        return []
+    kind, n, part = match.groups()
+    where = f"{kind}.{n}.processor."
+    if kind == "double_blocks":
+        return [(where + _XLABS_DOUBLE[part], None)] if part in _XLABS_DOUBLE else []
+    if part == "linear1":
+        return [(where + "qkv_lora", (0, 3 * hidden))]
+    return [(where + "proj_lora", None)] if part == "linear2" else []
 
 
 def _transformer_names(model: FlowDiffusion) -> Iterator[tuple[list[str], LayerTarget]]:
@@ -192,7 +220,13 @@ def _transformer_names(model: FlowDiffusion) -> Iterator[tuple[list[str], LayerT
         for name, rows in diffusers_names(path):
             names = [prefix + name for prefix in prefixes]
             names += ["lora_transformer_" + _flat(name), "lycoris_" + _flat(name)]
-            yield names, LayerTarget(param, "unet", rows)
+            if rows == SWAPPED:
+                yield names, LayerTarget(param, "unet", swapped=True)
+            else:
+                yield names, LayerTarget(param, "unet", rows)
+        if cfg.is_flux:
+            for name, rows in _xlabs_names(path, hidden):
+                yield [name, "diffusion_model." + name], LayerTarget(param, "unet", rows)
 
 
 def _encoder_prefixes(model: FlowDiffusion) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:

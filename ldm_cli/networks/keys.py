@@ -54,6 +54,9 @@ class LayerTarget:
     param: str
     component: str  # "unet" or "te": which multiplier of <lora:name:te:unet> applies
     rows: tuple[int, int] | None = None
+    # the file's layer holds the two halves of our rows in the other order (diffusers'
+    # AdaLayerNormContinuous: (scale, shift) where the original layout has (shift, scale))
+    swapped: bool = False
 
 
 def _flat(path: str) -> str:
@@ -164,6 +167,9 @@ _SUFFIXES = (
 )
 # diffusers' attention-processor LoRA: "attn1.processor.to_q_lora.down.weight"
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# XLabs' FLUX LoRA: "double_blocks.0.processor.qkv_lora1.down.weight" (the layer name keeps
+# its processor part: flow_keys names those layers so)
+_XLABS = re.compile(r"^(.*\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
 _OTHER_FORMATS = {
     ".diff": "LyCORIS full weight differences (.diff)",
     ".w_norm": "LyCORIS norm",
@@ -182,6 +188,9 @@ def split_key(key: str) -> tuple[str, str] | None:
     if match:
         proj = "to_out.0" if match.group(2) == "to_out" else match.group(2)
         return f"{match.group(1)}.{proj}", match.group(3)
+    match = _XLABS.match(key)
+    if match:
+        return match.group(1), match.group(2)
     for suffix, part in _SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)].replace(".processor.", "."), part

@@ -106,7 +106,10 @@ def lora_deltas(
             rows = layer.target.rows
             if rows is not None:
                 current = current[rows[0] : rows[1]]
-            delta = layer.delta(current, lora.path.name) * weight
+            if layer.target.swapped:  # the file's rows: ours with their halves exchanged
+                delta = swap_halves(layer.delta(swap_halves(current), lora.path.name)) * weight
+            else:
+                delta = layer.delta(current, lora.path.name) * weight
             if total is None:
                 total = deltas[name] = torch.zeros(param.shape, device=param.device)
             if rows is None:
@@ -114,6 +117,12 @@ def lora_deltas(
             else:
                 total[rows[0] : rows[1]] += delta
     return deltas
+
+
+def swap_halves(rows: torch.Tensor) -> torch.Tensor:
+    """The first and second halves of `rows` exchanged (its own inverse)."""
+    first, second = rows.chunk(2)
+    return torch.cat([second, first])
 
 
 class Networks:

@@ -6,9 +6,10 @@
 
 Option lines are split with shlex and read like A1111's "Prompts from file or textbox" script:
 the words after --prompt / --negative_prompt up to the next --option make up the prompt.
-Overrides come back under our option names: negative_prompt, seed, steps, cfg, sampler,
-scheduler (ours, or "auto" for A1111's Automatic), width, height, batch_size,
-num_images (= batch_size * n_iter). A run uses one model: --model / --sd_model lines are refused.
+Overrides come back under our option names: negative_prompt, seed, steps, cfg, guidance
+(FLUX dev's; also read as Forge's distilled_cfg_scale), sampler, scheduler (ours, or "auto"
+for A1111's Automatic), width, height, batch_size, num_images (= batch_size * n_iter). A run
+uses one model: --model / --sd_model lines are refused.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "steps": ("steps", _whole_number(1)),
     "cfg_scale": ("cfg", _finite_number),
     "cfg": ("cfg", _finite_number),
+    # FLUX dev's distilled guidance: ours, and Forge's name for it
+    "guidance": ("guidance", _finite_number),
+    "distilled_cfg_scale": ("guidance", _finite_number),
     "sampler_name": ("sampler", _text),
     "sampler": ("sampler", _text),
     "scheduler": ("scheduler", _text),

@@ -109,3 +109,61 @@ def test_flow_options_refused_where_they_do_not_apply(flux_parts, tmp_path):
         assert message in proc.stderr, (options, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+
+
+def test_prompts_file_and_resume_on_a_flow_model(flux_parts, tmp_path):
+    """A FLUX prompts file (per-line options, a batch of two), one image deleted, `--resume`
+    renders just it again with the pixels and parameters of the whole run."""
+    from tests.cli.test_batch_resume import assert_same_files
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "a blue square\n"
+        '--prompt "a cat" --seed 77 --batch_size 2 --guidance 5\n'
+        "a green star --steps 2\n"
+    )
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = ["generate", "--prompts-file", str(prompts), "--steps", "3", "--seed", "5"]
+    args += ["--model", str(flux_parts["all"]), "-W", "64", "-H", "64"]
+    first = written(ldm(*args, "--out", str(whole)))
+    assert len(first) == 4
+    from ldm_cli.core.pngmeta import read_parameters
+
+    assert "Distilled CFG Scale: 5" in read_parameters(first[1])
+    ldm(*args, "--out", str(out))
+    (out / first[2].name).unlink()  # the second image of the batch
+    resumed = ldm(*args, "--out", str(out), "--resume")
+    assert [p.name for p in written(resumed)] == [first[2].name]
+    assert_same_files(out, whole)
+
+
+def test_image_modes_from_the_command_line_on_a_flow_model(flux_parts, tmp_path):
+    """img2img keeps the size; inpaint and outpaint keep the input's pixels where the blurred
+    mask is 0 (outpaint's canvas grows)."""
+    import numpy as np
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+    common = ["--model", str(flux_parts["all"]), "--steps", "3", "--seed", "2"]
+    (grown,) = written(ldm("outpaint", str(photo), "a field", "--right", "32", *common,
+                           "--out", str(tmp_path / "o")))  # fmt: skip
+    image = pixels(grown)
+    assert image.shape == (64, 96, 3)
+    assert np.array_equal(image[:, :16], pixels(photo)[:, :16])  # far from the new border
+    assert image[:, 72:].std() > 0  # painted, not left as repeated edge pixels
+    (changed,) = written(ldm("img2img", str(photo), "a field", "--strength", "0.6", *common,
+                             "--out", str(tmp_path / "i")))  # fmt: skip
+    assert pixels(changed).shape == (64, 64, 3)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    (painted,) = written(ldm("inpaint", str(photo), str(tmp_path / "mask.png"), "a field",
+                             *common, "--out", str(tmp_path / "p")))  # fmt: skip
+    from ldm_cli.core.image_inputs import blur_mask
+
+    keep = blur_mask(Image.open(tmp_path / "mask.png"), 4) == 0
+    assert keep.sum() > 1000
+    assert np.array_equal(pixels(painted)[keep], pixels(photo)[keep])
+    assert not np.array_equal(pixels(painted)[24:40, 24:40], pixels(photo)[24:40, 24:40])

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ldm_cli.core.errors import UserError
 from ldm_cli.networks.files import lora_hash
 from ldm_cli.networks.flow_keys import TRANSFORMER_ROOT, flow_layer_table
+from ldm_cli.networks.lora import swap_halves
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # diffusers' load_lora_weights needs it
@@ -142,6 +143,8 @@ def write_kohya(path: Path, pipe, table, peft: Path, keep=lambda name: True) -> 
         component = layer.partition(".")[0]
         scale = metadata[f"{component}.lora_alpha"] / metadata[f"{component}.r"]
         up = state[f"{layer}.lora_B.weight"] * scale
+        if target.swapped:
+            up = swap_halves(up)
         fused.setdefault(target.param, []).append((target.rows, down, up))
     out = {}
     for param, parts in fused.items():
@@ -212,9 +215,9 @@ def _module(root: torch.nn.Module, path: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_diffusers_names_hold_diffusers_weights(pairs, name):
-    """Every diffusers name of the table is the diffusers layer holding those weights (rows),
-    and only norm_out (and SD3's last norm1_context), whose halves diffusers swaps, is left
-    out of the transformer's."""
+    """Every diffusers name of the table is the diffusers layer holding those weights (rows;
+    norm_out's and SD3's last norm1_context's with their halves exchanged), and every layer of
+    diffusers' transformer has one."""
     loaded = pairs(name)
     pipe, state = loaded.pair.theirs, loaded.pair.ours.model.state_dict()
     roots = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
@@ -229,6 +232,8 @@ def test_diffusers_names_hold_diffusers_weights(pairs, name):
         expected = state[target.param]
         if target.rows is not None:
             expected = expected[target.rows[0] : target.rows[1]]
+        if target.swapped:
+            expected = swap_halves(expected)
         assert torch.equal(_module(roots[component], path).weight, expected), layer
         if component == "transformer":
             named.add(path)
@@ -237,11 +242,13 @@ def test_diffusers_names_hold_diffusers_weights(pairs, name):
         for path, module in pipe.transformer.named_modules()
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
     }
-    left_out = {"norm_out.linear"}
+    assert layers == named
+    swapped = {k.partition(".")[2] for k, t in loaded.table.items() if t.swapped}
+    expected = {"norm_out.linear"}
     if name == "sd35":
         last = len(pipe.transformer.transformer_blocks) - 1
-        left_out.add(f"transformer_blocks.{last}.norm1_context.linear")
-    assert layers - named == left_out
+        expected.add(f"transformer_blocks.{last}.norm1_context.linear")
+    assert {k for k in swapped if k in layers} == expected
 
 
 # -- images against diffusers --------------------------------------------------------------------
@@ -361,3 +368,37 @@ def test_an_sd15_lora_on_flux_is_a_one_line_error(pairs, clean, tmp_path):
     pair.ours.networks.add_lora(f"{unet_only}:1")
     with pytest.raises(UserError, match=r"^LoRA sd15_unet.safetensors matches no layer[^\n]*$"):
         ours(pair)
+
+
+def write_xlabs(path: Path, pipe, table) -> Path:
+    """An XLabs FLUX LoRA (``double_blocks.N.processor.qkv_lora1.down.weight``, ...) over every
+    layer XLabs names, no alpha (scale 1)."""
+    params = dict(pipe.model.named_parameters())
+    gen = torch.Generator().manual_seed(11)
+    state = {}
+    for layer, target in table.items():
+        if ".processor." not in layer or layer.startswith("diffusion_model."):
+            continue
+        weight = params[target.param]
+        rows = target.rows or (0, weight.shape[0])
+        size = (STRENGTH / weight.shape[1] ** 0.5 / RANK**0.5) ** 0.5
+        state[f"{layer}.down.weight"] = torch.randn(RANK, weight.shape[1], generator=gen) * size
+        state[f"{layer}.up.weight"] = torch.randn(rows[1] - rows[0], RANK, generator=gen) * size
+    save_file(state, str(path))
+    return path
+
+
+def test_xlabs_flux_lora_gives_diffusers_image(pairs, clean, tmp_path):
+    """XLabs' processor names: q, k, v of both streams, their projections, and the single
+    blocks' q, k, v rows of linear1 and linear2, as diffusers converts them."""
+    loaded = pairs("flux-dev")
+    pair = loaded.pair
+    clean(pair)
+    lora = write_xlabs(tmp_path / "xlabs.safetensors", pair.ours, loaded.table)
+    kinds = {k.split(".processor.")[1].split(".")[0] for k in load_file(str(lora))}
+    assert kinds == {"qkv_lora1", "qkv_lora2", "proj_lora1", "proj_lora2", "qkv_lora", "proj_lora"}
+    plain = pixels([ours(pair)])
+    pair.ours.networks.add_lora(f"{lora}:1")
+    styled = pixels([ours(pair)])
+    assert abs(styled - plain).mean() > 0.02
+    assert max_difference("flux-dev XLabs", styled, theirs(pair, lora)) <= 2
