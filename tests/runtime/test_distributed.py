@@ -124,6 +124,22 @@ def test_two_processes_agree_on_a_random_seed(tiny, tmp_path):
     assert seeds == [seeds[0] + k for k in range(4)]
 
 
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_two_processes_share_a_flow_model_batch(tmp_path, monkeypatch):
+    """A FLUX model takes the same sharded path: four images, each written once by one of two
+    processes, equal to one process's."""
+    from ldm_cli.testing import TINY_FLUX_DEV, random_flow_checkpoint
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    flux = random_flow_checkpoint(TINY_FLUX_DEV, tmp_path / "flux.safetensors", seed=3)
+    common = ["generate", "a cat", "-N", "4", "--steps", "2", "--seed", "9", "--model", str(flux)]
+    common += ["-W", "64", "-H", "64", "--device", "cpu"]
+    assert len(written(ldm(*common, "--out", str(tmp_path / "one")))) == 4
+    paths = written(launch(tmp_path, *common, "--out", str(tmp_path / "two")))
+    assert len(paths) == 4 and len(set(paths)) == 4
+    _assert_same(tmp_path / "one", tmp_path / "two")
+
+
 def test_plain_runs_are_one_shard_without_accelerate():
     code = (
         "import sys\nfrom ldm_cli.runtime.distributed import current\n"
