@@ -91,7 +91,10 @@ def test_generate_from_separate_files_and_back_from_png(flux_parts, tmp_path):
     assert "Sampler: Euler" in text and "Distilled CFG Scale: 4" in text
     again = written(ldm("generate", "--from-png", str(png), "--model", str(flux_parts["all"]),
                         "-o", str(tmp_path / "again")))  # fmt: skip
-    assert (pixels(again[0]) == pixels(png)).all()
+    # the same weights from other files: a tensor's alignment in its memory-mapped file can
+    # change a matmul's summation order (~2e-6), which rounds the odd pixel the other way
+    diff = abs(pixels(again[0]).astype(int) - pixels(png).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_flow_options_refused_where_they_do_not_apply(flux_parts, tmp_path):
