@@ -220,10 +220,8 @@ def _transformer_names(model: FlowDiffusion) -> Iterator[tuple[list[str], LayerT
         for name, rows in diffusers_names(path):
             names = [prefix + name for prefix in prefixes]
             names += ["lora_transformer_" + _flat(name), "lycoris_" + _flat(name)]
-            if rows == SWAPPED:
-                yield names, LayerTarget(param, "unet", swapped=True)
-            else:
-                yield names, LayerTarget(param, "unet", rows)
+            swapped = rows == SWAPPED
+            yield names, LayerTarget(param, "unet", None if swapped else rows, swapped)
         if cfg.is_flux:
             for name, rows in _xlabs_names(path, hidden):
                 yield [name, "diffusion_model." + name], LayerTarget(param, "unet", rows)

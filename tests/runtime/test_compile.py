@@ -165,7 +165,7 @@ def test_flow_transformers_compile_as_one_graph(tmp_path, name):
     net = pipe.model.unet
     tc = net.config
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, pipe.latent_shape(64, 64)[1], *pipe.latent_shape(64, 64)[2:], generator=gen)
+    x = torch.randn(2, *pipe.latent_shape(64, 64)[1:], generator=gen)
     inputs = [x, torch.tensor([0.9, 0.4])]
     inputs += [torch.randn(2, 16, tc.context_in_dim, generator=gen)]
     inputs += [torch.randn(2, tc.vec_in_dim if name == "flux-dev" else tc.adm_in_channels)]
